@@ -1,0 +1,100 @@
+"""Reading and writing video files with PyAV (no system ffmpeg needed).
+
+Frames are always uint8 RGB arrays of shape (T, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from moalign.atomic import atomic_path
+from moalign.errors import MoalignError
+
+
+def probe_video(path: str | os.PathLike) -> tuple[int, float, int, int]:
+    """Return (num_frames, fps, height, width) of a video, decoding it when the container has no frame count."""
+    frames, fps = read_video(path)
+    return frames.shape[0], fps, frames.shape[1], frames.shape[2]
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video file.
+
+    Args:
+        path: a video file PyAV/ffmpeg can decode (mp4, webm, avi, mkv, gif, ...).
+
+    Returns:
+        frames: uint8 array (T, H, W, 3), RGB.
+        fps: the stream's average frame rate (frames per second).
+
+    Raises:
+        MoalignError: the file is missing, unreadable, or holds no video frames.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoalignError(f"video file not found: {path}. Check the path in your dataset manifest.")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MoalignError(f"{path} has no video stream. Remove it from the dataset or re-encode it.")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except MoalignError:
+        raise
+    except Exception as err:  # PyAV raises many error types for corrupt data
+        raise MoalignError(
+            f"cannot decode video {path}: {type(err).__name__}: {err}. "
+            "The file is corrupt or not a video: re-encode it (e.g. to H.264 mp4) or remove it from the dataset "
+            "(or pass --skip-bad-videos to skip such files and count them in the run log)."
+        ) from err
+    if not frames:
+        raise MoalignError(
+            f"{path} decoded to zero frames. Re-encode it or remove it from the dataset "
+            "(or pass --skip-bad-videos to skip such files)."
+        )
+    if fps <= 0:
+        fps = 8.0
+    return np.stack(frames), fps
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float = 8.0,
+    crf: int = 12,
+    pix_fmt: str = "yuv420p",
+) -> None:
+    """Write frames to an H.264 mp4, atomically and deterministically (single-threaded encoder).
+
+    Args:
+        path: output .mp4 path; written to a temporary name first, then renamed.
+        frames: uint8 array (T, H, W, 3), RGB; H and W must be even for yuv420p.
+        fps: frame rate stored in the file.
+        crf: x264 quality (0 = lossless, 12 = visually lossless, 23 = x264 default).
+        pix_fmt: "yuv420p" plays everywhere; "yuv444p" keeps full colour resolution.
+    """
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+            stream.thread_count = 1  # same input, same bytes
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for i in range(t):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
