@@ -1,0 +1,195 @@
+"""Checkpoint and run-folder I/O: module weights as safetensors tagged with their kind and config, training
+state (optimizer, step, RNG) for resuming, and the stage-1 teacher loader used by stage 2.
+
+Every write is atomic (temporary name, then rename): a killed run leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moalign import __version__
+from moalign.atomic import atomic_path, save_safetensors, write_json
+from moalign.errors import MoalignError
+
+KIND_KEY = "moalign_kind"
+CONFIG_KEY = "moalign_config"
+
+
+def save_module(path: str | os.PathLike, module: nn.Module, kind: str, config: dict[str, Any]) -> None:
+    """Atomically save a module's state dict as safetensors, with its kind and config in the metadata."""
+    metadata = {KIND_KEY: kind, CONFIG_KEY: json.dumps(config), "moalign_version": __version__}
+    save_safetensors(path, module.state_dict(), metadata=metadata)
+
+
+def load_module_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by `save_module`, checking it holds the expected kind.
+
+    Returns:
+        (state_dict, config) where config is the dict given to `save_module`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoalignError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise MoalignError(f"{path} is not a readable safetensors file ({err}); it may be truncated or not a checkpoint") from err
+    found = meta.get(KIND_KEY)
+    if found != kind:
+        raise MoalignError(
+            f"{path} holds {'a ' + repr(found) if found else 'no moalign'} checkpoint, expected a {kind!r} one. "
+            f"Pass the file or run folder written by the stage that makes a {kind!r}."
+        )
+    return state, json.loads(meta.get(CONFIG_KEY, "{}"))
+
+
+def git_commit() -> str | None:
+    """The git commit of the moalign checkout, when installed from one (recorded in every run folder)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_config(run_dir: Path, config: dict[str, Any], command: str) -> None:
+    """Write RUN/config.json: the resolved config plus version, git commit and the command that made the run."""
+    write_json(
+        run_dir / "config.json",
+        {"command": command, "moalign_version": __version__, "git_commit": git_commit(), "config": config},
+    )
+
+
+# ---- resumable training checkpoints (checkpoint-N folders) --------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch RNG states (CPU, and CUDA when present)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: dict[str, tuple[nn.Module, str, dict[str, Any]]],
+    training_state: dict[str, Any],
+    limit: int | None = None,
+) -> Path:
+    """Write RUN/checkpoint-{step}/ atomically: one safetensors per trainable module plus training_state.pt.
+
+    Args:
+        modules: file stem -> (module, kind, config) for `save_module`.
+        training_state: optimizer/scheduler state dicts, step, RNG; loaded back with weights_only=True.
+        limit: keep at most this many checkpoint folders (oldest removed first).
+    """
+    final = run_dir / f"checkpoint-{step}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        for stem, (module, kind, config) in modules.items():
+            save_module(tmp / f"{stem}.safetensors", module, kind, config)
+        torch.save({"step": step, **training_state}, tmp / "training_state.pt")
+    if limit is not None:
+        for old in list_checkpoints(run_dir)[:-limit]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders of a run, oldest first."""
+    found = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "training_state.pt").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """`--resume latest` -> newest checkpoint-N of the run (None when there is none); a path is checked."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / "training_state.pt").is_file():
+        raise MoalignError(f"--resume {resume}: {path} is not a checkpoint-N folder (no training_state.pt)")
+    return path
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """Load training_state.pt with weights_only=True (no arbitrary code from an untrusted file)."""
+    try:
+        return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MoalignError(f"cannot read {ckpt / 'training_state.pt'}: {err}. Delete this checkpoint folder.") from err
+
+
+# ---- the stage-1 teacher ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MotionTeacher:
+    """The frozen stage-1 result stage 2 needs: M_psi plus the encoder settings it was trained on."""
+
+    projector: nn.Module  # MotionProjector, frozen, eval mode
+    encoder: Any  # EncoderConfig (path, layer, input geometry)
+    data: Any  # DataConfig the projector was trained with
+    source: Path
+
+
+def load_motion_teacher(path: str | os.PathLike) -> MotionTeacher:
+    """Load the motion projector M_psi from a stage-1 run folder (or its motion_projector.safetensors).
+
+    The returned projector is frozen (no parameter requires grad) and in eval mode.
+    """
+    from moalign.config import Stage1Config, from_dict
+    from moalign.motion_projector import MotionProjector, MotionProjectorConfig
+
+    path = Path(path)
+    file = path / "motion_projector.safetensors" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise MoalignError(
+            f"{path} has no motion_projector.safetensors: it is not a finished stage-1 run. "
+            "Run `moalign stage1 --out RUN` to completion, or pass a checkpoint-N folder of one."
+        )
+    state, config = load_module_file(file, kind="motion_projector")
+    stage1 = from_dict(Stage1Config, config["stage1"])
+    projector = MotionProjector(from_dict(MotionProjectorConfig, config["projector"]))
+    projector.load_state_dict(state)
+    projector.requires_grad_(False).eval()
+    return MotionTeacher(projector=projector, encoder=stage1.encoder, data=stage1.data, source=file)

@@ -1,0 +1,262 @@
+"""The `moalign` command: one subcommand per stage. Thin: pick a preset, apply a few overrides, call the stage.
+
+Every stage takes `--preset NAME` (see `moalign config --list`) and `--set key=value` overrides on its
+part of the recipe (e.g. `moalign stage1 --set lr=3e-4 --set encoder.layer=5`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from moalign.errors import MoalignError
+
+
+def _command_line() -> str:
+    return "moalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="named recipe (default: tiny; `moalign config --list`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field of this stage, e.g. --set steps=200 --set data.fps=8 (repeatable)",
+    )
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("clip sampling (overrides the preset's data config)")
+    g.add_argument("--num-frames", type=int, help="frames per clip window, 4k+1 (e.g. 17, 49)")
+    g.add_argument("--height", type=int, help="target height after resize + centre crop (divisible by 16)")
+    g.add_argument("--width", type=int, help="target width after resize + centre crop (divisible by 16)")
+    g.add_argument("--fps", type=float, help="sample the window at this frame rate (default: native)")
+    g.add_argument(
+        "--skip-bad-videos",
+        action="store_true",
+        help="skip unreadable or too-short videos (counted in the log) instead of stopping with an error",
+    )
+
+
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for name in ("num_frames", "height", "width", "fps"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out.append(f"data.{name}={value}")
+    if getattr(args, "skip_bad_videos", False):
+        out.append("data.skip_bad_videos=True")
+    return out
+
+
+def _stage_config(args: argparse.Namespace, part: str, extra: list[str] | None = None):
+    from moalign.config import apply_overrides, get_preset
+
+    try:
+        recipe = get_preset(args.preset)
+        return apply_overrides(getattr(recipe, part), (extra or []) + args.overrides)
+    except (ValueError, TypeError) as err:
+        raise MoalignError(f"bad configuration: {err}") from err
+
+
+# ---- subcommands ------------------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from moalign.config import PRESETS, to_dict
+
+    if args.list:
+        for name, fn in PRESETS.items():
+            print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return
+    print(json.dumps(to_dict(_stage_config(args, args.part) if args.part else _recipe(args)), indent=2))
+
+
+def _recipe(args: argparse.Namespace):
+    from moalign.config import get_preset
+
+    try:
+        return get_preset(args.preset)
+    except ValueError as err:
+        raise MoalignError(str(err)) from err
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from moalign.playground import write_playground
+
+    extra = []
+    for name in ("num_clips", "seed", "num_frames", "height", "width", "fps"):
+        if getattr(args, name) is not None:
+            extra.append(f"{name}={getattr(args, name)}")
+    if args.motions:
+        extra.append(f"motions={args.motions}")
+    cfg = _stage_config(args, "synth", extra)
+    rows = write_playground(args.out, cfg, progress=not args.quiet)
+    print(f"[synth] wrote {len(rows)} clips to {args.out} (manifest: {Path(args.out) / 'metadata.jsonl'})")
+
+
+def cmd_flow(args: argparse.Namespace) -> None:
+    from moalign.data import VideoClipDataset
+    from moalign.flow import build_flow_estimator, compute_flow_cache
+
+    data_cfg = _stage_config(args, "stage1", _data_overrides(args)).data
+    dataset = VideoClipDataset(args.data, data_cfg, load_flow=args.method == "exact")
+    estimator = build_flow_estimator(args.method, raft_weights=args.raft_weights, device=args.device)
+    out = compute_flow_cache(
+        dataset, estimator, args.out, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet
+    )
+    skipped = f", skipped {len(dataset.skipped)} bad videos" if dataset.skipped else ""
+    print(f"[flow] {args.method} flow for {len(dataset)} clips in {out}{skipped}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from moalign.convert_videomaev2 import convert_checkpoint
+
+    report = convert_checkpoint(
+        args.checkpoint, args.out_dir, num_heads=args.num_heads, layer_norm_eps=args.eps, overwrite=args.overwrite
+    )
+    print(json.dumps(report, indent=2, default=str))
+    print(f"[convert-videomaev2] wrote {args.out_dir}: load it with VideoMAEModel.from_pretrained or --encoder")
+
+
+def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
+    from moalign.pretrain_encoder import pretrain_encoder
+
+    extra = _data_overrides(args) + ([f"steps={args.steps}"] if args.steps else [])
+    cfg = _stage_config(args, "pretrain", extra)
+    pretrain_encoder(args.data, args.out, cfg, progress=not args.quiet, command=_command_line())
+
+
+def cmd_stage1(args: argparse.Namespace) -> None:
+    from moalign.stage1 import train_stage1
+
+    extra = _data_overrides(args)
+    if args.steps:
+        extra.append(f"steps={args.steps}")
+    if args.flow_method:
+        extra.append(f"flow_method={args.flow_method}")
+    cfg = _stage_config(args, "stage1", extra)
+    if args.encoder:
+        cfg = replace(cfg, encoder=replace(cfg.encoder, path=str(args.encoder)))
+    train_stage1(
+        args.data,
+        args.out,
+        cfg,
+        flow_cache=args.flow_cache,
+        resume=args.resume,
+        progress=not args.quiet,
+        command=_command_line(),
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from moalign.demo import run_demo
+
+    run_demo(args.out, preset=args.preset, progress=not args.quiet)
+
+
+# ---- parser -----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moalign",
+        description="MoAlign: motion-centric representation alignment for video diffusion models.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on the synthetic physics playground")
+    p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
+    p.add_argument("--preset", default="tiny", help="tiny (2 CPU cores, minutes) or small (a GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("config", help="print a preset's resolved configuration as JSON")
+    _add_preset(p)
+    p.add_argument("--part", choices=["synth", "pretrain", "stage1"], help="only this stage's config")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("synth", help="write synthetic physics clips with exact optical flow and captions")
+    p.add_argument("--out", required=True, help="output folder (metadata.jsonl, videos/, flow/)")
+    p.add_argument("--num-clips", type=int, help="number of clips")
+    p.add_argument("--seed", type=int, help="global seed (same seed, same bytes)")
+    p.add_argument("--num-frames", type=int, help="frames per clip, 4k+1 (default 17)")
+    p.add_argument("--height", type=int, help="frame height, divisible by 16 (default 64)")
+    p.add_argument("--width", type=int, help="frame width, divisible by 16 (default 64)")
+    p.add_argument("--fps", type=float, help="frame rate written to the mp4 files")
+    p.add_argument("--motions", help="comma-separated scene mix, e.g. bounce,throw,roll,collide,static")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("flow", help="precompute optical flow for a dataset into a sharded cache")
+    p.add_argument("--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)")
+    p.add_argument("--out", required=True, help="cache folder (resumable: re-run the same command after a stop)")
+    p.add_argument("--method", default="dis", help="dis (CPU default), farneback, raft (GPU), exact (playground)")
+    p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
+    p.add_argument("--device", default="cpu", help="device for raft")
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
+    _add_data(p)
+    p.set_defaults(fn=cmd_flow)
+
+    p = sub.add_parser(
+        "convert-videomaev2", help="convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder"
+    )
+    p.add_argument("checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune layout")
+    p.add_argument("out_dir", help="output folder for VideoMAEModel.from_pretrained")
+    p.add_argument("--num-heads", type=int, help="attention heads (default: from the checkpoint's model name)")
+    p.add_argument("--eps", type=float, help="LayerNorm eps (default 1e-6, VideoMAEv2's value)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("pretrain-encoder", help="pretrain a small VideoMAE (masked autoencoding) on a dataset")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="encoder folder to write (VideoMAEModel.from_pretrained loads it)")
+    p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_preset(p)
+    _add_data(p)
+    p.set_defaults(fn=cmd_pretrain_encoder)
+
+    p = sub.add_parser("stage1", help="learn the motion subspace M_psi with flow supervision on the frozen encoder")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--encoder", help="encoder folder (pretrain-encoder or convert-videomaev2 output)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--flow-cache", help="a `moalign flow` cache of this dataset (else flow is computed here)")
+    p.add_argument("--flow-method", help="auto (exact if the manifest has flow, else dis), dis, farneback, exact")
+    p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
+    p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_preset(p)
+    _add_data(p)
+    p.set_defaults(fn=cmd_stage1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except MoalignError as err:
+        if args.debug:
+            raise
+        print(f"moalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

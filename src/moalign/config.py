@@ -1,0 +1,296 @@
+"""Typed, frozen run configurations and the named presets (recipes) that fill them.
+
+A recipe holds one config per stage. Presets derive from each other by replacing fields; the CLI picks a
+preset and applies a few overrides (`--set stage1.lr=3e-4`). The resolved config is written into every run
+folder and checkpoint. Module-level configs (data, encoder, heads) live beside their modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from moalign.data import DataConfig
+from moalign.encoder import EncoderConfig
+from moalign.flow_decoder import FlowDecoderConfig
+from moalign.motion_projector import MotionProjectorConfig
+from moalign.playground import SynthConfig
+
+
+@dataclass(frozen=True)
+class MAEModelConfig:
+    """Architecture of a VideoMAE trained from scratch by `moalign pretrain-encoder` (transformers VideoMAEConfig)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    patch_size: int = 8
+    tubelet_size: int = 2
+    decoder_hidden_size: int = 96
+    decoder_num_hidden_layers: int = 2
+    decoder_num_attention_heads: int = 4
+    decoder_intermediate_size: int = 384
+    layer_norm_eps: float = 1e-6  # VideoMAEv2's value, so trained and converted encoders behave alike
+
+
+@dataclass(frozen=True)
+class PretrainEncoderConfig:
+    """Masked-autoencoder pretraining of a small VideoMAE on a dataset (the playground has no pretrained encoder)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    input_size: tuple[int, int] = (64, 64)  # encoder input (H, W); frames are resized to it
+    mask_ratio: float = 0.75  # tube masking (VideoMAE): the same spatial patches are hidden in every tubelet
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 40
+    hflip: bool = True  # random horizontal flips (appearance pretraining; flow is not involved here)
+    seed: int = 0
+    log_every: int = 25
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16", applied by accelerate
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage 1: learn the motion subspace M_psi (and the flow decoder F_omega) on the frozen encoder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(input_size=(64, 64)))
+    projector: MotionProjectorConfig = field(default_factory=lambda: MotionProjectorConfig(hidden_dim=256))
+    decoder: FlowDecoderConfig = field(default_factory=lambda: FlowDecoderConfig(hidden_dim=96))
+    flow_method: str = "auto"  # "auto": exact ground truth when the manifest has it, else "dis"
+    val_clips: int = 8  # held out for val_epe, chosen by a seeded permutation of the manifest
+    steps: int = 800
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 40
+    grad_clip: float = 1.0
+    feature_cache: str = "memory"  # "memory": encode each clip once (the encoder is frozen and deterministic)
+    seed: int = 0
+    log_every: int = 25
+    val_every: int = 200
+    checkpoint_every: int = 400
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.feature_cache not in ("memory", "none"):
+            raise ValueError(f"feature_cache must be 'memory' or 'none', got {self.feature_cache!r}")
+        if self.val_clips < 1:
+            raise ValueError("val_clips must be >= 1: val_epe is measured on held-out clips")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One config per stage; `moalign <stage> --preset NAME` uses the matching part."""
+
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    pretrain: PretrainEncoderConfig = field(default_factory=PretrainEncoderConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+
+
+def tiny() -> Recipe:
+    """The playground on 2 CPU cores in minutes: 17 frames at 64x64, a 4-block 128-d VideoMAE (patch 8)."""
+    data = DataConfig(num_frames=17, height=64, width=64)
+    return Recipe(
+        synth=SynthConfig(num_clips=96, num_frames=17, height=64, width=64),
+        pretrain=PretrainEncoderConfig(data=data),
+        stage1=Stage1Config(data=data),
+    )
+
+
+def small() -> Recipe:
+    """The same playground code, bigger: for a GPU (128x128, patch 16, 8-block 384-d encoder, more clips/steps)."""
+    base = tiny()
+    data = DataConfig(num_frames=17, height=128, width=128)
+    model = MAEModelConfig(
+        hidden_size=384,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=16,
+        decoder_hidden_size=192,
+        decoder_num_hidden_layers=4,
+        decoder_num_attention_heads=6,
+        decoder_intermediate_size=768,
+    )
+    return Recipe(
+        synth=replace(base.synth, num_clips=2048, height=128, width=128),
+        pretrain=replace(
+            base.pretrain, data=data, model=model, input_size=(128, 128), mask_ratio=0.9, steps=6000,
+            batch_size=32, lr=1.5e-3, warmup_steps=400, mixed_precision="bf16",
+        ),
+        stage1=replace(
+            base.stage1, data=data, encoder=replace(base.stage1.encoder, input_size=(128, 128)),
+            projector=MotionProjectorConfig(hidden_dim=512), decoder=FlowDecoderConfig(hidden_dim=128),
+            val_clips=64, steps=4000, batch_size=32, lr=1e-3, warmup_steps=200, val_every=500,
+            checkpoint_every=1000, mixed_precision="bf16",
+        ),
+    )  # fmt: skip
+
+
+def videorepa_2b() -> Recipe:
+    """Real data at the CogVideoX-2B geometry (SPEC Sec. 2): 49 frames at 480x720 -> VideoMAEv2 ViT-B at 160x240.
+
+    Stage-1 optimisation settings are ours (the paper gives none); the encoder folder comes from
+    `moalign convert-videomaev2 vit_b_k710_dl_from_giant.pth ...` and is passed with --encoder.
+    """
+    data = DataConfig(num_frames=49, height=480, width=720, fps=8.0)
+    return Recipe(
+        synth=tiny().synth,
+        pretrain=PretrainEncoderConfig(data=data),
+        stage1=Stage1Config(
+            data=data,
+            encoder=EncoderConfig(input_size=(160, 240)),
+            projector=MotionProjectorConfig(in_dim=768, hidden_dim=512),
+            decoder=FlowDecoderConfig(hidden_dim=128),
+            flow_method="dis",
+            feature_cache="none",
+            val_clips=64,
+            steps=10000,
+            batch_size=32,
+            lr=1e-4,
+            warmup_steps=500,
+            val_every=1000,
+            checkpoint_every=1000,
+            mixed_precision="bf16",
+        ),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Recipe]] = {
+    "tiny": tiny,
+    "small": small,
+    "videorepa-2b": videorepa_2b,
+}
+
+
+def get_preset(name: str) -> Recipe:
+    """The recipe of a named preset; an unknown name raises an error listing the valid ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+# ---- serialisation and overrides ---------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-able dict of a (nested) config dataclass; tuples become lists."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config dataclass from `to_dict` output (unknown keys are an error: a config from elsewhere)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {name: _coerce(hints[name], value) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Convert a JSON/literal value to the annotated field type (nested dataclasses, tuples, optionals)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        last_err: Exception | None = None
+        for arg in args:
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError) as err:
+                last_err = err
+        raise ValueError(f"cannot read {value!r} as {tp}") from last_err
+    if is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value)
+        raise ValueError(f"expected a mapping for {tp.__name__}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"expected {len(args)} values for {tp}, got {value!r}")
+        return tuple(_coerce(a, v) for a, v in zip(args, value, strict=True))
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return bool(value)
+    if tp in (int, float, str):
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return tp(value)
+    if tp is typing.Any:
+        return value
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `dotted.path=value` overrides to a frozen config, e.g. `encoder.layer=5`, `data.fps=8`.
+
+    Values are Python literals (numbers, True/False, None, tuples like 64,64) or plain strings.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. --set lr=3e-4)")
+        path, raw = item.split("=", 1)
+        cfg = _replace_path(cfg, path.strip().split("."), _parse_literal(raw.strip()), path)
+    return cfg
+
+
+def _replace_path(cfg: Any, keys: list[str], value: Any, full: str) -> Any:
+    names = {f.name for f in fields(cfg)}
+    key = keys[0]
+    if key not in names:
+        raise ValueError(f"unknown config field {full!r}: {type(cfg).__name__} has {', '.join(sorted(names))}")
+    if len(keys) == 1:
+        hints = typing.get_type_hints(type(cfg))
+        return replace(cfg, **{key: _coerce(hints[key], value)})
+    return replace(cfg, **{key: _replace_path(getattr(cfg, key), keys[1:], value, full)})
+
+
+__all__ = [
+    "MAEModelConfig",
+    "PRESETS",
+    "PretrainEncoderConfig",
+    "Recipe",
+    "Stage1Config",
+    "apply_overrides",
+    "dataclasses",
+    "from_dict",
+    "get_preset",
+    "to_dict",
+]

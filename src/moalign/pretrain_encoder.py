@@ -1,0 +1,169 @@
+"""`moalign pretrain-encoder`: masked-autoencoder pretraining of a small VideoMAE on a dataset.
+
+The playground has no pretrained video encoder, so stage 1 there starts from one trained here with the
+VideoMAE objective (transformers' `VideoMAEForPreTraining`: tube masking, normalised-pixel MSE on the masked
+patches), then frozen. The output folder holds a `VideoMAEModel` that `VideoMAEModel.from_pretrained(ENC)` and
+`moalign stage1 --encoder ENC` load, exactly like a converted VideoMAEv2 checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moalign.atomic import atomic_path, write_json, write_jsonl
+from moalign.checkpoint import git_commit
+from moalign.config import PretrainEncoderConfig, to_dict
+from moalign.data import VideoClipDataset
+from moalign.encoder import EncoderConfig, preprocess_frames
+from moalign.errors import MoalignError
+from moalign.plots import plot_curves
+from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+
+
+def build_videomae_config(cfg: PretrainEncoderConfig, num_frames: int):
+    """The transformers VideoMAEConfig of the encoder to pretrain (input geometry = the pretraining grid)."""
+    from transformers import VideoMAEConfig
+
+    m = cfg.model
+    h, w = cfg.input_size
+    return VideoMAEConfig(
+        image_size=h if h == w else [h, w],
+        patch_size=m.patch_size,
+        num_channels=3,
+        num_frames=num_frames,
+        tubelet_size=m.tubelet_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size,
+        hidden_act="gelu",
+        qkv_bias=True,
+        layer_norm_eps=m.layer_norm_eps,
+        use_mean_pooling=True,  # no final norm in VideoMAEModel: its output is the last block, pre-norm
+        decoder_hidden_size=m.decoder_hidden_size,
+        decoder_num_hidden_layers=m.decoder_num_hidden_layers,
+        decoder_num_attention_heads=m.decoder_num_attention_heads,
+        decoder_intermediate_size=m.decoder_intermediate_size,
+        norm_pix_loss=True,
+    )
+
+
+def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """VideoMAE tube masking: (B, F*H*W) bool, True = masked; the same spatial patches in every tubelet."""
+    f, h, w = grid
+    num_masked = int(round(ratio * h * w))
+    scores = torch.rand(batch, h * w, generator=gen)
+    masked_spatial = scores.argsort(dim=1)[:, :num_masked]  # (B, M)
+    spatial = torch.zeros(batch, h * w, dtype=torch.bool)
+    spatial.scatter_(1, masked_spatial, True)
+    return spatial[:, None, :].expand(batch, f, h * w).reshape(batch, f * h * w)  # frame-major, like the tokens
+
+
+def pretrain_encoder(
+    data_dir: str | Path, out_dir: str | Path, cfg: PretrainEncoderConfig, progress: bool = True, command: str = ""
+) -> dict[str, Any]:
+    """Pretrain a VideoMAE with the masked-autoencoding objective and save it as a `VideoMAEModel` folder.
+
+    Args:
+        data_dir: a dataset folder (playground output, metadata.jsonl/csv, or prompts.txt + videos.txt).
+        out_dir: the encoder folder to write (atomically; an existing folder is refused).
+        cfg: the resolved config.
+
+    Returns:
+        metrics: first and final reconstruction loss (normalised-pixel MSE on masked patches; predicting the
+        per-patch mean scores about 1.0), steps, seconds.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import VideoMAEForPreTraining
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        raise MoalignError(f"{out_dir} already holds an encoder; choose a new --out or delete it first")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    dataset = VideoClipDataset(data_dir, cfg.data, load_flow=False)
+    enc_cfg = EncoderConfig(input_size=cfg.input_size, drop_first_frame=True)
+
+    # Decode and preprocess every clip once: (N, T', 3, h, w) normalised pixels. Pretraining is for small sets.
+    clips = [
+        preprocess_frames(dataset[i]["frames"][None], enc_cfg)[0]
+        for i in tqdm(range(len(dataset)), desc="decode clips", disable=not progress)
+    ]
+    pixels = torch.stack(clips)
+    num_frames, _, h, w = pixels.shape[1:]
+    vm_cfg = build_videomae_config(cfg, num_frames)
+    grid = (num_frames // cfg.model.tubelet_size, h // cfg.model.patch_size, w // cfg.model.patch_size)
+    if num_frames % cfg.model.tubelet_size or h % cfg.model.patch_size or w % cfg.model.patch_size:
+        raise MoalignError(
+            f"encoder input {num_frames}x{h}x{w} does not divide into tubelet {cfg.model.tubelet_size} and "
+            f"patch {cfg.model.patch_size}: choose --set input_size / data.num_frames accordingly"
+        )
+    model = VideoMAEForPreTraining(vm_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+
+    logger = RunLogger(out_dir, enabled=False)  # written into the folder at the end, atomically
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 17 * accelerator.process_index)
+    flip_gen = torch.Generator().manual_seed(cfg.seed + 31 * accelerator.process_index)
+    n_params = sum(p.numel() for p in model.parameters())
+    accelerator.print(
+        f"[pretrain-encoder] {len(dataset)} clips, input {num_frames}x{h}x{w}, token grid {grid}, "
+        f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps"
+    )
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain-encoder", disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        idx = batch_indices(len(dataset), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]
+        batch = pixels[idx]  # (b, T', 3, h, w)
+        if cfg.hflip:
+            flip = torch.rand(len(idx), generator=flip_gen) < 0.5
+            batch = torch.where(flip[:, None, None, None, None], batch.flip(-1), batch)
+        mask = tube_mask(len(idx), grid, cfg.mask_ratio, mask_gen)
+        with accelerator.autocast():
+            loss = model(pixel_values=batch.to(accelerator.device), bool_masked_pos=mask.to(accelerator.device)).loss
+        check_finite(step, {"mse": loss})
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            logger.log(step, mse=float(loss.detach()), lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(mse=f"{float(loss.detach()):.3f}")
+
+    steps, mse = logger.series("mse")
+    metrics = {
+        "first_mse": mse[0],
+        "final_mse": sum(mse[-4:]) / len(mse[-4:]),
+        "steps": cfg.steps,
+        "seconds": round(time.time() - start, 1),
+        "token_grid": list(grid),
+    }
+    if accelerator.is_main_process:
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            accelerator.unwrap_model(model).videomae.save_pretrained(tmp, safe_serialization=True)
+            write_jsonl(tmp / "log.jsonl", logger.history)
+            write_json(
+                tmp / "pretrain.json",
+                {"config": to_dict(cfg), "metrics": metrics, "git_commit": git_commit(), "command": command},
+            )
+            plot_curves(
+                tmp / "loss_curve.png",
+                {"masked-patch MSE (normalised pixels)": (steps, mse)},
+                title="VideoMAE pretraining on " + Path(data_dir).name,
+                ylabel="MSE",
+                hlines={"predict the patch mean": 1.0},
+            )
+    accelerator.wait_for_everyone()
+    accelerator.print(f"[pretrain-encoder] wrote {out_dir}: final MSE {metrics['final_mse']:.3f}")
+    return metrics

@@ -1,0 +1,284 @@
+"""`moalign stage1`: learn the motion subspace (paper Sec. 3.1).
+
+    clip --frozen VideoMAE(v2)--> S (F'', H'', W'', D_v) --M_psi--> M (..., 64) --F_omega--> flow  ~L1~  optical flow
+
+Only M_psi and F_omega train. The encoder is frozen and deterministic, so with `feature_cache="memory"`
+each clip is encoded once (exactly what the per-step forward would compute, at a fraction of the cost).
+Flow targets come from the manifest's exact flow (the playground), a flow cache (`moalign flow`), or a
+flow method run on the fly. After training, RUN/motion_projector.safetensors alone is the stage-2 teacher.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moalign.atomic import write_json
+from moalign.checkpoint import (
+    load_module_file,
+    load_training_state,
+    resolve_resume,
+    rng_state,
+    save_module,
+    save_training_checkpoint,
+    set_rng_state,
+    write_run_config,
+)
+from moalign.config import Stage1Config, to_dict
+from moalign.data import VideoClipDataset, resize_flow
+from moalign.encoder import VideoEncoder
+from moalign.errors import MoalignError
+from moalign.flow import build_flow_estimator, load_flow_cache
+from moalign.flow_decoder import FlowDecoder
+from moalign.losses import end_point_error, flow_loss
+from moalign.motion_projector import MotionProjector
+from moalign.plots import plot_curves
+from moalign.training import (
+    RunLogger,
+    batch_indices,
+    check_finite,
+    cosine_with_warmup,
+    format_parameter_counts,
+    parameter_counts,
+)
+
+
+class Stage1Heads(nn.Module):
+    """M_psi followed by F_omega: encoder tokens (B, F, H, W, D_v) -> (motion (B, F, H, W, D_m), flow (B, P, h, w, 2))."""
+
+    def __init__(self, projector: MotionProjector, decoder: FlowDecoder):
+        super().__init__()
+        self.projector = projector
+        self.decoder = decoder
+
+    def forward(self, tokens: torch.Tensor, flow_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        motion = self.projector(tokens)
+        return motion, self.decoder(motion, flow_size)
+
+
+class ClipPreparer:
+    """Turns dataset items into stage-1 tensors: encoder tokens and flow targets (optionally memoised)."""
+
+    def __init__(self, dataset, encoder: VideoEncoder, flow_source, flow_size: tuple[int, int], device, memo: bool):
+        self.dataset, self.encoder, self.flow_source = dataset, encoder, flow_source
+        self.flow_size, self.device, self.memo = flow_size, device, memo
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def flow_of(self, i: int, sample: dict) -> torch.Tensor:
+        """Target flow at the dataset resolution, (T-1, H, W, 2) float32."""
+        if hasattr(self.flow_source, "estimate"):
+            return torch.as_tensor(self.flow_source.estimate(sample)).float()
+        return self.flow_source[int(sample["index"])]["flow"].float()  # a flow cache
+
+    def __call__(self, i: int, full_flow: bool = False) -> dict[str, torch.Tensor]:
+        if i in self.cache:
+            return self.cache[i]
+        sample = self.dataset[i]
+        pixels = self.encoder.preprocess(sample["frames"][None].to(self.device))  # (1, T', 3, h, w)
+        tokens = self.encoder(pixels)[0]  # (F'', H'', W'', D_v), no grad
+        flow = self.flow_of(i, sample)  # (T-1, H, W, 2) at the dataset resolution
+        item = {"tokens": tokens, "flow": resize_flow(flow, *self.flow_size)}  # flow in decoder pixels
+        if full_flow:
+            item["flow_full"] = flow
+        if self.memo:
+            self.cache[i] = item
+        return item
+
+
+def make_flow_source(cfg: Stage1Config, dataset, flow_cache: str | None):
+    """The stage's flow targets: a flow cache folder, or an estimator ('exact' reads the manifest's flow)."""
+    if flow_cache is not None:
+        return load_flow_cache(flow_cache, dataset)
+    method = cfg.flow_method
+    if method == "auto":
+        method = "exact" if all(r.flow is not None for r in dataset.records) else "dis"
+    return build_flow_estimator(method)
+
+
+def train_stage1(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Stage1Config,
+    flow_cache: str | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Train M_psi and F_omega on the frozen encoder and write a stage-1 run folder.
+
+    Args:
+        data_dir: dataset folder (playground output or any supported manifest).
+        out_dir: the run folder: config.json, log.jsonl, checkpoint-N/, motion_projector.safetensors,
+            flow_decoder.safetensors, metrics.json, loss_curve.png.
+        cfg: resolved config; `cfg.encoder.path` must name the encoder folder.
+        flow_cache: optional `moalign flow` cache of the same dataset and data config.
+        resume: "latest" or a checkpoint-N folder to continue from.
+
+    Returns:
+        metrics: val_epe and zero_flow_epe (px at the dataset resolution, held-out clips), train losses, timing.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(out_dir)
+    if cfg.encoder.path is None:
+        raise MoalignError("stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)")
+    if (out_dir / "metrics.json").exists() and resume is None:
+        raise MoalignError(f"{out_dir} holds a finished stage-1 run; choose a new --out (or --resume latest to continue)")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = accelerator.device
+    set_seed(cfg.seed)
+
+    encoder = VideoEncoder.from_pretrained(cfg.encoder).to(device)
+    cfg = replace(cfg, projector=replace(cfg.projector, in_dim=encoder.width))  # resolved: recorded in the run
+    dataset = VideoClipDataset(data_dir, cfg.data, load_flow=flow_cache is None)
+    flow_source = make_flow_source(cfg, dataset, flow_cache)
+    n = len(dataset)
+    if n <= cfg.val_clips + 1:
+        raise MoalignError(f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    val_ids, train_ids = perm[: cfg.val_clips].tolist(), perm[cfg.val_clips :].tolist()
+
+    grid = encoder.grid(cfg.data.num_frames)
+    in_h, in_w = cfg.encoder.input_size
+    flow_size = (in_h // cfg.decoder.stride, in_w // cfg.decoder.stride)
+    projector = MotionProjector(cfg.projector)
+    decoder = FlowDecoder(cfg.decoder, patch_size=encoder.patch_size, pairs_per_tubelet=encoder.tubelet_size)
+    heads = Stage1Heads(projector, decoder)
+    counts = parameter_counts(encoder=encoder, motion_projector=projector, flow_decoder=decoder)
+    assert counts["encoder"][0] == 0, "the encoder must be frozen"
+    accelerator.print(
+        f"[stage1] encoder {cfg.encoder.path} block {encoder.layer_index} (0-based) of {encoder.num_layers}, "
+        f"token grid {grid}, width {encoder.width}; flow targets {getattr(flow_source, 'name', 'cache')} at "
+        f"{flow_size[0]}x{flow_size[1]}; {len(train_ids)} train / {len(val_ids)} val clips\n"
+        f"[stage1] {format_parameter_counts(counts)}"
+    )
+
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    start_step = 0
+    ckpt = resolve_resume(out_dir, resume)
+    if ckpt is not None:
+        heads.projector.load_state_dict(load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0])
+        heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
+        state = load_training_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        accelerator.print(f"[stage1] resumed from {ckpt} at step {start_step}")
+    heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
+
+    prep = ClipPreparer(dataset, encoder, flow_source, flow_size, device, memo=cfg.feature_cache == "memory")
+    if cfg.feature_cache == "memory":
+        for i in tqdm(range(n), desc="encode clips (frozen)", disable=not progress):
+            prep(i, full_flow=i in val_ids)
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(out_dir, to_dict(cfg), command)
+    logger = RunLogger(out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1)
+    module_meta = {"stage1": to_dict(cfg), "projector": to_dict(cfg.projector), "decoder": to_dict(cfg.decoder)}
+
+    def save_final_modules() -> None:
+        unwrapped = accelerator.unwrap_model(heads)
+        save_module(out_dir / "motion_projector.safetensors", unwrapped.projector, "motion_projector", module_meta)
+        save_module(out_dir / "flow_decoder.safetensors", unwrapped.decoder, "flow_decoder", module_meta)
+
+    @torch.no_grad()
+    def validate() -> tuple[float, float]:
+        """(val_epe, zero_flow_epe) in px at the dataset resolution, over all pixels of all held-out pairs."""
+        heads.eval()
+        epes, zeros = [], []
+        for i in val_ids:
+            item = prep(i, full_flow=True)
+            _, pred = heads(item["tokens"][None].to(device), flow_size)  # (1, P, h, w, 2)
+            target = item["flow_full"].to(device)  # (P, H, W, 2)
+            pred_full = resize_flow(pred[0].float(), target.shape[1], target.shape[2])
+            epes.append(end_point_error(pred_full, target))
+            zeros.append(target.norm(dim=-1).mean())
+        heads.train()
+        return float(torch.stack(epes).mean()), float(torch.stack(zeros).mean())
+
+    t0 = time.time()
+    heads.train()
+    bar = tqdm(range(start_step, cfg.steps), desc="stage1", disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
+        items = [prep(train_ids[j]) for j in idx]
+        tokens = torch.stack([it["tokens"] for it in items]).to(device)  # (b, F'', H'', W'', D_v)
+        target = torch.stack([it["flow"] for it in items]).to(device)  # (b, T-1, h, w, 2)
+        with accelerator.autocast():
+            _, pred = heads(tokens, flow_size)
+        parts = flow_loss(pred, target)
+        check_finite(step, parts)
+        accelerator.backward(parts.total)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(heads.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if step % cfg.log_every == 0 or done == cfg.steps:
+            logger.log(step, **{f"train_{k}": v for k, v in parts.scalars().items()}, lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(l1=f"{float(parts.l1):.3f}", epe=f"{float(parts.epe):.3f}")
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            val_epe, zero_epe = validate()
+            logger.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
+            accelerator.print(f"[stage1] step {done}: val_epe {val_epe:.4f} px (zero flow {zero_epe:.4f} px)")
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(heads)
+            save_training_checkpoint(
+                out_dir,
+                done,
+                {
+                    "motion_projector": (unwrapped.projector, "motion_projector", module_meta),
+                    "flow_decoder": (unwrapped.decoder, "flow_decoder", module_meta),
+                },
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                limit=2,
+            )
+
+    val_epe, zero_epe = validate()
+    steps_l1, l1 = logger.series("train_l1")
+    metrics = {
+        "val_epe": val_epe,
+        "zero_flow_epe": zero_epe,
+        "val_epe_ratio": val_epe / max(zero_epe, 1e-12),
+        "final_train_l1": l1[-1] if l1 else None,
+        "steps": cfg.steps,
+        "train_seconds": round(time.time() - t0, 1),
+        "val_clips": len(val_ids),
+        "train_clips": len(train_ids),
+        "flow_resolution": list(flow_size),
+        "token_grid": list(grid),
+    }
+    if accelerator.is_main_process:
+        save_final_modules()
+        write_json(out_dir / "metrics.json", metrics)
+        vs, ve = logger.series("val_epe")
+        plot_curves(
+            out_dir / "loss_curve.png",
+            {
+                "train L1 (decoder px)": (steps_l1, l1),
+                "train EPE (decoder px)": logger.series("train_epe"),
+                "val EPE (video px)": (vs, ve),
+            },
+            title="stage 1: motion subspace, flow supervision",
+            ylabel="flow error (px)",
+            hlines={f"zero-flow EPE (video px) {zero_epe:.3f}": zero_epe},
+        )
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"[stage1] done: val_epe {val_epe:.4f} px vs zero-flow {zero_epe:.4f} px "
+        f"(ratio {metrics['val_epe_ratio']:.2f}); wrote {out_dir}"
+    )
+    return metrics

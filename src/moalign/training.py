@@ -1,0 +1,105 @@
+"""Plumbing shared by the training loops: run logs, the LR schedule, deterministic batch order, checks.
+
+Plain functions and one small logger class; each stage's loop stays readable top to bottom in its own file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moalign.errors import MoalignError
+
+
+class RunLogger:
+    """Logs scalars to RUN/log.jsonl (append-only) and keeps the history for curve plots.
+
+    Only the main process writes; others keep the history in memory.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_from_step: int = 0):
+        self.path = run_dir / "log.jsonl"
+        self.enabled = enabled
+        self.history: list[dict[str, Any]] = []
+        self.start = time.time()
+        if self.path.is_file():
+            # keep what came before the resumed step, drop lines a killed run wrote after its last checkpoint
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if row.get("step", 0) <= resume_from_step:
+                    self.history.append(row)
+            if enabled:
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def log(self, step: int, **scalars: float) -> None:
+        row = {"step": step, "time_s": round(time.time() - self.start, 2), **scalars}
+        self.history.append(row)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one logged scalar."""
+        rows = [r for r in self.history if key in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up then cosine decay to 10% of the base LR (a LambdaLR)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The global batch of training step `step`: a fixed function of (seed, step), so resuming is exact.
+
+    Each epoch is a seeded permutation of range(num_items); batches never straddle epochs (the tail is dropped).
+    """
+    if num_items < batch_size:
+        raise MoalignError(
+            f"only {num_items} training clips for a batch of {batch_size}: add clips or lower --set batch_size"
+        )
+    per_epoch = num_items // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_items, generator=gen)
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def check_finite(step: int, parts: dict[str, torch.Tensor]) -> None:
+    """Stop the run with the step and every loss part when the loss is not finite."""
+    if not all(torch.isfinite(v.detach()).all() for v in parts.values()):
+        shown = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in parts.items())
+        raise MoalignError(
+            f"non-finite loss at step {step}: {shown}. Lower the learning rate, use fp32 "
+            "(--set mixed_precision=no), or resume from the last checkpoint with --resume latest."
+        )
+
+
+def parameter_counts(**modules: nn.Module) -> dict[str, tuple[int, int]]:
+    """name -> (trainable, frozen) parameter counts, for the start-up log."""
+    out = {}
+    for name, module in modules.items():
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        out[name] = (trainable, frozen)
+    return out
+
+
+def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
+    return "; ".join(f"{k}: {t:,} trainable, {f:,} frozen" for k, (t, f) in counts.items())
