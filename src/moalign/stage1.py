@@ -229,7 +229,7 @@ def train_stage1(
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
             logger.log(step, **{f"train_{k}": v for k, v in parts.scalars().items()}, lr=scheduler.get_last_lr()[0])
-            bar.set_postfix(l1=f"{float(parts.l1):.3f}", epe=f"{float(parts.epe):.3f}")
+            bar.set_postfix(l1=f"{float(parts.l1.detach()):.3f}", epe=f"{float(parts.epe.detach()):.3f}")
         if done % cfg.val_every == 0 or done == cfg.steps:
             val_epe, zero_epe = validate()
             logger.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)

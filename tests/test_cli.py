@@ -1,0 +1,46 @@
+"""The command line: every subcommand has --help; input errors exit 2 with a message naming the problem."""
+
+import subprocess
+import sys
+
+import pytest
+
+from moalign.cli import build_parser, main
+
+SUBCOMMANDS = ["demo", "config", "synth", "flow", "convert-videomaev2", "pretrain-encoder", "stage1"]
+
+
+def test_every_subcommand_has_help(capsys):
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: moalign " + name in capsys.readouterr().out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "moalign.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+
+
+def test_config_lists_presets(capsys):
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "videorepa-2b" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["stage1", "--data", "/nonexistent/data", "--out", "/tmp/x", "--encoder", "/nonexistent/enc"], "/nonexistent"),
+        (["synth", "--out", "/tmp/moalign-x", "--num-frames", "16"], "4k\\+1"),
+        (["stage1", "--data", "d", "--out", "o", "--set", "bogus=1"], "unknown config field"),
+        (["convert-videomaev2", "/nonexistent/ckpt.pth", "/tmp/moalign-out"], "ckpt.pth"),
+    ],
+)
+def test_input_errors_exit_2_with_message(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert __import__("re").search(match, err), err

@@ -1,0 +1,45 @@
+"""Presets, overrides and config round trips."""
+
+import json
+
+import pytest
+
+from moalign.config import PRESETS, Recipe, Stage1Config, apply_overrides, from_dict, get_preset, to_dict
+from moalign.errors import MoalignError
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_and_round_trips(name):
+    recipe = get_preset(name)
+    assert isinstance(recipe, Recipe)
+    data = json.loads(json.dumps(to_dict(recipe)))  # JSON-able
+    assert from_dict(Recipe, data) == recipe
+    assert recipe.stage1.data.num_frames % 4 == 1
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="tiny"):
+        get_preset("huge")
+
+
+def test_overrides_coerce_types_and_nest():
+    cfg = get_preset("tiny").stage1
+    new = apply_overrides(cfg, ["lr=3e-4", "encoder.layer=2", "data.fps=8", "encoder.input_size=32,48", "steps=10"])
+    assert new.lr == 3e-4 and new.steps == 10 and isinstance(new.steps, int)
+    assert new.encoder.layer == 2 and new.data.fps == 8.0
+    assert new.encoder.input_size == (32, 48)
+    assert cfg.lr != 3e-4  # frozen original untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [("nope=1", "unknown config field"), ("lr", "key=value"), ("data.num_frames=16", "4k\\+1"), ("steps=1.5", "integer")],
+)
+def test_bad_overrides_say_what_is_wrong(override, match):
+    with pytest.raises((ValueError, TypeError, MoalignError), match=match):
+        apply_overrides(Stage1Config(), [override])
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown"):
+        from_dict(Stage1Config, {"not_a_field": 1})
