@@ -47,7 +47,11 @@ def test_training_checkpoints_resume_and_limit(tmp_path):
     opt.step()
     for step in (10, 20, 30):
         save_training_checkpoint(
-            tmp_path, step, {"motion_projector": (m, "motion_projector", {})}, {"optimizer": opt.state_dict()}, limit=2
+            tmp_path,
+            step,
+            {"motion_projector": (m, "motion_projector", {})},
+            {"optimizer": opt.state_dict()},
+            limit=2,
         )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]
     latest = resolve_resume(tmp_path, "latest")

@@ -19,7 +19,9 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "moalign.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "moalign.cli", "--help"], capture_output=True, text=True, check=True
+    )
     for name in SUBCOMMANDS:
         assert name in out.stdout
 
@@ -33,7 +35,10 @@ def test_config_lists_presets(capsys):
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["stage1", "--data", "/nonexistent/data", "--out", "/tmp/x", "--encoder", "/nonexistent/enc"], "/nonexistent"),
+        (
+            ["stage1", "--data", "/nonexistent/data", "--out", "/tmp/x", "--encoder", "/nonexistent/enc"],
+            "/nonexistent",
+        ),
         (["synth", "--out", "/tmp/moalign-x", "--num-frames", "16"], "4k\\+1"),
         (["stage1", "--data", "d", "--out", "o", "--set", "bogus=1"], "unknown config field"),
         (["convert-videomaev2", "/nonexistent/ckpt.pth", "/tmp/moalign-out"], "ckpt.pth"),

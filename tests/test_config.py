@@ -24,7 +24,9 @@ def test_unknown_preset_lists_valid_ones():
 
 def test_overrides_coerce_types_and_nest():
     cfg = get_preset("tiny").stage1
-    new = apply_overrides(cfg, ["lr=3e-4", "encoder.layer=2", "data.fps=8", "encoder.input_size=32,48", "steps=10"])
+    new = apply_overrides(
+        cfg, ["lr=3e-4", "encoder.layer=2", "data.fps=8", "encoder.input_size=32,48", "steps=10"]
+    )
     assert new.lr == 3e-4 and new.steps == 10 and isinstance(new.steps, int)
     assert new.encoder.layer == 2 and new.data.fps == 8.0
     assert new.encoder.input_size == (32, 48)
@@ -33,7 +35,12 @@ def test_overrides_coerce_types_and_nest():
 
 @pytest.mark.parametrize(
     ("override", "match"),
-    [("nope=1", "unknown config field"), ("lr", "key=value"), ("data.num_frames=16", "4k\\+1"), ("steps=1.5", "integer")],
+    [
+        ("nope=1", "unknown config field"),
+        ("lr", "key=value"),
+        ("data.num_frames=16", "4k\\+1"),
+        ("steps=1.5", "integer"),
+    ],
 )
 def test_bad_overrides_say_what_is_wrong(override, match):
     with pytest.raises((ValueError, TypeError, MoalignError), match=match):

@@ -10,7 +10,9 @@ from moalign.motion_projector import MotionProjector, MotionProjectorConfig
 @pytest.mark.parametrize("temporal_kernel", [1, 3])
 def test_projector_shapes_and_init(temporal_kernel):
     torch.manual_seed(0)
-    proj = MotionProjector(MotionProjectorConfig(in_dim=32, dim=8, hidden_dim=16, temporal_kernel=temporal_kernel))
+    proj = MotionProjector(
+        MotionProjectorConfig(in_dim=32, dim=8, hidden_dim=16, temporal_kernel=temporal_kernel)
+    )
     x = torch.randn(2, 4, 3, 5, 32)  # (B, F, H, W, D_v)
     y = proj(x)
     assert y.shape == (2, 4, 3, 5, 8)
@@ -39,22 +41,44 @@ def test_projector_rejects_even_kernel():
         MotionProjectorConfig(temporal_kernel=2)
 
 
-@pytest.mark.parametrize(("patch", "grid", "out"), [(8, (8, 8, 8), (16, 16)), (16, (24, 10, 15), (40, 60)), (4, (2, 3, 4), (3, 4))])
-def test_flow_decoder_shapes(patch, grid, out):
-    dec = FlowDecoder(FlowDecoderConfig(dim=8, hidden_dim=12, stride=4), patch_size=patch, pairs_per_tubelet=2)
+@pytest.mark.parametrize(
+    ("patch", "stride", "grid", "out"),
+    [
+        (8, 4, (8, 8, 8), (16, 16)),
+        (16, 4, (24, 10, 15), (40, 60)),
+        (8, 2, (2, 3, 4), (12, 16)),
+        (14, 2, (1, 2, 2), (14, 14)),
+    ],
+)
+def test_flow_decoder_shapes(patch, stride, grid, out):
+    dec = FlowDecoder(
+        FlowDecoderConfig(dim=8, hidden_dim=12, stride=stride), patch_size=patch, pairs_per_tubelet=2
+    )
     f, h, w = grid
-    y = dec(torch.randn(2, f, h, w, 8), out)
+    assert dec.output_size((h, w)) == out
+    y = dec(torch.randn(2, f, h, w, 8))
     assert y.shape == (2, 2 * f, *out, 2)
 
 
-def test_flow_decoder_pair_layout():
-    """Output pair p = 2j + k comes from tubelet j, head channels (2k, 2k+1) = (x, y)."""
-    dec = FlowDecoder(FlowDecoderConfig(dim=4, hidden_dim=4, stride=1), patch_size=1, pairs_per_tubelet=2)
+def test_flow_decoder_rejects_stride_not_dividing_patch():
+    with pytest.raises(ValueError, match="does not divide"):
+        FlowDecoder(FlowDecoderConfig(stride=4), patch_size=14)
+
+
+def test_flow_decoder_pixel_shuffle_layout():
+    """Output pair 2j + k, pixel (H*s + a, W*s + b) comes from token (j, H, W), read-out unit (k, a, b, xy)."""
+    dec = FlowDecoder(FlowDecoderConfig(dim=4, hidden_dim=4, stride=2), patch_size=4, pairs_per_tubelet=2)
+    s = dec.cell
     with torch.no_grad():
-        for m in (dec.stem, dec.head):
+        for m in (dec.stem, dec.block, dec.readout):
             m.weight.zero_()
             m.bias.zero_()
-        dec.head.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # pair 0: (1, 2), pair 1: (3, 4)
-    y = dec(torch.randn(1, 3, 2, 2, 4), (2, 2))  # (1, 6, 2, 2, 2)
-    assert torch.allclose(y[0, 0::2], torch.tensor([1.0, 2.0]).expand(3, 2, 2, 2))
-    assert torch.allclose(y[0, 1::2], torch.tensor([3.0, 4.0]).expand(3, 2, 2, 2))
+        dec.readout.bias.copy_(torch.arange(2 * s * s * 2, dtype=torch.float32))
+    y = dec(torch.randn(1, 3, 2, 2, 4))  # (1, 6, 4, 4, 2)
+    unit = torch.arange(2 * s * s * 2, dtype=torch.float32).reshape(2, s, s, 2)  # (pair, a, b, xy)
+    for j in range(3):
+        for k in range(2):
+            for hh in range(2):
+                for ww in range(2):
+                    cell = y[0, 2 * j + k, hh * s : (hh + 1) * s, ww * s : (ww + 1) * s]
+                    assert torch.equal(cell, unit[k])

@@ -22,7 +22,9 @@ def world(tmp_path_factory):
     from transformers import VideoMAEConfig, VideoMAEModel
 
     root = tmp_path_factory.mktemp("world")
-    write_playground(root / "data", SynthConfig(num_clips=10, num_frames=9, height=32, width=32), progress=False)
+    write_playground(
+        root / "data", SynthConfig(num_clips=10, num_frames=9, height=32, width=32), progress=False
+    )
     torch.manual_seed(0)
     enc = VideoMAEModel(
         VideoMAEConfig(
@@ -82,7 +84,7 @@ def test_gradients_reach_heads_never_encoder(world):
     heads = stage1_mod.Stage1Heads(
         stage1_mod.MotionProjector(proj_cfg), FlowDecoder(cfg.decoder, patch_size=8, pairs_per_tubelet=2)
     )
-    _, pred = heads(tokens, (8, 8))
+    _, pred = heads(tokens)
     assert pred.shape == (2, 8, 8, 8, 2)
     pred.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters() if p.ndim > 1)

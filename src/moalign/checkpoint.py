@@ -48,7 +48,9 @@ def load_module_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torc
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise MoalignError(f"{path} is not a readable safetensors file ({err}); it may be truncated or not a checkpoint") from err
+        raise MoalignError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or not a checkpoint"
+        ) from err
     found = meta.get(KIND_KEY)
     if found != kind:
         raise MoalignError(
@@ -156,7 +158,9 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
-        raise MoalignError(f"cannot read {ckpt / 'training_state.pt'}: {err}. Delete this checkpoint folder.") from err
+        raise MoalignError(
+            f"cannot read {ckpt / 'training_state.pt'}: {err}. Delete this checkpoint folder."
+        ) from err
 
 
 # ---- the stage-1 teacher ------------------------------------------------------------------------------------

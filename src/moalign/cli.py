@@ -110,7 +110,12 @@ def cmd_flow(args: argparse.Namespace) -> None:
     dataset = VideoClipDataset(args.data, data_cfg, load_flow=args.method == "exact")
     estimator = build_flow_estimator(args.method, raft_weights=args.raft_weights, device=args.device)
     out = compute_flow_cache(
-        dataset, estimator, args.out, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet
+        dataset,
+        estimator,
+        args.out,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     skipped = f", skipped {len(dataset.skipped)} bad videos" if dataset.skipped else ""
     print(f"[flow] {args.method} flow for {len(dataset)} clips in {out}{skipped}")
@@ -120,10 +125,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from moalign.convert_videomaev2 import convert_checkpoint
 
     report = convert_checkpoint(
-        args.checkpoint, args.out_dir, num_heads=args.num_heads, layer_norm_eps=args.eps, overwrite=args.overwrite
+        args.checkpoint,
+        args.out_dir,
+        num_heads=args.num_heads,
+        layer_norm_eps=args.eps,
+        overwrite=args.overwrite,
     )
     print(json.dumps(report, indent=2, default=str))
-    print(f"[convert-videomaev2] wrote {args.out_dir}: load it with VideoMAEModel.from_pretrained or --encoder")
+    print(
+        f"[convert-videomaev2] wrote {args.out_dir}: load it with VideoMAEModel.from_pretrained or --encoder"
+    )
 
 
 def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
@@ -199,9 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("flow", help="precompute optical flow for a dataset into a sharded cache")
-    p.add_argument("--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)")
-    p.add_argument("--out", required=True, help="cache folder (resumable: re-run the same command after a stop)")
-    p.add_argument("--method", default="dis", help="dis (CPU default), farneback, raft (GPU), exact (playground)")
+    p.add_argument(
+        "--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)"
+    )
+    p.add_argument(
+        "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
+    )
+    p.add_argument(
+        "--method", default="dis", help="dis (CPU default), farneback, raft (GPU), exact (playground)"
+    )
     p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
     p.add_argument("--device", default="cpu", help="device for raft")
     p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
@@ -212,30 +229,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_flow)
 
     p = sub.add_parser(
-        "convert-videomaev2", help="convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder"
+        "convert-videomaev2",
+        help="convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder",
     )
-    p.add_argument("checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune layout")
+    p.add_argument(
+        "checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune layout"
+    )
     p.add_argument("out_dir", help="output folder for VideoMAEModel.from_pretrained")
-    p.add_argument("--num-heads", type=int, help="attention heads (default: from the checkpoint's model name)")
+    p.add_argument(
+        "--num-heads", type=int, help="attention heads (default: from the checkpoint's model name)"
+    )
     p.add_argument("--eps", type=float, help="LayerNorm eps (default 1e-6, VideoMAEv2's value)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("pretrain-encoder", help="pretrain a small VideoMAE (masked autoencoding) on a dataset")
+    p = sub.add_parser(
+        "pretrain-encoder", help="pretrain a small VideoMAE (masked autoencoding) on a dataset"
+    )
     p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--out", required=True, help="encoder folder to write (VideoMAEModel.from_pretrained loads it)")
+    p.add_argument(
+        "--out", required=True, help="encoder folder to write (VideoMAEModel.from_pretrained loads it)"
+    )
     p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_preset(p)
     _add_data(p)
     p.set_defaults(fn=cmd_pretrain_encoder)
 
-    p = sub.add_parser("stage1", help="learn the motion subspace M_psi with flow supervision on the frozen encoder")
+    p = sub.add_parser(
+        "stage1", help="learn the motion subspace M_psi with flow supervision on the frozen encoder"
+    )
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--encoder", help="encoder folder (pretrain-encoder or convert-videomaev2 output)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--flow-cache", help="a `moalign flow` cache of this dataset (else flow is computed here)")
-    p.add_argument("--flow-method", help="auto (exact if the manifest has flow, else dis), dis, farneback, exact")
+    p.add_argument(
+        "--flow-method", help="auto (exact if the manifest has flow, else dis), dis, farneback, exact"
+    )
     p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -44,18 +44,27 @@ def run_demo(out: str | Path, preset: str = "tiny", progress: bool = True) -> di
     step(
         "2/3 pretrain-encoder",
         (enc_dir / "config.json").is_file(),
-        lambda: pretrain_encoder(data_dir, enc_dir, recipe.pretrain, progress=progress, command="moalign demo"),
+        lambda: pretrain_encoder(
+            data_dir, enc_dir, recipe.pretrain, progress=progress, command="moalign demo"
+        ),
     )
     s1_cfg = replace(recipe.stage1, encoder=replace(recipe.stage1.encoder, path=str(enc_dir)))
     step(
         "3/3 stage1",
         (s1_dir / "metrics.json").is_file(),
-        lambda: train_stage1(data_dir, s1_dir, s1_cfg, resume="latest", progress=progress, command="moalign demo"),
+        lambda: train_stage1(
+            data_dir, s1_dir, s1_cfg, resume="latest", progress=progress, command="moalign demo"
+        ),
     )
 
     pre = json.loads((enc_dir / "pretrain.json").read_text())["metrics"]
     s1 = json.loads((s1_dir / "metrics.json").read_text())
-    summary = {"preset": preset, "pretrain": pre, "stage1": s1, "seconds_this_run": round(time.time() - t0, 1)}
+    summary = {
+        "preset": preset,
+        "pretrain": pre,
+        "stage1": s1,
+        "seconds_this_run": round(time.time() - t0, 1),
+    }
     report = f"""# moalign demo ({preset} preset)
 
 Data: {recipe.synth.num_clips} playground clips, {recipe.synth.num_frames} frames at
@@ -63,10 +72,10 @@ Data: {recipe.synth.num_clips} playground clips, {recipe.synth.num_frames} frame
 
 | step | result |
 |---|---|
-| encoder pretraining (masked autoencoding) | reconstruction MSE {pre['first_mse']:.3f} -> {pre['final_mse']:.3f} (predicting the patch mean: 1.0) |
-| stage 1 val EPE (held-out clips, px) | {s1['val_epe']:.4f} |
-| zero-motion EPE on the same clips (px) | {s1['zero_flow_epe']:.4f} |
-| ratio (lower is better; 1.0 = no motion learnt) | {s1['val_epe_ratio']:.2f} |
+| encoder pretraining (masked autoencoding) | reconstruction MSE {pre["first_mse"]:.3f} -> {pre["final_mse"]:.3f} (predicting the patch mean: 1.0) |
+| stage 1 val EPE (held-out clips, px) | {s1["val_epe"]:.4f} |
+| zero-motion EPE on the same clips (px) | {s1["zero_flow_epe"]:.4f} |
+| ratio (lower is better; 1.0 = no motion learnt) | {s1["val_epe_ratio"]:.2f} |
 
 Curves: `encoder/loss_curve.png`, `stage1/loss_curve.png`. The stage-2 teacher is
 `stage1/motion_projector.safetensors`.

@@ -128,6 +128,48 @@ def _pair(x) -> tuple[int, int]:
     return int(x), int(x)
 
 
+def preprocess_frames(frames: torch.Tensor | np.ndarray, cfg: EncoderConfig) -> torch.Tensor:
+    """uint8 RGB clips -> normalised encoder input.
+
+    Drops frame 0 (if configured), resizes every frame to `cfg.input_size` (bicubic, antialiased when
+    shrinking, values clamped to [0, 1]) and normalises with `cfg.mean` / `cfg.std`.
+
+    Args:
+        frames: uint8 (B, T, H, W, 3) RGB clips, tensor or numpy array.
+
+    Returns:
+        float32 pixel values (B, T', 3, h, w) on the device of `frames`, with T' = T - 1 when
+        frame 0 is dropped and (h, w) = `cfg.input_size`.
+
+    Raises:
+        ValueError: not a uint8 5-d RGB tensor.
+    """
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if frames.dim() != 5 or frames.shape[-1] != 3:
+        raise ValueError(
+            f"expected uint8 clips of shape (B, T, H, W, 3), got {tuple(frames.shape)}; add a batch axis "
+            "with frames[None] for one clip."
+        )
+    if frames.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 frames (0..255), got {frames.dtype}.")
+    b = frames.shape[0]
+    if cfg.drop_first_frame:
+        frames = frames[:, 1:]
+    t = frames.shape[1]
+    in_h, in_w = frames.shape[2:4]
+    out_h, out_w = cfg.input_size
+    x = frames.permute(0, 1, 4, 2, 3).reshape(b * t, 3, in_h, in_w).float() / 255.0  # (B*T', 3, H, W)
+    if (in_h, in_w) != (out_h, out_w):
+        shrink = out_h < in_h or out_w < in_w
+        x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=shrink)
+        x = x.clamp_(0.0, 1.0)  # bicubic overshoots
+    x = x.reshape(b, t, 3, out_h, out_w)  # (B, T', 3, h, w)
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(1, 1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class VideoEncoder(nn.Module):
     """Frozen VideoMAE(v2) encoder returning the token grid of one block (pre-norm).
 
@@ -295,46 +337,12 @@ class VideoEncoder(nn.Module):
             )
 
     def preprocess(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 RGB clips -> normalised encoder input.
+        """uint8 RGB clips (B, T, H, W, 3) -> normalised encoder input (B, T', 3, h, w); see `preprocess_frames`.
 
-        Drops frame 0 (if configured), resizes every frame to `cfg.input_size` (bicubic, antialiased when
-        shrinking, values clamped to [0, 1]) and normalises with `cfg.mean` / `cfg.std`.
-
-        Args:
-            frames: uint8 (B, T, H, W, 3) RGB clips, tensor or numpy array.
-
-        Returns:
-            float32 pixel values (B, T', 3, h, w) on the device of `frames`, with T' = T - 1 when
-            frame 0 is dropped and (h, w) = `cfg.input_size`.
-
-        Raises:
-            ValueError: not a uint8 5-d RGB tensor, or T' does not fill whole tubelets (use 4k+1 frames).
+        Also checks that T' fills whole tubelets of this model (else ValueError: use 4k+1 frames).
         """
-        if isinstance(frames, np.ndarray):
-            frames = torch.from_numpy(frames)
-        if frames.dim() != 5 or frames.shape[-1] != 3:
-            raise ValueError(
-                f"expected uint8 clips of shape (B, T, H, W, 3), got {tuple(frames.shape)}; add a batch axis "
-                "with frames[None] for one clip."
-            )
-        if frames.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 frames (0..255), got {frames.dtype}.")
-        b, t = frames.shape[:2]
-        self._encoder_frames(t)
-        if self.cfg.drop_first_frame:
-            frames = frames[:, 1:]
-        t = frames.shape[1]
-        in_h, in_w = frames.shape[2:4]
-        out_h, out_w = self.cfg.input_size
-        x = frames.permute(0, 1, 4, 2, 3).reshape(b * t, 3, in_h, in_w).float() / 255.0  # (B*T', 3, H, W)
-        if (in_h, in_w) != (out_h, out_w):
-            shrink = out_h < in_h or out_w < in_w
-            x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=shrink)
-            x = x.clamp_(0.0, 1.0)  # bicubic overshoots
-        x = x.reshape(b, t, 3, out_h, out_w)  # (B, T', 3, h, w)
-        mean = torch.tensor(self.cfg.mean, device=x.device).view(1, 1, 3, 1, 1)
-        std = torch.tensor(self.cfg.std, device=x.device).view(1, 1, 3, 1, 1)
-        return (x - mean) / std
+        self._encoder_frames(frames.shape[1])
+        return preprocess_frames(frames, self.cfg)
 
     def position_table(
         self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype

@@ -28,7 +28,9 @@ def plot_curves(
             ax.plot(xs, ys, label=name, marker="o" if len(xs) < 12 else None, linewidth=1.4)
     for name, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", color="grey", linewidth=1.0)
-        ax.annotate(name, xy=(0.01, y), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="grey")
+        ax.annotate(
+            name, xy=(0.01, y), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="grey"
+        )
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -49,7 +49,7 @@ def build_videomae_config(cfg: PretrainEncoderConfig, num_frames: int):
         decoder_num_hidden_layers=m.decoder_num_hidden_layers,
         decoder_num_attention_heads=m.decoder_num_attention_heads,
         decoder_intermediate_size=m.decoder_intermediate_size,
-        norm_pix_loss=True,
+        norm_pix_loss=m.norm_pix_loss,
     )
 
 
@@ -61,11 +61,17 @@ def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, gen: torch.G
     masked_spatial = scores.argsort(dim=1)[:, :num_masked]  # (B, M)
     spatial = torch.zeros(batch, h * w, dtype=torch.bool)
     spatial.scatter_(1, masked_spatial, True)
-    return spatial[:, None, :].expand(batch, f, h * w).reshape(batch, f * h * w)  # frame-major, like the tokens
+    return (
+        spatial[:, None, :].expand(batch, f, h * w).reshape(batch, f * h * w)
+    )  # frame-major, like the tokens
 
 
 def pretrain_encoder(
-    data_dir: str | Path, out_dir: str | Path, cfg: PretrainEncoderConfig, progress: bool = True, command: str = ""
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: PretrainEncoderConfig,
+    progress: bool = True,
+    command: str = "",
 ) -> dict[str, Any]:
     """Pretrain a VideoMAE with the masked-autoencoding objective and save it as a `VideoMAEModel` folder.
 
@@ -97,6 +103,11 @@ def pretrain_encoder(
     ]
     pixels = torch.stack(clips)
     num_frames, _, h, w = pixels.shape[1:]
+    # reference: the MSE of predicting one constant colour per channel (the data's mean), in [0, 1] pixels
+    mean = torch.tensor(enc_cfg.mean).view(1, 1, 3, 1, 1)
+    std = torch.tensor(enc_cfg.std).view(1, 1, 3, 1, 1)
+    raw = pixels * std + mean
+    constant_mse = float((raw - raw.mean(dim=(0, 1, 3, 4), keepdim=True)).square().mean())
     vm_cfg = build_videomae_config(cfg, num_frames)
     grid = (num_frames // cfg.model.tubelet_size, h // cfg.model.patch_size, w // cfg.model.patch_size)
     if num_frames % cfg.model.tubelet_size or h % cfg.model.patch_size or w % cfg.model.patch_size:
@@ -105,7 +116,9 @@ def pretrain_encoder(
             f"patch {cfg.model.patch_size}: choose --set input_size / data.num_frames accordingly"
         )
     model = VideoMAEForPreTraining(vm_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
@@ -119,7 +132,9 @@ def pretrain_encoder(
         f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps"
     )
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretrain-encoder", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        range(cfg.steps), desc="pretrain-encoder", disable=not (progress and accelerator.is_main_process)
+    )
     for step in bar:
         idx = batch_indices(len(dataset), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]
@@ -129,7 +144,9 @@ def pretrain_encoder(
             batch = torch.where(flip[:, None, None, None, None], batch.flip(-1), batch)
         mask = tube_mask(len(idx), grid, cfg.mask_ratio, mask_gen)
         with accelerator.autocast():
-            loss = model(pixel_values=batch.to(accelerator.device), bool_masked_pos=mask.to(accelerator.device)).loss
+            loss = model(
+                pixel_values=batch.to(accelerator.device), bool_masked_pos=mask.to(accelerator.device)
+            ).loss
         check_finite(step, {"mse": loss})
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -144,6 +161,7 @@ def pretrain_encoder(
     metrics = {
         "first_mse": mse[0],
         "final_mse": sum(mse[-4:]) / len(mse[-4:]),
+        "constant_colour_mse": constant_mse if not cfg.model.norm_pix_loss else 1.0,
         "steps": cfg.steps,
         "seconds": round(time.time() - start, 1),
         "token_grid": list(grid),
@@ -162,7 +180,11 @@ def pretrain_encoder(
                 {"masked-patch MSE (normalised pixels)": (steps, mse)},
                 title="VideoMAE pretraining on " + Path(data_dir).name,
                 ylabel="MSE",
-                hlines={"predict the patch mean": 1.0},
+                hlines={
+                    "constant colour" if not cfg.model.norm_pix_loss else "patch mean": metrics[
+                        "constant_colour_mse"
+                    ]
+                },
             )
     accelerator.wait_for_everyone()
     accelerator.print(f"[pretrain-encoder] wrote {out_dir}: final MSE {metrics['final_mse']:.3f}")

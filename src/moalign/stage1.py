@@ -50,22 +50,24 @@ from moalign.training import (
 
 
 class Stage1Heads(nn.Module):
-    """M_psi followed by F_omega: encoder tokens (B, F, H, W, D_v) -> (motion (B, F, H, W, D_m), flow (B, P, h, w, 2))."""
+    """M_psi then F_omega: tokens (B, F, H, W, D_v) -> (motion (B, F, H, W, D_m), flow (B, P, h, w, 2))."""
 
     def __init__(self, projector: MotionProjector, decoder: FlowDecoder):
         super().__init__()
         self.projector = projector
         self.decoder = decoder
 
-    def forward(self, tokens: torch.Tensor, flow_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         motion = self.projector(tokens)
-        return motion, self.decoder(motion, flow_size)
+        return motion, self.decoder(motion)
 
 
 class ClipPreparer:
     """Turns dataset items into stage-1 tensors: encoder tokens and flow targets (optionally memoised)."""
 
-    def __init__(self, dataset, encoder: VideoEncoder, flow_source, flow_size: tuple[int, int], device, memo: bool):
+    def __init__(
+        self, dataset, encoder: VideoEncoder, flow_source, flow_size: tuple[int, int], device, memo: bool
+    ):
         self.dataset, self.encoder, self.flow_source = dataset, encoder, flow_source
         self.flow_size, self.device, self.memo = flow_size, device, memo
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
@@ -128,28 +130,40 @@ def train_stage1(
 
     out_dir = Path(out_dir)
     if cfg.encoder.path is None:
-        raise MoalignError("stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)")
+        raise MoalignError(
+            "stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)"
+        )
     if (out_dir / "metrics.json").exists() and resume is None:
-        raise MoalignError(f"{out_dir} holds a finished stage-1 run; choose a new --out (or --resume latest to continue)")
+        raise MoalignError(
+            f"{out_dir} holds a finished stage-1 run; choose a new --out (or --resume latest to continue)"
+        )
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
     set_seed(cfg.seed)
 
     encoder = VideoEncoder.from_pretrained(cfg.encoder).to(device)
-    cfg = replace(cfg, projector=replace(cfg.projector, in_dim=encoder.width))  # resolved: recorded in the run
+    cfg = replace(
+        cfg, projector=replace(cfg.projector, in_dim=encoder.width)
+    )  # resolved: recorded in the run
     dataset = VideoClipDataset(data_dir, cfg.data, load_flow=flow_cache is None)
     flow_source = make_flow_source(cfg, dataset, flow_cache)
     n = len(dataset)
     if n <= cfg.val_clips + 1:
-        raise MoalignError(f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips")
+        raise MoalignError(
+            f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     val_ids, train_ids = perm[: cfg.val_clips].tolist(), perm[cfg.val_clips :].tolist()
 
     grid = encoder.grid(cfg.data.num_frames)
-    in_h, in_w = cfg.encoder.input_size
-    flow_size = (in_h // cfg.decoder.stride, in_w // cfg.decoder.stride)
     projector = MotionProjector(cfg.projector)
-    decoder = FlowDecoder(cfg.decoder, patch_size=encoder.patch_size, pairs_per_tubelet=encoder.tubelet_size)
+    try:
+        decoder = FlowDecoder(
+            cfg.decoder, patch_size=encoder.patch_size, pairs_per_tubelet=encoder.tubelet_size
+        )
+    except ValueError as err:
+        raise MoalignError(str(err)) from err
+    flow_size = decoder.output_size(grid[1:])
     heads = Stage1Heads(projector, decoder)
     counts = parameter_counts(encoder=encoder, motion_projector=projector, flow_decoder=decoder)
     assert counts["encoder"][0] == 0, "the encoder must be frozen"
@@ -165,7 +179,9 @@ def train_stage1(
     start_step = 0
     ckpt = resolve_resume(out_dir, resume)
     if ckpt is not None:
-        heads.projector.load_state_dict(load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0])
+        heads.projector.load_state_dict(
+            load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0]
+        )
         heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
         state = load_training_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
@@ -180,15 +196,26 @@ def train_stage1(
         for i in tqdm(range(n), desc="encode clips (frozen)", disable=not progress):
             prep(i, full_flow=i in val_ids)
 
+    if ckpt is None:  # the input standardisation is fixed once, from training features; resumed runs load it
+        sample_ids = train_ids[: cfg.stats_clips]
+        stats_tokens = torch.stack([prep(i)["tokens"] for i in sample_ids])  # (n, F'', H'', W'', D_v)
+        accelerator.unwrap_model(heads).projector.set_feature_stats(stats_tokens)
+
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(out_dir, to_dict(cfg), command)
     logger = RunLogger(out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1)
-    module_meta = {"stage1": to_dict(cfg), "projector": to_dict(cfg.projector), "decoder": to_dict(cfg.decoder)}
+    module_meta = {
+        "stage1": to_dict(cfg),
+        "projector": to_dict(cfg.projector),
+        "decoder": to_dict(cfg.decoder),
+    }
 
     def save_final_modules() -> None:
         unwrapped = accelerator.unwrap_model(heads)
-        save_module(out_dir / "motion_projector.safetensors", unwrapped.projector, "motion_projector", module_meta)
+        save_module(
+            out_dir / "motion_projector.safetensors", unwrapped.projector, "motion_projector", module_meta
+        )
         save_module(out_dir / "flow_decoder.safetensors", unwrapped.decoder, "flow_decoder", module_meta)
 
     @torch.no_grad()
@@ -198,7 +225,7 @@ def train_stage1(
         epes, zeros = [], []
         for i in val_ids:
             item = prep(i, full_flow=True)
-            _, pred = heads(item["tokens"][None].to(device), flow_size)  # (1, P, h, w, 2)
+            _, pred = heads(item["tokens"][None].to(device))  # (1, P, h, w, 2)
             target = item["flow_full"].to(device)  # (P, H, W, 2)
             pred_full = resize_flow(pred[0].float(), target.shape[1], target.shape[2])
             epes.append(end_point_error(pred_full, target))
@@ -208,7 +235,9 @@ def train_stage1(
 
     t0 = time.time()
     heads.train()
-    bar = tqdm(range(start_step, cfg.steps), desc="stage1", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        range(start_step, cfg.steps), desc="stage1", disable=not (progress and accelerator.is_main_process)
+    )
     for step in bar:
         idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
@@ -216,8 +245,8 @@ def train_stage1(
         tokens = torch.stack([it["tokens"] for it in items]).to(device)  # (b, F'', H'', W'', D_v)
         target = torch.stack([it["flow"] for it in items]).to(device)  # (b, T-1, h, w, 2)
         with accelerator.autocast():
-            _, pred = heads(tokens, flow_size)
-        parts = flow_loss(pred, target)
+            _, pred = heads(tokens)
+        parts = flow_loss(pred, target, kind=cfg.flow_loss, huber_delta=cfg.huber_delta)
         check_finite(step, parts)
         accelerator.backward(parts.total)
         if cfg.grad_clip > 0:
@@ -228,7 +257,9 @@ def train_stage1(
 
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
-            logger.log(step, **{f"train_{k}": v for k, v in parts.scalars().items()}, lr=scheduler.get_last_lr()[0])
+            logger.log(
+                step, **{f"train_{k}": v for k, v in parts.scalars().items()}, lr=scheduler.get_last_lr()[0]
+            )
             bar.set_postfix(l1=f"{float(parts.l1.detach()):.3f}", epe=f"{float(parts.epe.detach()):.3f}")
         if done % cfg.val_every == 0 or done == cfg.steps:
             val_epe, zero_epe = validate()
@@ -243,7 +274,11 @@ def train_stage1(
                     "motion_projector": (unwrapped.projector, "motion_projector", module_meta),
                     "flow_decoder": (unwrapped.decoder, "flow_decoder", module_meta),
                 },
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                },
                 limit=2,
             )
 
