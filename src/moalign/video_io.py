@@ -65,6 +65,33 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return np.stack(frames), fps
 
 
+def rgb_to_yuv(frames: np.ndarray, pix_fmt: str = "yuv420p") -> list[np.ndarray]:
+    """uint8 RGB (T, H, W, 3) -> planar YUV frames (BT.601, limited range) in integer arithmetic.
+
+    Done here rather than by libswscale because swscale's SIMD and C paths round differently and which
+    one runs depends on buffer alignment, so the same frames could encode to different bytes.
+
+    Returns:
+        per frame: (H * 3 // 2, W) for "yuv420p" (Y plane, then U, then V), (3, H, W) for "yuv444p".
+    """
+    rgb = frames.astype(np.int32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16  # (T, H, W)
+    u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
+    v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
+    if pix_fmt == "yuv444p":
+        return list(np.stack([y, u, v], axis=1).astype(np.uint8))  # (T, 3, H, W)
+    if pix_fmt != "yuv420p":
+        raise ValueError(f"pix_fmt must be 'yuv420p' or 'yuv444p', got {pix_fmt!r}")
+    t, h, w = y.shape
+
+    def half(c: np.ndarray) -> np.ndarray:  # 2x2 mean, rounded: (T, H, W) -> (T, H/2, W/2)
+        return (c.reshape(t, h // 2, 2, w // 2, 2).sum(axis=(2, 4)) + 2) >> 2
+
+    planes = [y.reshape(t, h * w), half(u).reshape(t, -1), half(v).reshape(t, -1)]
+    return list(np.concatenate(planes, axis=1).reshape(t, h * 3 // 2, w).astype(np.uint8))
+
+
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray,
@@ -79,7 +106,8 @@ def write_video(
         frames: uint8 array (T, H, W, 3), RGB; H and W must be even for yuv420p.
         fps: frame rate stored in the file.
         crf: x264 quality (0 = lossless, 12 = visually lossless, 23 = x264 default).
-        pix_fmt: "yuv420p" plays everywhere; "yuv444p" keeps full colour resolution.
+        pix_fmt: "yuv420p" plays everywhere; "yuv444p" keeps full colour resolution. The colour conversion
+            is ours (`rgb_to_yuv`), so the same frames always give the same bytes.
     """
     import av
 
@@ -87,14 +115,17 @@ def write_video(
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     t, h, w, _ = frames.shape
+    if pix_fmt == "yuv420p" and (h % 2 or w % 2):
+        raise ValueError(f"yuv420p needs even frame sizes, got {h}x{w}")
+    planes = rgb_to_yuv(frames, pix_fmt)
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
             stream.thread_count = 1  # same input, same bytes
             stream.options = {"crf": str(crf), "preset": "medium"}
-            for i in range(t):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+            for plane in planes:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(plane, format=pix_fmt)):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
