@@ -72,7 +72,7 @@ Data: {recipe.synth.num_clips} playground clips, {recipe.synth.num_frames} frame
 
 | step | result |
 |---|---|
-| encoder pretraining (masked autoencoding) | reconstruction MSE {pre["first_mse"]:.3f} -> {pre["final_mse"]:.3f} (predicting the patch mean: 1.0) |
+| encoder pretraining (masked autoencoding) | masked-patch MSE {pre["first_mse"]:.3f} -> {pre["final_mse"]:.3f} (one constant colour: {pre.get("constant_colour_mse", float("nan")):.3f}) |
 | stage 1 val EPE (held-out clips, px) | {s1["val_epe"]:.4f} |
 | zero-motion EPE on the same clips (px) | {s1["zero_flow_epe"]:.4f} |
 | ratio (lower is better; 1.0 = no motion learnt) | {s1["val_epe_ratio"]:.2f} |

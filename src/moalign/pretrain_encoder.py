@@ -81,8 +81,8 @@ def pretrain_encoder(
         cfg: the resolved config.
 
     Returns:
-        metrics: first and final reconstruction loss (normalised-pixel MSE on masked patches; predicting the
-        per-patch mean scores about 1.0), steps, seconds.
+        metrics: first and final reconstruction MSE on the masked patches (pixels in [0, 1], or per-patch
+        normalised pixels with norm_pix_loss), the MSE of one constant colour for reference, steps, seconds.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed

@@ -141,7 +141,9 @@ def train_stage1(
     device = accelerator.device
     set_seed(cfg.seed)
 
-    encoder = VideoEncoder.from_pretrained(cfg.encoder).to(device)
+    # float32 weights whatever the checkpoint stores (converted ViTs are often fp16, slow and lossy on CPU);
+    # mixed precision, when asked for, comes from accelerate's autocast
+    encoder = VideoEncoder.from_pretrained(cfg.encoder, torch_dtype=torch.float32).to(device)
     cfg = replace(
         cfg, projector=replace(cfg.projector, in_dim=encoder.width)
     )  # resolved: recorded in the run

@@ -1,0 +1,82 @@
+"""Encoder pretraining (masked autoencoding) and the demo's resume logic, at micro size."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import VideoMAEModel
+
+import moalign.demo as demo_mod
+from moalign.config import MAEModelConfig, PretrainEncoderConfig, get_preset
+from moalign.data import DataConfig
+from moalign.encoder import EncoderConfig, VideoEncoder
+from moalign.errors import MoalignError
+from moalign.playground import SynthConfig, write_playground
+from moalign.pretrain_encoder import pretrain_encoder, tube_mask
+
+MICRO_MODEL = MAEModelConfig(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
+    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+)  # fmt: skip
+MICRO_DATA = DataConfig(num_frames=9, height=32, width=32)
+
+
+def test_tube_mask_hides_the_same_patches_in_every_tubelet():
+    mask = tube_mask(3, (4, 5, 6), 0.75, torch.Generator().manual_seed(0))
+    assert mask.shape == (3, 4 * 5 * 6) and mask.dtype == torch.bool
+    per_frame = mask.reshape(3, 4, 30)
+    assert (per_frame == per_frame[:, :1]).all()  # a tube: same spatial mask at every time
+    assert (per_frame[:, 0].sum(-1) == round(0.75 * 30)).all()  # same count per sample (HF needs it)
+    assert not torch.equal(per_frame[0, 0], per_frame[1, 0])
+
+
+def test_pretrain_encoder_learns_and_saves_a_videomae_folder(tmp_path):
+    write_playground(
+        tmp_path / "data", SynthConfig(num_clips=6, num_frames=9, height=32, width=32), progress=False
+    )
+    cfg = PretrainEncoderConfig(
+        data=MICRO_DATA, model=MICRO_MODEL, input_size=(32, 32), steps=40, batch_size=4, lr=3e-3, warmup_steps=2,
+        log_every=1,
+    )  # fmt: skip
+    metrics = pretrain_encoder(tmp_path / "data", tmp_path / "enc", cfg, progress=False)
+    assert metrics["final_mse"] < 0.5 * metrics["first_mse"]  # it learns to reconstruct masked tubes
+    assert metrics["token_grid"] == [4, 4, 4]
+    model = VideoMAEModel.from_pretrained(tmp_path / "enc")
+    assert model.config.hidden_size == 32 and model.config.num_frames == 8
+    enc = VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "enc"), input_size=(32, 32)))
+    assert enc.grid(9) == (4, 4, 4)
+    for name in ("pretrain.json", "log.jsonl", "loss_curve.png", "config.json"):
+        assert (tmp_path / "enc" / name).is_file()
+    with pytest.raises(MoalignError, match="already holds an encoder"):
+        pretrain_encoder(tmp_path / "data", tmp_path / "enc", cfg, progress=False)
+
+
+def _micro_recipe():
+    base = get_preset("tiny")
+    return replace(
+        base,
+        synth=SynthConfig(num_clips=10, num_frames=9, height=32, width=32, radius=(5.0, 8.0)),
+        pretrain=replace(base.pretrain, data=MICRO_DATA, model=MICRO_MODEL, input_size=(32, 32), steps=4,
+                         batch_size=4, log_every=1),
+        stage1=replace(base.stage1, data=MICRO_DATA, encoder=replace(base.stage1.encoder, input_size=(32, 32)),
+                       val_clips=3, steps=4, batch_size=4, val_every=2, checkpoint_every=2, log_every=1),
+    )  # fmt: skip
+
+
+def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_mod, "get_preset", lambda name: _micro_recipe())
+    summary = demo_mod.run_demo(tmp_path / "demo", progress=False)
+    assert summary["stage1"]["steps"] == 4 and summary["stage1"]["zero_flow_epe"] > 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "val EPE" in report and f"{summary['stage1']['val_epe']:.4f}" in report
+    stamp = (tmp_path / "demo" / "stage1" / "metrics.json").stat().st_mtime_ns
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+
+    monkeypatch.setattr("moalign.pretrain_encoder.pretrain_encoder", must_not_run)
+    monkeypatch.setattr("moalign.stage1.train_stage1", must_not_run)
+    again = demo_mod.run_demo(tmp_path / "demo", progress=False)
+    assert again["stage1"] == json.loads((tmp_path / "demo" / "stage1" / "metrics.json").read_text())
+    assert (tmp_path / "demo" / "stage1" / "metrics.json").stat().st_mtime_ns == stamp
