@@ -1,0 +1,125 @@
+"""CogVideoX (2B, 5B, 1.5): v-prediction with CogVideoXDPMScheduler; blocks return (video, text) tokens.
+
+- Blocks: `transformer.transformer_blocks`; a block returns (video tokens (B, N, D), text tokens (B, L, D)).
+  The paper's "layer 18" of CogVideoX-2B is index 17.
+- Latents: (B, F, C, H, W); tokens (F / patch_t, H / p, W / p), frame-major.
+- RoPE variants (5B, 1.5): `image_rotary_emb` is computed here, outside the model, as the pipeline does.
+- Objective (diffusers' CogVideoX training example): t ~ U{0..T-1}, x_t = add_noise(x0, eps, t), the model
+  predicts v; x0_hat = sqrt(a_t) x_t - sqrt(1 - a_t) v_hat (`scheduler.get_velocity`), loss =
+  mean(w_t (x0_hat - x0)^2) with w_t = 1 / (1 - a_t).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moalign.backbones.spec import BackboneSpec
+from moalign.losses import LossParts
+
+
+def make_scheduler(snr_shift_scale: float = 3.0):
+    """The CogVideoX training scheduler (2B: snr_shift_scale 3.0; 5B: 1.0), as in the released configs."""
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=snr_shift_scale,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+
+
+def rotary_embedding(transformer: nn.Module, grid: tuple[int, int, int], device: torch.device):
+    """(cos, sin) RoPE tables for a token grid, as CogVideoXPipeline computes them; None without RoPE."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    cfg = transformer.config
+    if not cfg.use_rotary_positional_embeddings:
+        return None
+    f, h, w = grid
+    p = cfg.patch_size
+    base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+    if cfg.patch_size_t is None:  # CogVideoX 1.0
+        crops = get_resize_crop_region_for_grid((h, w), base_w, base_h)
+        return get_3d_rotary_pos_embed(
+            embed_dim=cfg.attention_head_dim,
+            crops_coords=crops,
+            grid_size=(h, w),
+            temporal_size=f,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(  # CogVideoX 1.5
+        embed_dim=cfg.attention_head_dim,
+        crops_coords=None,
+        grid_size=(h, w),
+        temporal_size=f,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
+    )
+
+
+class CogVideoXSpec(BackboneSpec):
+    name = "cogvideox"
+    objective = "v_prediction"
+    latent_layout = "BFCHW"
+
+    def __init__(self, snr_shift_scale: float = 3.0):
+        self.scheduler = make_scheduler(snr_shift_scale)
+
+    def blocks(self, transformer: nn.Module) -> nn.ModuleList:
+        return transformer.transformer_blocks
+
+    def video_tokens(self, block_output: Any) -> torch.Tensor:
+        return block_output[0]  # (video, text)
+
+    def token_grid(self, transformer: nn.Module, latents: torch.Tensor) -> tuple[int, int, int]:
+        _, f, _, h, w = latents.shape
+        p, pt = transformer.config.patch_size, transformer.config.patch_size_t or 1
+        return (f + pt - 1) // pt, h // p, w // p
+
+    def predict(self, transformer, noisy_latents, timesteps, prompt_embeds):
+        grid = self.token_grid(transformer, noisy_latents)
+        rope = rotary_embedding(transformer, grid, noisy_latents.device)
+        return transformer(
+            hidden_states=noisy_latents,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timesteps,
+            image_rotary_emb=rope,
+            return_dict=False,
+        )[0]
+
+    def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
+        b = latents.shape[0]
+        sched = self.scheduler
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(
+            latents.device
+        )
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        v_hat = self.predict(transformer, noisy, t, prompt_embeds)
+        x0_hat = sched.get_velocity(v_hat, noisy, t)  # sqrt(a) x_t - sqrt(1 - a) v_hat
+        alphas = sched.alphas_cumprod.to(latents.device)[t].float()
+        weights = (1.0 / (1.0 - alphas)).view(b, *([1] * (latents.ndim - 1)))
+        loss = (weights * (x0_hat.float() - latents.float()).square()).mean()
+        return LossParts(diffusion=loss, total=loss)
+
+    def tiny_transformer(self, **overrides: Any) -> nn.Module:
+        from diffusers import CogVideoXTransformer3DModel
+
+        kwargs = dict(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+            text_embed_dim=32, num_layers=4, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+            max_text_seq_length=16,
+        )  # fmt: skip
+        kwargs.update(overrides)
+        return CogVideoXTransformer3DModel(**kwargs)

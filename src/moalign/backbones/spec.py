@@ -1,0 +1,68 @@
+"""What every backbone family must tell the trainer: one small spec object per family.
+
+A spec knows where the blocks are, what a block returns, the latent layout and token grid, how to call the
+transformer, and the training objective. The trainer speaks only to this interface, so adding a backbone
+is a new file plus one line in `moalign.backbones.BACKBONES`, never an `if` in the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moalign.losses import LossParts
+
+
+class BackboneSpec:
+    """Interface of a video-DiT family (diffusers classes, loaded unmodified)."""
+
+    name: str = ""
+    objective: str = ""  # "v_prediction" | "flow_matching"
+    latent_layout: str = ""  # "BFCHW" (CogVideoX) | "BCFHW" (Wan)
+
+    def blocks(self, transformer: nn.Module) -> nn.ModuleList:
+        """The transformer's block list; alignment layers index it, 0-based."""
+        raise NotImplementedError
+
+    def video_tokens(self, block_output: Any) -> torch.Tensor:
+        """The video tokens (B, N, D), frame-major, from a block's raw output."""
+        raise NotImplementedError
+
+    def token_grid(self, transformer: nn.Module, latents: torch.Tensor) -> tuple[int, int, int]:
+        """(F, H, W) token grid of latents in this family's layout."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        transformer: nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """The transformer's raw prediction, same layout as the latents (keyword arguments only)."""
+        raise NotImplementedError
+
+    def diffusion_loss(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> LossParts:
+        """Sample noise and timesteps, run the transformer once, return LossParts(diffusion, total)."""
+        raise NotImplementedError
+
+    def tiny_transformer(self, **overrides: Any) -> nn.Module:
+        """A tiny instance of the family's real diffusers class, for CPU tests and the demo."""
+        raise NotImplementedError
+
+
+def frame_major(latents: torch.Tensor, layout: str) -> torch.Tensor:
+    """Latents in a family layout -> (B, F, C, H, W)."""
+    if layout == "BFCHW":
+        return latents
+    if layout == "BCFHW":
+        return latents.permute(0, 2, 1, 3, 4)
+    raise ValueError(f"unknown latent layout {layout!r}")

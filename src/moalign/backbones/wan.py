@@ -1,0 +1,73 @@
+"""Wan2.1 (T2V 1.3B, 14B): flow matching; blocks return the video tokens.
+
+- Blocks: `transformer.blocks`; a block returns video tokens (B, N, D) (text enters by cross-attention).
+- Latents: (B, C, F, H, W); tokens (F / p_t, H / p_h, W / p_w), frame-major.
+- Objective (flow matching, as in diffusers' training utilities): s ~ density, x_s = (1 - s) x0 + s eps,
+  the model predicts eps - x0 at timestep 1000 s; loss = mean((pred - (eps - x0))^2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moalign.backbones.spec import BackboneSpec
+from moalign.losses import LossParts
+
+
+class WanSpec(BackboneSpec):
+    name = "wan"
+    objective = "flow_matching"
+    latent_layout = "BCFHW"
+
+    def __init__(self, weighting: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0):
+        self.weighting, self.logit_mean, self.logit_std = weighting, logit_mean, logit_std
+
+    def blocks(self, transformer: nn.Module) -> nn.ModuleList:
+        return transformer.blocks
+
+    def video_tokens(self, block_output: Any) -> torch.Tensor:
+        return block_output
+
+    def token_grid(self, transformer: nn.Module, latents: torch.Tensor) -> tuple[int, int, int]:
+        _, _, f, h, w = latents.shape
+        pt, ph, pw = transformer.config.patch_size
+        return f // pt, h // ph, w // pw
+
+    def predict(self, transformer, noisy_latents, timesteps, prompt_embeds):
+        return transformer(
+            hidden_states=noisy_latents,
+            timestep=timesteps,
+            encoder_hidden_states=prompt_embeds,
+            return_dict=False,
+        )[0]
+
+    def sample_sigmas(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise levels s in (0, 1): logit-normal (SD3 / Wan trainers) or uniform."""
+        if self.weighting == "uniform":
+            return torch.rand(batch, generator=generator)
+        z = torch.randn(batch, generator=generator) * self.logit_std + self.logit_mean
+        return torch.sigmoid(z)
+
+    def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(
+            latents.device
+        )
+        s = self.sample_sigmas(b, generator).to(latents.device, latents.dtype).view(b, 1, 1, 1, 1)
+        noisy = (1.0 - s) * latents + s * noise
+        pred = self.predict(transformer, noisy, s.flatten() * 1000.0, prompt_embeds)
+        loss = (pred.float() - (noise - latents).float()).square().mean()
+        return LossParts(diffusion=loss, total=loss)
+
+    def tiny_transformer(self, **overrides: Any) -> nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        kwargs = dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4, rope_max_seq_len=64,
+        )  # fmt: skip
+        kwargs.update(overrides)
+        return WanTransformer3DModel(**kwargs)
