@@ -7,7 +7,16 @@ import pytest
 
 from moalign.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "config", "synth", "flow", "convert-videomaev2", "pretrain-encoder", "stage1"]
+SUBCOMMANDS = [
+    "demo",
+    "config",
+    "synth",
+    "flow",
+    "convert-videomaev2",
+    "pretrain-encoder",
+    "stage1",
+    "targets",
+]
 
 
 def test_every_subcommand_has_help(capsys):

@@ -115,3 +115,40 @@ def test_resume_after_interruption_matches_uninterrupted_run(world, monkeypatch)
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_teacher_targets_cache_equals_direct_computation_and_resumes(world, tmp_path):
+    from moalign.cli import main
+    from moalign.data import VideoClipDataset
+    from moalign.targets import load_targets
+
+    root, cfg = world
+    run = root / "run"
+    if not (run / "metrics.json").exists():
+        stage1_mod.train_stage1(root / "data", run, cfg, progress=False)
+    out = tmp_path / "targets"
+    assert main(["targets", "--data", str(root / "data"), "--teacher", str(run), "--out", str(out), "--raw",
+                 "--shard-size", "4", "--quiet"]) == 0  # fmt: skip
+    cache = load_targets(out)
+    assert len(cache) == 10
+    teacher = load_motion_teacher(run)
+    encoder = VideoEncoder.from_pretrained(teacher.encoder)
+    ds = VideoClipDataset(root / "data", teacher.data, load_flow=False)
+    for i in (0, 7):
+        tokens = encoder.encode(ds[i]["frames"][None])
+        with torch.no_grad():
+            motion = teacher.projector(tokens)[0]
+        assert cache[i]["motion"].shape == (4, 4, 4, 64) and cache[i]["encoder"].shape == (4, 4, 4, 32)
+        torch.testing.assert_close(cache[i]["motion"].float(), motion, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(cache[i]["encoder"].float(), tokens[0], rtol=1e-2, atol=2e-2)
+    # a lost shard is recomputed alone; the result is identical
+    before = load_file(out / "shard-00001.safetensors")
+    (out / "shard-00001.safetensors").unlink()
+    (out / "manifest.json").unlink()
+    assert main(["targets", "--data", str(root / "data"), "--teacher", str(run), "--out", str(out), "--raw",
+                 "--shard-size", "4", "--quiet"]) == 0  # fmt: skip
+    after = load_file(out / "shard-00001.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # other settings on the same folder are refused
+    assert main(["targets", "--data", str(root / "data"), "--teacher", str(run), "--out", str(out),
+                 "--shard-size", "4", "--quiet"]) == 2  # fmt: skip

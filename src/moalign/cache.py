@@ -24,12 +24,14 @@ Why it is safe to kill and restart:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import operator
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +422,86 @@ class Cache:
             f"Cache({str(self.root)!r}, kind={self.kind!r}, items={len(self)}/{self.num_items}, "
             f"skipped={len(self.skipped)}, shards={len(self.shard_files)})"
         )
+
+
+# ---- datasets into caches --------------------------------------------------------------------------------
+
+
+def _data_config(dataset: Any) -> dict[str, Any]:
+    """The dataset's DataConfig as a dict, minus fields that do not change any clip's content."""
+    cfg = dataset.cfg
+    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    d.pop("skip_bad_videos", None)  # decides whether bad clips raise or are skipped, not what a clip holds
+    return json.loads(json.dumps(d, default=str))
+
+
+def _record_identity(record: Any) -> Any:
+    """(video path, caption) of a manifest record; the whole record when it names them differently."""
+    if hasattr(record, "video") and hasattr(record, "caption"):
+        return [str(record.video), str(record.caption)]
+    return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else vars(record)
+
+
+def manifest_digest(dataset: Any) -> str:
+    """sha256 (16 hex digits) of the dataset's (video path, caption) list, in order."""
+    rows = [_record_identity(r) for r in dataset.records]
+    blob = json.dumps(rows, separators=(",", ":"), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dataset_identity(dataset: Any) -> dict[str, Any]:
+    """The part of a cache fingerprint that pins the clips: data config, clip count, manifest hash."""
+    return {
+        "data": _data_config(dataset),
+        "num_clips": len(dataset),
+        "manifest_sha256": manifest_digest(dataset),
+    }
+
+
+def fill_cache(
+    writer: CacheWriter,
+    dataset: Any,
+    compute: Callable[[dict], dict[str, torch.Tensor]],
+    *,
+    desc: str,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Path:
+    """Compute `compute(dataset[i])` for every item of this process's missing shards and write them.
+
+    An unreadable clip (MoalignError from the dataset) raises, or with ``dataset.cfg.skip_bad_videos`` is
+    recorded as skipped with its reason. Errors from `compute` always raise. The process that finds every
+    shard present afterwards finalizes the cache.
+
+    Returns:
+        The cache folder.
+    """
+    from tqdm import tqdm
+
+    skip_bad = bool(getattr(dataset.cfg, "skip_bad_videos", False))
+    todo = writer.shards_todo(rank, world_size)
+    bar = tqdm(total=sum(len(writer.items_of(s)) for s in todo), desc=desc, unit="clip", disable=not progress)
+    with bar:
+        for shard in todo:
+            items: dict[int, dict[str, torch.Tensor]] = {}
+            skipped: dict[int, str] = {}
+            for index in writer.items_of(shard):
+                try:
+                    sample = dataset[index]
+                except MoalignError as err:  # unreadable video: the only per-clip failure we may skip
+                    if not skip_bad:
+                        raise
+                    skipped[index] = str(err)
+                    bar.update(1)
+                    continue
+                items[index] = compute(sample)
+                bar.update(1)
+            writer.write_shard(shard, items, skipped)
+            if skipped:
+                bar.write(
+                    f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
+                )
+    if not writer.shards_todo():  # every shard of every process is in place
+        return writer.finalize()
+    return writer.root

@@ -167,6 +167,23 @@ def cmd_stage1(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_targets(args: argparse.Namespace) -> None:
+    from moalign.targets import compute_targets
+
+    out = compute_targets(
+        args.data,
+        args.teacher,
+        args.out,
+        raw=args.raw,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        skip_bad_videos=args.skip_bad_videos,
+        progress=not args.quiet,
+        device=args.device,
+    )
+    print(f"[targets] teacher targets of {args.data} in {out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from moalign.demo import run_demo
 
@@ -272,6 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset(p)
     _add_data(p)
     p.set_defaults(fn=cmd_stage1)
+    p = sub.add_parser("targets", help="precompute stage-2 teacher targets (motion tokens) for a dataset")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--teacher", required=True, help="stage-1 run folder (its motion_projector.safetensors)")
+    p.add_argument(
+        "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
+    )
+    p.add_argument(
+        "--raw", action="store_true", help="also store the raw encoder tokens (REPA / TRD ablations)"
+    )
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    p.add_argument(
+        "--skip-bad-videos", action="store_true", help="skip unreadable videos, counted in the cache"
+    )
+    p.add_argument("--device", default="cpu", help="device for the encoder and M_psi")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_targets)
     return parser
 
 

@@ -17,9 +17,7 @@ Backends (`FLOW_METHODS`), one interface:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -28,9 +26,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from moalign.cache import Cache, CacheWriter, diff_fingerprints
+from moalign.cache import Cache, CacheWriter, dataset_identity, diff_fingerprints, fill_cache, manifest_digest
 from moalign.errors import MoalignError
 
 FLOW_KIND = "flow"
@@ -416,36 +413,12 @@ def build_flow_estimator(
     return FLOW_METHODS[method](**options)
 
 
-def _data_config(dataset: Any) -> dict[str, Any]:
-    """The dataset's DataConfig as a dict, minus fields that do not change any clip's content."""
-    cfg = dataset.cfg
-    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
-    d.pop("skip_bad_videos", None)  # decides whether bad clips raise or are skipped, not what a clip holds
-    return json.loads(json.dumps(d, default=str))
-
-
-def _record_identity(record: Any) -> Any:
-    """(video path, caption) of a manifest record; the whole record when it names them differently."""
-    if hasattr(record, "video") and hasattr(record, "caption"):
-        return [str(record.video), str(record.caption)]
-    return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else vars(record)
-
-
-def manifest_digest(dataset: Any) -> str:
-    """sha256 (16 hex digits) of the dataset's (video path, caption) list, in order."""
-    rows = [_record_identity(r) for r in dataset.records]
-    blob = json.dumps(rows, separators=(",", ":"), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def flow_fingerprint(dataset: Any, estimator: FlowEstimator, dtype: torch.dtype) -> dict[str, Any]:
     """Everything that determines a flow cache's content (see `compute_flow_cache`)."""
     return {
         "method": estimator.config(),
         "dtype": str(dtype).removeprefix("torch."),
-        "data": _data_config(dataset),
-        "num_clips": len(dataset),
-        "manifest_sha256": manifest_digest(dataset),
+        **dataset_identity(dataset),
     }
 
 
@@ -498,43 +471,23 @@ def compute_flow_cache(
     writer = CacheWriter(
         out, FLOW_KIND, fingerprint, len(dataset), shard_size=shard_size, overwrite=overwrite
     )
-    skip_bad = bool(getattr(dataset.cfg, "skip_bad_videos", False))
-    todo = writer.shards_todo(rank, world_size)
-    bar = tqdm(
-        total=sum(len(writer.items_of(s)) for s in todo),
+
+    def compute(sample: dict) -> dict[str, torch.Tensor]:
+        flow = estimator.estimate(sample)  # (T-1, H, W, 2)
+        t, h, w = np.shape(sample["frames"])[:3]
+        if tuple(flow.shape) != (t - 1, h, w, 2):
+            raise ValueError(f"{estimator!r} returned flow {tuple(flow.shape)} for frames {(t, h, w)}")
+        return {"flow": flow.to(dtype), **estimator.extras(sample)}
+
+    return fill_cache(
+        writer,
+        dataset,
+        compute,
         desc=f"flow ({estimator.name})",
-        unit="clip",
-        disable=not progress,
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
     )
-    with bar:
-        for shard in todo:
-            items: dict[int, dict[str, torch.Tensor]] = {}
-            skipped: dict[int, str] = {}
-            for index in writer.items_of(shard):
-                try:
-                    sample = dataset[index]
-                except MoalignError as err:  # unreadable video: the only per-clip failure we may skip
-                    if not skip_bad:
-                        raise
-                    skipped[index] = str(err)
-                    bar.update(1)
-                    continue
-                flow = estimator.estimate(sample)  # (T-1, H, W, 2)
-                t, h, w = np.shape(sample["frames"])[:3]
-                if tuple(flow.shape) != (t - 1, h, w, 2):
-                    raise ValueError(
-                        f"{estimator!r} returned flow {tuple(flow.shape)} for frames {(t, h, w)}"
-                    )
-                items[index] = {"flow": flow.to(dtype), **estimator.extras(sample)}
-                bar.update(1)
-            writer.write_shard(shard, items, skipped)
-            if skipped:
-                bar.write(
-                    f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
-                )
-    if not writer.shards_todo():  # every shard of every process is in place
-        return writer.finalize()
-    return writer.root
 
 
 def load_flow_cache(path: str | os.PathLike, dataset: Any = None) -> Cache:
@@ -556,7 +509,7 @@ def load_flow_cache(path: str | os.PathLike, dataset: Any = None) -> Cache:
     if dataset is None:
         return cache
     fp = cache.fingerprint
-    ours = {"data": _data_config(dataset), "num_clips": len(dataset)}
+    ours = {k: v for k, v in dataset_identity(dataset).items() if k != "manifest_sha256"}
     diffs = diff_fingerprints({"data": fp.get("data"), "num_clips": fp.get("num_clips")}, ours)
     if diffs:
         listing = "\n  ".join(diffs)
