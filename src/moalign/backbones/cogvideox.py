@@ -74,7 +74,10 @@ class CogVideoXSpec(BackboneSpec):
     latent_layout = "BFCHW"
 
     def __init__(self, snr_shift_scale: float = 3.0):
+        from diffusers import CogVideoXPipeline
+
         self.scheduler = make_scheduler(snr_shift_scale)
+        self.pipeline_class = CogVideoXPipeline
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.transformer_blocks

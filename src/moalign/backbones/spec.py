@@ -21,6 +21,7 @@ class BackboneSpec:
     name: str = ""
     objective: str = ""  # "v_prediction" | "flow_matching"
     latent_layout: str = ""  # "BFCHW" (CogVideoX) | "BCFHW" (Wan)
+    pipeline_class: type  # the family's diffusers pipeline (generation, `load_lora_weights`)
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         """The transformer's block list; alignment layers index it, 0-based."""

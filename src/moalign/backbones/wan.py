@@ -23,7 +23,10 @@ class WanSpec(BackboneSpec):
     latent_layout = "BCFHW"
 
     def __init__(self, weighting: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0):
+        from diffusers import WanPipeline
+
         self.weighting, self.logit_mean, self.logit_std = weighting, logit_mean, logit_std
+        self.pipeline_class = WanPipeline
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.blocks

@@ -1,0 +1,50 @@
+"""LoRA on the video transformer (peft, through diffusers' adapter API) and saving it the way the family's
+diffusers pipeline loads it: `pipe.load_lora_weights(RUN)` reads RUN/pytorch_lora_weights.safetensors.
+
+The adapter's rank and alpha travel in the file's metadata, so a LoRA trained with alpha != rank (e.g. the
+CogVideoX-5B recipe, rank 128 and alpha 64) loads with the same scale it was trained with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as the diffusers examples do
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    transformer: nn.Module, rank: int, alpha: float, target_modules: tuple[str, ...] = LORA_TARGETS
+) -> None:
+    """Freeze the transformer and add a LoRA adapter (B initialised to zero: training starts at the base)."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
+    )
+
+
+def save_lora(pipeline_class: type, transformer: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write OUT_DIR/pytorch_lora_weights.safetensors (atomically) for `pipeline_class.load_lora_weights`."""
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    state = get_peft_model_state_dict(transformer)
+    kwargs = {"transformer_lora_layers": state, "safe_serialization": True}
+    if "transformer_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters:
+        kwargs["transformer_lora_adapter_metadata"] = transformer.peft_config["default"].to_dict()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".lora.", dir=out_dir))  # same filesystem: the rename is atomic
+    try:
+        pipeline_class.save_lora_weights(str(staging), **kwargs)
+        os.replace(staging / LORA_FILE, out_dir / LORA_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / LORA_FILE
