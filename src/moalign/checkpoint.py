@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,18 @@ KIND_KEY = "moalign_kind"
 CONFIG_KEY = "moalign_config"
 
 
-def save_module(path: str | os.PathLike, module: nn.Module, kind: str, config: dict[str, Any]) -> None:
-    """Atomically save a module's state dict as safetensors, with its kind and config in the metadata."""
+def save_module(
+    path: str | os.PathLike, module: nn.Module | dict[str, torch.Tensor], kind: str, config: dict[str, Any]
+) -> None:
+    """Atomically save a module's state dict (or a dict of tensors) as safetensors, tagged with kind and config."""
     metadata = {KIND_KEY: kind, CONFIG_KEY: json.dumps(config), "moalign_version": __version__}
-    save_safetensors(path, module.state_dict(), metadata=metadata)
+    tensors = module.state_dict() if isinstance(module, nn.Module) else module
+    save_safetensors(path, tensors, metadata=metadata)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (LoRA adapters, or everything in a full fine-tune), by name."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_module_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -105,14 +114,14 @@ def _as_tuple(x: Any) -> Any:
 def save_training_checkpoint(
     run_dir: Path,
     step: int,
-    modules: dict[str, tuple[nn.Module, str, dict[str, Any]]],
+    modules: dict[str, tuple[nn.Module | dict[str, torch.Tensor], str, dict[str, Any]]],
     training_state: dict[str, Any],
     limit: int | None = None,
 ) -> Path:
     """Write RUN/checkpoint-{step}/ atomically: one safetensors per trainable module plus training_state.pt.
 
     Args:
-        modules: file stem -> (module, kind, config) for `save_module`.
+        modules: file stem -> (module or dict of tensors, kind, config) for `save_module`.
         training_state: optimizer/scheduler state dicts, step, RNG; loaded back with weights_only=True.
         limit: keep at most this many checkpoint folders (oldest removed first).
     """
@@ -124,8 +133,6 @@ def save_training_checkpoint(
         torch.save({"step": step, **training_state}, tmp / "training_state.pt")
     if limit is not None:
         for old in list_checkpoints(run_dir)[:-limit]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
     return final
 

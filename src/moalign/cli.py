@@ -167,6 +167,23 @@ def cmd_stage1(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_stage2(args: argparse.Namespace) -> None:
+    from moalign.stage2 import train_stage2
+
+    extra = []
+    for flag, key in (("align", "align.mode"), ("lam", "align.lam"), ("tau", "align.tau"), ("margin", "align.margin"),
+                      ("layers", "align.layers"), ("lora_rank", "lora_rank"), ("steps", "steps"),
+                      ("backbone", "backbone"), ("model", "model")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    cfg = _stage_config(args, "stage2", extra)
+    train_stage2(
+        args.latents, args.out, cfg, targets_cache=args.targets, resume=args.resume, progress=not args.quiet,
+        command=_command_line(),
+    )  # fmt: skip
+
+
 def cmd_targets(args: argparse.Namespace) -> None:
     from moalign.targets import compute_targets
 
@@ -209,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print a preset's resolved configuration as JSON")
     _add_preset(p)
-    p.add_argument("--part", choices=["synth", "pretrain", "stage1"], help="only this stage's config")
+    p.add_argument(
+        "--part", choices=["synth", "pretrain", "stage1", "stage2"], help="only this stage's config"
+    )
     p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(fn=cmd_config)
 
@@ -289,6 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset(p)
     _add_data(p)
     p.set_defaults(fn=cmd_stage1)
+    p = sub.add_parser("stage2", help="fine-tune a video DiT with diffusion + alignment loss from caches")
+    p.add_argument("--latents", required=True, help="cache of VAE latents and prompt embeddings")
+    p.add_argument(
+        "--targets", help="`moalign targets` cache of the same clips (not needed for --align none)"
+    )
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--align", help="none, repa, trd, raw-moalign, motion-trd, moalign")
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of the alignment loss (paper: 0.5)")
+    p.add_argument("--tau", type=float, help="temporal decay of the MoAlign loss (paper: 10)")
+    p.add_argument("--margin", type=float, help="hinge margin (default: TRD 0.1, MoAlign 0)")
+    p.add_argument("--layers", help="0-based block indices, e.g. 17 (the paper's 'layer 18') or 8,17")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (0: full fine-tune)")
+    p.add_argument("--backbone", help="cogvideox or wan")
+    p.add_argument("--model", help="diffusers pipeline or transformer folder, or hub id")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
+    p.set_defaults(fn=cmd_stage2)
+
     p = sub.add_parser("targets", help="precompute stage-2 teacher targets (motion tokens) for a dataset")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--teacher", required=True, help="stage-1 run folder (its motion_projector.safetensors)")

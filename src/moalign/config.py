@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
+from moalign.align_projector import AlignProjectorConfig
+from moalign.alignment import AlignConfig
 from moalign.data import DataConfig
 from moalign.encoder import EncoderConfig
 from moalign.flow_decoder import FlowDecoderConfig
@@ -102,12 +104,42 @@ class Stage1Config:
 
 
 @dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: which backbone, which alignment, how to train."""
+
+    backbone: str = "cogvideox"
+    model: str | None = (
+        None  # pipeline folder / transformer folder / hub id; None: the spec's tiny transformer
+    )
+    align: AlignConfig = field(default_factory=AlignConfig)
+    lora_rank: int = 0  # 0: full fine-tune
+    lora_alpha: float | None = None  # None: equal to the rank
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    checkpoint_limit: int = 2
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """One config per stage; `moalign <stage> --preset NAME` uses the matching part."""
 
     synth: SynthConfig = field(default_factory=SynthConfig)
     pretrain: PretrainEncoderConfig = field(default_factory=PretrainEncoderConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 def tiny() -> Recipe:
@@ -130,6 +162,14 @@ def tiny() -> Recipe:
             steps=1500,
             val_every=500,
             checkpoint_every=500,
+        ),
+        stage2=Stage2Config(
+            backbone="cogvideox",
+            align=AlignConfig(mode="moalign", layers=(1,), projector=AlignProjectorConfig(hidden_dim=256)),
+            lora_rank=0,
+            steps=200,
+            batch_size=4,
+            lr=1e-4,
         ),
     )
 
@@ -189,6 +229,21 @@ def videorepa_2b() -> Recipe:
             val_every=1000,
             checkpoint_every=1000,
             mixed_precision="bf16",
+        ),
+        # the paper's CogVideoX-2B recipe (SPEC Sec. 3): full fine-tune, block 17 ("layer 18"), lambda 0.5,
+        # tau 10, lr 2e-6, bf16, 4,000 steps at a global batch of 32 (batch_size is per process)
+        stage2=Stage2Config(
+            backbone="cogvideox",
+            model="THUDM/CogVideoX-2b",
+            align=AlignConfig(mode="moalign", layers=(17,), lam=0.5, tau=10.0),
+            lora_rank=0,
+            steps=4000,
+            batch_size=4,
+            lr=2e-6,
+            warmup_steps=100,
+            gradient_checkpointing=True,
+            mixed_precision="bf16",
+            checkpoint_every=500,
         ),
     )
 
@@ -253,6 +308,8 @@ def _coerce(tp: Any, value: Any) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        elif not isinstance(value, list | tuple):
+            value = [value]  # `--layers 17` is the one-element tuple (17,)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v) for v in value)
         if len(args) != len(value):

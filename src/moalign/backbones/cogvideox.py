@@ -72,6 +72,7 @@ class CogVideoXSpec(BackboneSpec):
     name = "cogvideox"
     objective = "v_prediction"
     latent_layout = "BFCHW"
+    transformer_class_name = "CogVideoXTransformer3DModel"
 
     def __init__(self, snr_shift_scale: float = 3.0):
         from diffusers import CogVideoXPipeline

@@ -7,11 +7,13 @@ is a new file plus one line in `moalign.backbones.BACKBONES`, never an `if` in t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from moalign.errors import MoalignError
 from moalign.losses import LossParts
 
 
@@ -22,6 +24,24 @@ class BackboneSpec:
     objective: str = ""  # "v_prediction" | "flow_matching"
     latent_layout: str = ""  # "BFCHW" (CogVideoX) | "BCFHW" (Wan)
     pipeline_class: type  # the family's diffusers pipeline (generation, `load_lora_weights`)
+    transformer_class_name: str = ""  # the diffusers transformer class
+
+    def load_transformer(self, path: str, torch_dtype: torch.dtype | None = None) -> nn.Module:
+        """The transformer from a diffusers pipeline folder (its transformer/), a transformer folder, or a hub id."""
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_class_name)
+        p = Path(path)
+        if (p / "transformer" / "config.json").is_file():
+            return cls.from_pretrained(p, subfolder="transformer", torch_dtype=torch_dtype)
+        if (p / "config.json").is_file():
+            return cls.from_pretrained(p, torch_dtype=torch_dtype)
+        if p.exists() or path.startswith((".", "/")):
+            raise MoalignError(
+                f"{path} is neither a diffusers pipeline folder (with transformer/config.json) nor a "
+                f"{self.transformer_class_name} folder (with config.json). Pass the downloaded model's folder."
+            )
+        return cls.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)  # a hub id
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         """The transformer's block list; alignment layers index it, 0-based."""

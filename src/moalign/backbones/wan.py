@@ -21,6 +21,7 @@ class WanSpec(BackboneSpec):
     name = "wan"
     objective = "flow_matching"
     latent_layout = "BCFHW"
+    transformer_class_name = "WanTransformer3DModel"
 
     def __init__(self, weighting: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0):
         from diffusers import WanPipeline

@@ -1,0 +1,233 @@
+"""`moalign stage2`: fine-tune a video DiT with L_diffusion + lambda * L_align, from precomputed caches.
+
+    cached latents + prompt embeddings --DiT (LoRA or full)--> L_diffusion
+                      block k tokens --P_zeta--> Z  ~L_align~  cached teacher tokens (motion or raw encoder)
+
+The loop reads a latents cache (items "latents" in the family's layout and "prompt_embeds") and, for an
+aligned mode, a teacher-targets cache (`moalign targets`) of the same clips; neither the encoder, the VAE nor
+the text encoder is in memory. Outputs: pytorch_lora_weights.safetensors (LoRA, loads with the pipeline's
+`load_lora_weights`) or transformer/ (full fine-tune, `from_pretrained`), align_projector.safetensors
+(P_zeta, not needed at inference), config.json, log.jsonl, metrics.json, loss_curve.png, checkpoint-N/.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moalign.alignment import Aligner, stage2_loss
+from moalign.atomic import atomic_path, write_json
+from moalign.backbones import get_backbone
+from moalign.cache import Cache
+from moalign.checkpoint import (
+    load_module_file,
+    load_training_state,
+    resolve_resume,
+    rng_state,
+    save_module,
+    save_training_checkpoint,
+    set_rng_state,
+    trainable_state,
+    write_run_config,
+)
+from moalign.config import Stage2Config, to_dict
+from moalign.errors import MoalignError
+from moalign.lora import add_lora, save_lora
+from moalign.plots import plot_curves
+from moalign.training import (
+    RunLogger,
+    batch_indices,
+    check_finite,
+    cosine_with_warmup,
+    format_parameter_counts,
+    parameter_counts,
+)
+
+LATENTS_KIND = "latents"
+
+
+def _check_same_clips(latents: Cache, targets: Cache) -> None:
+    a, b = latents.fingerprint.get("manifest_sha256"), targets.fingerprint.get("manifest_sha256")
+    if a != b or len(latents) != len(targets):
+        raise MoalignError(
+            f"the latents cache {latents.root} and the targets cache {targets.root} were made from different "
+            "clips (manifest or clip count differ); precompute both from the same dataset folder"
+        )
+
+
+def train_stage2(
+    latents_cache: str | Path,
+    out_dir: str | Path,
+    cfg: Stage2Config,
+    targets_cache: str | Path | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+    command: str = "",
+    transformer: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the backbone with the configured alignment; see the module docstring for the outputs.
+
+    Args:
+        latents_cache: cache with "latents" and "prompt_embeds" per clip.
+        out_dir: the run folder.
+        cfg: resolved config.
+        targets_cache: `moalign targets` cache of the same clips (required unless align.mode is "none").
+        resume: "latest" or a checkpoint-N folder.
+        transformer: an already built transformer (the demo's base model); else loaded from cfg.model.
+
+    Returns:
+        metrics: final loss parts (means over the last 10 logged steps), steps, seconds.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(out_dir)
+    if (out_dir / "metrics.json").exists() and resume is None:
+        raise MoalignError(f"{out_dir} holds a finished stage-2 run; choose a new --out (or --resume latest)")
+    spec = get_backbone(cfg.backbone)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    latents = Cache(latents_cache, kind=LATENTS_KIND)
+    targets = None
+    if cfg.align.mode != "none":
+        if targets_cache is None:
+            raise MoalignError(f"--align {cfg.align.mode} needs --targets CACHE (made by `moalign targets`)")
+        targets = Cache(targets_cache)
+        _check_same_clips(latents, targets)
+    ids = [i for i in latents.indices if targets is None or i in targets]
+
+    if transformer is None:
+        transformer = spec.load_transformer(cfg.model) if cfg.model else spec.tiny_transformer()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.lora_rank > 0:
+        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+    else:
+        transformer.requires_grad_(True)
+
+    first = latents[ids[0]]
+    grid = spec.token_grid(transformer, first["latents"][None])
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    key = cfg.align.teacher_key
+    if targets is not None and key not in targets[ids[0]]:
+        raise MoalignError(
+            f"--align {cfg.align.mode} aligns to {key!r} tokens but {targets.root} has only "
+            f"{sorted(targets[ids[0]])}; re-run `moalign targets` with --raw for the raw-feature arms"
+        )
+    teacher0 = targets[ids[0]][key] if targets is not None else torch.zeros(1, 1, 1, 1)
+    aligner = Aligner(cfg.align, hidden, teacher0.shape[-1], grid, tuple(teacher0.shape[:3]))
+    counts = parameter_counts(transformer=transformer, align_projector=aligner)
+    accelerator.print(
+        f"[stage2] {cfg.backbone}: {len(spec.blocks(transformer))} blocks, token grid {grid}, align {cfg.align.mode} "
+        f"at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}; {len(ids)} clips\n"
+        f"[stage2] {format_parameter_counts(counts)}"
+    )
+
+    params = [p for p in transformer.parameters() if p.requires_grad] + list(aligner.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    start_step = 0
+    ckpt = resolve_resume(out_dir, resume)
+    if ckpt is not None:
+        state, _ = load_module_file(ckpt / "transformer_trainable.safetensors", "transformer_trainable")
+        missing = set(state) - {n for n, _ in transformer.named_parameters()}
+        if missing:
+            raise MoalignError(
+                f"{ckpt} does not match this model (unknown weights {sorted(missing)[:3]} ...)"
+            )
+        transformer.load_state_dict(state, strict=False)
+        aligner.load_state_dict(load_module_file(ckpt / "align_projector.safetensors", "align_projector")[0])
+        st = load_training_state(ckpt)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        start_step = st["step"]
+        accelerator.print(f"[stage2] resumed from {ckpt} at step {start_step}")
+    transformer, aligner, optimizer, scheduler = accelerator.prepare(
+        transformer, aligner, optimizer, scheduler
+    )
+    device = accelerator.device
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(out_dir, to_dict(cfg), command)
+    logger = RunLogger(out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1)
+    meta = {"stage2": to_dict(cfg), "token_grid": list(grid)}
+    transformer.train()
+    t0 = time.time()
+    bar = tqdm(range(start_step, cfg.steps), desc=f"stage2 ({cfg.align.mode})", disable=not progress)
+    for step in bar:
+        idx = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
+        items = [latents[ids[j]] for j in idx]
+        lat = torch.stack([it["latents"] for it in items]).to(device)
+        emb = torch.stack([it["prompt_embeds"] for it in items]).to(device)
+        teacher = torch.stack([targets[ids[j]][key] for j in idx]).to(device) if targets is not None else None
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + accelerator.process_index)
+        with accelerator.autocast():
+            parts = stage2_loss(spec, transformer, aligner, lat, emb, teacher, gen)
+        check_finite(step, parts)
+        accelerator.backward(parts.total)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if step % cfg.log_every == 0 or done == cfg.steps:
+            logger.log(step, **parts.scalars(), lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(
+                diff=f"{float(parts.diffusion.detach()):.3f}", align=f"{float(parts.align.detach()):.3f}"
+            )
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            save_training_checkpoint(
+                out_dir,
+                done,
+                {
+                    "transformer_trainable": (
+                        trainable_state(accelerator.unwrap_model(transformer)),
+                        "transformer_trainable",
+                        meta,
+                    ),
+                    "align_projector": (accelerator.unwrap_model(aligner), "align_projector", meta),
+                },
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                },
+                limit=cfg.checkpoint_limit,
+            )
+
+    rows = [r for r in logger.history if "total" in r][-10:]
+    metrics = {
+        k: sum(r[k] for r in rows) / len(rows) for k in rows[-1] if k not in ("step", "time_s", "lr")
+    } if rows else {}  # fmt: skip
+    metrics.update(
+        steps=cfg.steps, train_seconds=round(time.time() - t0, 1), clips=len(ids), align_mode=cfg.align.mode
+    )
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(transformer)
+        if cfg.lora_rank > 0:
+            save_lora(spec.pipeline_class, model, out_dir)
+        else:
+            with atomic_path(out_dir / "transformer") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+        save_module(
+            out_dir / "align_projector.safetensors",
+            accelerator.unwrap_model(aligner),
+            "align_projector",
+            meta,
+        )
+        write_json(out_dir / "metrics.json", metrics)
+        series = {k: logger.series(k) for k in ("diffusion", "align", "total")}
+        plot_curves(
+            out_dir / "loss_curve.png", series, title=f"stage 2 ({cfg.backbone}, align {cfg.align.mode})"
+        )
+    accelerator.wait_for_everyone()
+    accelerator.print(f"[stage2] done in {metrics['train_seconds']} s; wrote {out_dir}")
+    return metrics

@@ -1,0 +1,125 @@
+"""Stage 2 from caches at tiny size: every output, LoRA vs full, exact resume, non-finite stop, clear errors."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moalign.stage2 as stage2_mod
+from moalign.align_projector import AlignProjectorConfig
+from moalign.alignment import AlignConfig
+from moalign.backbones import get_backbone
+from moalign.cache import CacheWriter
+from moalign.errors import MoalignError
+from moalign.stage2 import Stage2Config, train_stage2
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2")
+    g = torch.Generator().manual_seed(0)
+    ident = {"manifest_sha256": "abc", "num_clips": N}
+    w = CacheWriter(root / "latents", "latents", ident, N, shard_size=4)
+    for s in w.shards_todo():
+        w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),  # CogVideoX (F, C, H, W)
+                              "prompt_embeds": torch.randn(16, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
+    w.finalize()
+    t = CacheWriter(root / "targets", "teacher_targets", ident, N, shard_size=4)
+    for s in t.shards_todo():
+        t.write_shard(s, {i: {"motion": torch.randn(4, 2, 2, 8, generator=g).half(),
+                              "encoder": torch.randn(4, 2, 2, 12, generator=g).half()} for i in t.items_of(s)})  # fmt: skip
+    t.finalize()
+    return root
+
+
+def _cfg(mode="moalign", **kw):
+    align = AlignConfig(mode=mode, layers=(1,), projector=AlignProjectorConfig(hidden_dim=16))
+    return Stage2Config(backbone="cogvideox", align=align, steps=4, batch_size=2, lr=1e-3, warmup_steps=1,
+                        log_every=1, checkpoint_every=2, **kw)  # fmt: skip
+
+
+def test_lora_run_outputs_and_pipeline_loading(caches, tmp_path):
+    metrics = train_stage2(
+        caches / "latents", tmp_path / "run", _cfg(lora_rank=4), caches / "targets", progress=False
+    )
+    run = tmp_path / "run"
+    for name in ("pytorch_lora_weights.safetensors", "align_projector.safetensors", "config.json", "log.jsonl",
+                 "metrics.json", "loss_curve.png", "checkpoint-2"):  # fmt: skip
+        assert (run / name).exists(), name
+    assert {"diffusion", "align", "spatial", "temporal", "total"} <= set(metrics)
+    spec = get_backbone("cogvideox")
+    torch.manual_seed(0)
+    pipe = spec.pipeline_class(None, None, None, spec.tiny_transformer(), spec.scheduler)
+    pipe.load_lora_weights(run)  # loads straight into the diffusers pipeline
+
+
+def test_full_finetune_saves_a_transformer_folder(caches, tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    train_stage2(caches / "latents", tmp_path / "full", _cfg("trd"), caches / "targets", progress=False)
+    model = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "full" / "transformer")
+    assert model.config.num_layers == 4
+
+
+def test_no_alignment_needs_no_targets(caches, tmp_path):
+    m = train_stage2(caches / "latents", tmp_path / "none", _cfg("none", lora_rank=2), progress=False)
+    assert m["align"] == 0
+
+
+def test_resume_matches_uninterrupted(caches, tmp_path, monkeypatch):
+    cfg = _cfg(lora_rank=4)
+    train_stage2(caches / "latents", tmp_path / "a", cfg, caches / "targets", progress=False)
+    real, calls = stage2_mod.stage2_loss, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(stage2_mod, "stage2_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage2(caches / "latents", tmp_path / "b", cfg, caches / "targets", progress=False)
+    monkeypatch.setattr(stage2_mod, "stage2_loss", real)
+    train_stage2(caches / "latents", tmp_path / "b", cfg, caches / "targets", resume="latest", progress=False)
+    for name in ("pytorch_lora_weights.safetensors", "align_projector.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_with_step_and_parts(caches, tmp_path, monkeypatch):
+    real = stage2_mod.stage2_loss
+
+    def nan_loss(*a, **k):
+        parts = real(*a, **k)
+        parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(stage2_mod, "stage2_loss", nan_loss)
+    with pytest.raises(MoalignError, match=r"non-finite loss at step 0: .*diffusion=.*align="):
+        train_stage2(
+            caches / "latents", tmp_path / "nan", _cfg(lora_rank=2), caches / "targets", progress=False
+        )
+
+
+def test_errors(caches, tmp_path):
+    with pytest.raises(MoalignError, match="needs --targets"):
+        train_stage2(caches / "latents", tmp_path / "x", _cfg(), progress=False)
+    with pytest.raises(MoalignError, match="neither a diffusers pipeline"):
+        train_stage2(
+            caches / "latents", tmp_path / "y", replace(_cfg(), model=str(tmp_path)), caches / "targets"
+        )
+
+
+def test_cli_stage2_runs_from_caches(caches, tmp_path):
+    from moalign.cli import main
+
+    argv = ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"), "--out",
+            str(tmp_path / "cli"), "--align", "motion-trd", "--layers", "1", "--lora-rank", "2", "--steps", "2",
+            "--set", "batch_size=2", "--set", "align.projector.hidden_dim=8", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "cli" / "pytorch_lora_weights.safetensors").is_file()
+    assert main(argv[:-1] + ["--align", "bogus", "--quiet"]) == 2
