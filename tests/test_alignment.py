@@ -25,7 +25,7 @@ def _setup(family, mode, grid_match="videorepa", lam=0.5):
     text_dim = model.config.text_embed_dim if family == "cogvideox" else model.config.text_dim
     batch = {
         "latents": torch.randn(LATENT[family]),
-        "prompt_embeds": torch.randn(2, 16, text_dim),
+        "prompt_embeds": torch.randn(2, 226 if family == "cogvideox" else 16, text_dim),
         "teacher": torch.randn(2, *TEACHER_GRID, WIDTH[key]) if cfg.teacher_key else None,
     }
     return spec, model, aligner, batch

@@ -30,7 +30,7 @@ def test_saved_lora_loads_with_load_lora_weights(family, tmp_path):
     )
     lat = torch.randn(1, 3, 4, 8, 8) if spec.latent_layout == "BFCHW" else torch.randn(1, 4, 3, 8, 8)
     dim = base.config.text_embed_dim if family == "cogvideox" else base.config.text_dim
-    prompt = torch.randn(1, 16, dim)
+    prompt = torch.randn(1, 226 if family == "cogvideox" else 16, dim)
     t = torch.tensor([500])
     with torch.no_grad():
         before = spec.predict(pipe.transformer, lat, t, prompt)

@@ -25,7 +25,7 @@ def caches(tmp_path_factory):
     w = CacheWriter(root / "latents", "latents", ident, N, shard_size=4)
     for s in w.shards_todo():
         w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),  # CogVideoX (F, C, H, W)
-                              "prompt_embeds": torch.randn(16, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
+                              "prompt_embeds": torch.randn(226, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
     w.finalize()
     t = CacheWriter(root / "targets", "teacher_targets", ident, N, shard_size=4)
     for s in t.shards_todo():

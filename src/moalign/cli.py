@@ -184,6 +184,17 @@ def cmd_stage2(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def cmd_latents(args: argparse.Namespace) -> None:
+    from moalign.latents import compute_latents
+
+    data = _stage_config(args, "stage1", _data_overrides(args)).data
+    out = compute_latents(
+        args.data, args.model, args.out, backbone=args.backbone, data=data, shard_size=args.shard_size,
+        overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+    )  # fmt: skip
+    print(f"[latents] {args.backbone} latents and prompt embeddings of {args.data} in {out}")
+
+
 def cmd_targets(args: argparse.Namespace) -> None:
     from moalign.targets import compute_targets
 
@@ -327,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset(p)
     p.set_defaults(fn=cmd_stage2)
+
+    p = sub.add_parser("latents", help="precompute VAE latents and prompt embeddings for stage 2")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--model", required=True, help="diffusers pipeline folder or hub id (VAE and text encoder)"
+    )
+    p.add_argument("--backbone", default="cogvideox", help="cogvideox or wan")
+    p.add_argument(
+        "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
+    )
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    p.add_argument("--device", default="cpu", help="device for the VAE and text encoder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
+    _add_data(p)
+    p.set_defaults(fn=cmd_latents)
 
     p = sub.add_parser("targets", help="precompute stage-2 teacher targets (motion tokens) for a dataset")
     p.add_argument("--data", required=True, help="dataset folder")

@@ -36,6 +36,7 @@ from moalign.checkpoint import (
 )
 from moalign.config import Stage2Config, to_dict
 from moalign.errors import MoalignError
+from moalign.latents import LATENTS_KIND
 from moalign.lora import add_lora, save_lora
 from moalign.plots import plot_curves
 from moalign.training import (
@@ -46,8 +47,6 @@ from moalign.training import (
     format_parameter_counts,
     parameter_counts,
 )
-
-LATENTS_KIND = "latents"
 
 
 def _check_same_clips(latents: Cache, targets: Cache) -> None:

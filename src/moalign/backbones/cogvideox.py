@@ -117,13 +117,23 @@ class CogVideoXSpec(BackboneSpec):
         loss = (weights * (x0_hat.float() - latents.float()).square()).mean()
         return LossParts(diffusion=loss, total=loss)
 
+    max_sequence_length = 226  # T5 tokens, as the released pipelines use
+
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> scaled latents (B, F, C, h, w): the posterior mean times scaling_factor."""
+        x = (
+            frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0
+        )  # (B, 3, T, H, W) in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()  # (B, C, F, h, w)
+        return (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
+
     def tiny_transformer(self, **overrides: Any) -> nn.Module:
         from diffusers import CogVideoXTransformer3DModel
 
         kwargs = dict(
             num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
             text_embed_dim=32, num_layers=4, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
-            max_text_seq_length=16,
+            max_text_seq_length=226,
         )  # fmt: skip
         kwargs.update(overrides)
         return CogVideoXTransformer3DModel(**kwargs)

@@ -75,6 +75,12 @@ class BackboneSpec:
         """Sample noise and timesteps, run the transformer once, return LossParts(diffusion, total)."""
         raise NotImplementedError
 
+    max_sequence_length: int = 0  # text tokens the pipeline's encode_prompt pads to
+
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 clips (B, T, H, W, 3) -> training latents in this family's layout and scaling."""
+        raise NotImplementedError
+
     def tiny_transformer(self, **overrides: Any) -> nn.Module:
         """A tiny instance of the family's real diffusers class, for CPU tests and the demo."""
         raise NotImplementedError

@@ -66,6 +66,19 @@ class WanSpec(BackboneSpec):
         loss = (pred.float() - (noise - latents).float()).square().mean()
         return LossParts(diffusion=loss, total=loss)
 
+    max_sequence_length = 512  # UMT5 tokens, as the released pipelines use
+
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> normalised latents (B, C, F, h, w): (posterior mean - latents_mean) / latents_std."""
+        x = (
+            frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0
+        )  # (B, 3, T, H, W) in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()  # (B, C, F, h, w)
+        c = z.shape[1]
+        mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, c, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, c, 1, 1, 1)
+        return (z - mean) / std  # WanPipeline decodes with latents * std + mean
+
     def tiny_transformer(self, **overrides: Any) -> nn.Module:
         from diffusers import WanTransformer3DModel
 

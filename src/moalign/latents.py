@@ -1,0 +1,82 @@
+"""`moalign latents`: VAE latents and prompt embeddings of every clip into a cache, for stage 2.
+
+Stage 2 then trains without the VAE or the text encoder in memory. Latents are the VAE posterior mean in the
+family's layout and scaling (deterministic, so a resumed cache equals an uninterrupted one); prompt
+embeddings come from the pipeline's own `encode_prompt` at the family's sequence length.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moalign.backbones import get_backbone
+from moalign.cache import CacheWriter, dataset_identity, fill_cache
+from moalign.data import DataConfig, VideoClipDataset
+
+LATENTS_KIND = "latents"
+
+
+def compute_latents(
+    data_dir: str | os.PathLike,
+    model: str | None,
+    out: str | os.PathLike,
+    *,
+    backbone: str,
+    data: DataConfig,
+    pipeline: Any = None,
+    dtype: torch.dtype = torch.float32,
+    shard_size: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> Path:
+    """Encode every clip (VAE) and caption (text encoder) of a dataset into a resumable cache.
+
+    Args:
+        data_dir: dataset folder; clips are sampled with `data` (use the geometry the model was trained on).
+        model: diffusers pipeline folder or hub id (its transformer is not loaded); ignored when `pipeline`
+            is given.
+        out: cache folder; item i holds "latents" (family layout, without batch) and "prompt_embeds" (L, D).
+        backbone: "cogvideox" or "wan".
+        pipeline: an already built pipeline (the demo's tiny one).
+
+    Returns:
+        The cache folder.
+    """
+    spec = get_backbone(backbone)
+    if pipeline is None:
+        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, torch_dtype=dtype)
+    pipeline.vae.to(device).eval()
+    pipeline.text_encoder.to(device).eval()
+    dataset = VideoClipDataset(data_dir, data, load_flow=False)
+    fingerprint = {
+        "backbone": backbone,
+        "model": str(model) if model is not None else type(pipeline).__name__ + " (in memory)",
+        "max_sequence_length": spec.max_sequence_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        **dataset_identity(dataset),
+    }
+    writer = CacheWriter(
+        out, LATENTS_KIND, fingerprint, len(dataset), shard_size=shard_size, overwrite=overwrite
+    )
+
+    @torch.no_grad()
+    def compute(sample: dict) -> dict[str, torch.Tensor]:
+        latents = spec.encode_video(pipeline.vae, sample["frames"][None].to(device))[0]
+        embeds, _ = pipeline.encode_prompt(
+            sample["caption"],
+            do_classifier_free_guidance=False,
+            max_sequence_length=spec.max_sequence_length,
+            device=torch.device(device),
+        )
+        return {"latents": latents.to(dtype).cpu(), "prompt_embeds": embeds[0].to(dtype).cpu()}
+
+    return fill_cache(
+        writer, dataset, compute, desc="latents", progress=progress, rank=rank, world_size=world_size
+    )

@@ -1,0 +1,52 @@
+"""Tiny real diffusers pipelines (random weights) assembled offline, for tests."""
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+from moalign.backbones import get_backbone
+
+WORDS = "a an the red green blue yellow purple orange cyan white ball balls falls bounces once twice on floor and".split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_pipeline(family: str):
+    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+
+    spec = get_backbone(family)
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    if family == "cogvideox":
+        text = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+        vae = AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        )  # fmt: skip
+        return spec.pipeline_class(
+            tokenizer=tok,
+            text_encoder=text,
+            vae=vae,
+            transformer=spec.tiny_transformer(),
+            scheduler=spec.scheduler,
+        )
+    text = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 2.0, 1.0, 0.5],
+    )  # fmt: skip
+    return spec.pipeline_class(
+        tokenizer=tok,
+        text_encoder=text,
+        vae=vae,
+        transformer=spec.tiny_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
