@@ -184,6 +184,17 @@ def cmd_stage2(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from moalign.generate import generate, read_prompts
+
+    rows = generate(
+        args.model, read_prompts(args.prompts), args.out, num_frames=args.num_frames, height=args.height,
+        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps,
+        backbone=args.backbone, base=args.base, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
     from moalign.latents import compute_latents
 
@@ -219,6 +230,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # ---- parser -----------------------------------------------------------------------------------------------
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset(p)
     p.set_defaults(fn=cmd_stage2)
+
+    p = sub.add_parser("generate", help="generate videos from a stage-2 run or a pipeline, one per prompt")
+    p.add_argument(
+        "--model", required=True, help="stage-2 run folder, or a diffusers pipeline folder / hub id"
+    )
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output folder (mp4s, metadata.jsonl, contact_sheet.png)")
+    p.add_argument("--base", help="base pipeline of a run whose config names none")
+    p.add_argument("--backbone", help="cogvideox or wan (default: from the run or model_index.json)")
+    p.add_argument("--num-frames", type=int, default=49, help="frames, 4k+1")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0, help="video i uses seed + i")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("latents", help="precompute VAE latents and prompt embeddings for stage 2")
     p.add_argument("--data", required=True, help="dataset folder")

@@ -1,0 +1,150 @@
+"""`moalign generate`: videos from a fine-tuned (or base) model through the family's diffusers pipeline.
+
+`--model` is a stage-2 run folder (its config names the base pipeline; a LoRA is loaded with
+`load_lora_weights`, a full fine-tune's transformer/ replaces the pipeline's) or a plain diffusers pipeline
+folder. Each prompt gets its own seeded generator (seed + prompt index), so a run is reproducible and the
+arms of a comparison see the same noise. Writes DIR/video_#####.mp4, DIR/metadata.jsonl (the playground's
+manifest format: video, caption, seed; `moalign judge` reads it) and DIR/contact_sheet.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moalign.atomic import atomic_path, write_jsonl
+from moalign.backbones import get_backbone
+from moalign.errors import MoalignError
+from moalign.video_io import write_video
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    backbone: str | None = None,
+    base: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+):
+    """A ready pipeline from a stage-2 run folder or a diffusers pipeline folder / hub id.
+
+    Args:
+        model: a stage-2 run folder, or a pipeline folder / hub id.
+        backbone: family of a plain pipeline (default: from its model_index.json).
+        base: the base pipeline of a run (default: the run config's `model`).
+
+    Returns:
+        (pipeline, backbone spec).
+    """
+    path = Path(model)
+    run_cfg = path / "config.json"
+    cfg = json.loads(run_cfg.read_text()).get("config") if run_cfg.is_file() else None
+    if isinstance(cfg, dict) and "align" in cfg and "backbone" in cfg:  # a stage-2 run folder
+        spec = get_backbone(cfg["backbone"])
+        base = base or cfg.get("model")
+        if base is None:
+            raise MoalignError(
+                f"{run_cfg} names no base pipeline (its model is null): pass the base pipeline folder with --base"
+            )
+        pipe = spec.pipeline_class.from_pretrained(base, torch_dtype=torch_dtype)
+        if (path / "pytorch_lora_weights.safetensors").is_file():
+            pipe.load_lora_weights(path)
+        elif (path / "transformer" / "config.json").is_file():
+            pipe.transformer = spec.load_transformer(str(path / "transformer"), torch_dtype=torch_dtype)
+        else:
+            raise MoalignError(
+                f"{path} has neither pytorch_lora_weights.safetensors nor transformer/: unfinished run?"
+            )
+        return pipe, spec
+    if backbone is None:
+        index = path / "model_index.json"
+        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+        backbone = "wan" if name.startswith("Wan") else "cogvideox"
+    spec = get_backbone(backbone)
+    return spec.pipeline_class.from_pretrained(str(model), torch_dtype=torch_dtype), spec
+
+
+def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
+    """One row per video, `columns` evenly spaced frames: list of uint8 (T, H, W, 3) -> uint8 image."""
+    rows = []
+    for frames in videos:
+        idx = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
+        rows.append(np.concatenate([frames[i] for i in idx], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def generate(
+    model: str | os.PathLike,
+    prompts: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    num_frames: int = 17,
+    height: int = 64,
+    width: int = 64,
+    steps: int = 25,
+    guidance_scale: float = 6.0,
+    seed: int = 0,
+    fps: float = 8.0,
+    backbone: str | None = None,
+    base: str | None = None,
+    pipeline: Any = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict]:
+    """Generate one video per prompt; returns the manifest rows.
+
+    Args:
+        model: stage-2 run folder or pipeline folder / hub id (ignored when `pipeline` is given).
+        prompts: one caption per video.
+        out_dir: output folder (mp4s, metadata.jsonl, contact_sheet.png).
+        num_frames, height, width: the clip geometry (4k+1 frames; sizes divisible by 16).
+        steps, guidance_scale: sampler settings.
+        seed: video i uses seed + i.
+    """
+    from PIL import Image
+
+    if not prompts:
+        raise MoalignError("no prompts to generate: the prompts file is empty")
+    if pipeline is None:
+        pipeline, _ = load_pipeline(model, backbone, base)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=not progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, videos = [], []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator(device="cpu").manual_seed(seed + i)
+        result = pipeline(
+            prompt=prompt,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gen,
+            output_type="np",
+        )
+        frames = (
+            (np.clip(np.asarray(result.frames[0]), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        )  # (T, H, W, 3)
+        name = f"video_{i:05d}.mp4"
+        write_video(out_dir / name, frames, fps=fps)
+        rows.append({"video": name, "caption": prompt, "seed": seed + i})
+        videos.append(frames)
+    write_jsonl(out_dir / "metadata.jsonl", rows)
+    with atomic_path(out_dir / "contact_sheet.png") as tmp:
+        Image.fromarray(contact_sheet(videos)).save(tmp, format="PNG")
+    return rows
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Non-empty lines of a prompts file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoalignError(f"prompts file not found: {p}")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
