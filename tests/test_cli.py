@@ -58,3 +58,12 @@ def test_input_errors_exit_2_with_message(argv, match, capsys):
     err = capsys.readouterr().err
     assert "error:" in err
     assert __import__("re").search(match, err), err
+
+
+def test_judge_command_on_playground_clips(tmp_path, capsys):
+    from moalign.playground import SynthConfig, write_playground
+
+    write_playground(tmp_path / "v", SynthConfig(num_clips=4), progress=False)
+    assert main(["judge", "--videos", str(tmp_path / "v")]) == 0
+    assert "SA 1.000" in capsys.readouterr().out and (tmp_path / "v" / "judge.json").is_file()
+    assert main(["judge", "--videos", str(tmp_path / "missing")]) == 2

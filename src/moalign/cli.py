@@ -195,6 +195,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
 
 
+def cmd_judge(args: argparse.Namespace) -> None:
+    from moalign.judge import judge_folder
+
+    result = judge_folder(args.videos, args.out)
+    agg = result["aggregate"]
+    where = args.out or str(Path(args.videos) / "judge.json")
+    print(
+        f"[judge] {agg['num_videos']} videos: SA {agg['sa']:.3f}, PC {agg['pc']:.3f}, Joint {agg['joint']:.3f}, "
+        f"motion {agg['motion']:.2f} px/frame -> {where}"
+    )
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
     from moalign.latents import compute_latents
 
@@ -377,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser(
+        "judge", help="toy VideoPhy2 judge for playground-style videos (SA, PC, Joint, motion)"
+    )
+    p.add_argument(
+        "--videos", required=True, help="folder with metadata.jsonl (video, caption) and the videos"
+    )
+    p.add_argument("--out", help="output JSON (default: VIDEOS/judge.json)")
+    p.set_defaults(fn=cmd_judge)
 
     p = sub.add_parser("latents", help="precompute VAE latents and prompt embeddings for stage 2")
     p.add_argument("--data", required=True, help="dataset folder")

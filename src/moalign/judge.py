@@ -1,4 +1,4 @@
-"""A toy VideoPhy2 judge for the playground: semantic adherence (SA), physical commonsense (PC), Joint, motion.
+"""A toy VideoPhy2 judge for the playground: semantic adherence (SA), physical commonsense (PC), Joint.
 
 VideoPhy2 asks human-calibrated judges two questions about a generated video: does it show what the
 prompt says (SA), and does it obey physics (PC); a video counts when both are good (Joint). This module
@@ -8,13 +8,18 @@ whole pipeline can be scored without downloading a judge model. Everything is nu
 
 Tracking
     Balls are found per frame by colour. A pixel is a chromatic ball pixel when its HSV saturation is at
-    least ``_SAT_MIN`` and its value at least ``_VAL_MIN``, and it then belongs to the palette colour
-    (`playground.COLOURS`) of nearest hue, if that is within ``_HUE_TOL`` degrees. A pixel is white when its
-    saturation is below ``_WHITE_SAT_MAX`` and its darkest channel at least ``_WHITE_MIN``. The background
-    (grey wall, brownish floor band, grey texture) never passes either test. Per colour and frame the
-    largest 8-connected blob of at least ``max(4, 0.0015 H W)`` pixels is the ball: its area, centroid
-    and an equivalent radius ``sqrt(area / pi)``; no such blob means the colour is absent in that frame.
-    Blobs of at least a quarter of the largest one are counted (two red blobs are two red balls).
+    least 0.4 and its value at least 0.3, and it then belongs to the palette colour (`playground.COLOURS`)
+    of nearest hue, if that is within 22 degrees (the palette hues are 23 to 85 degrees apart). A pixel
+    is white when its saturation is below 0.22 and its darkest channel at least 0.55. The background
+    (grey wall, brownish floor band, grey texture) passes neither test. Per colour and frame the largest
+    8-connected blob of at least ``max(4, 0.0015 H W)`` pixels is the ball; no such blob means the colour
+    is absent in that frame. The blob is grown by 2 px into looser-matching rim pixels (chroma >= 0.1,
+    hue within 44 degrees; for white saturation < 0.3 and darkest channel >= 0.45), each weighted by its
+    coverage (chroma ramped over 0.1..0.35, or brightness over 0.45..0.7 for white): the weighted sum is
+    the area, the weighted mean the centroid (sub-pixel, so accelerations are measurable) and
+    ``sqrt(area / pi)`` the equivalent radius. Blobs of at least a quarter of the largest one are
+    counted (two red blobs are two red balls). The balls judged for PC and motion are the colours seen
+    in at least a quarter of the frames, plus the named colours seen at all.
 
 Floor
     The floor band is the bottom run of rows whose per-row median R - B (over columns and frames) is
@@ -28,16 +33,17 @@ SA (semantic adherence), the product of three scores in [0, 1]
     0.8 and capped at 1 (seen in 80 % of the frames is enough); the mean over named colours.
     ``extraneous``: 1 minus the largest fraction of frames in which a palette colour the caption does
     not name is seen (a persistent extra or wrong-coloured ball drives it to 0).
-    ``motion``: the mean over named balls of the checks their motion words ask for (each in [0, 1]):
-    ``falls``: the ball goes down by at least 0.1 H; ``bounces``: at least one bounce is seen (the
-    ball's height peaks near the floor and it then rises again by at least 0.5 px; tiny late bounces
-    are not countable through compression, so the count itself is only reported); ``thrown to the
-    left/right`` and ``rolls to the left/right``: the ball travels at least 0.15 W that way (partial
-    credit below) and further that way than the other way, and a rolling ball stays on the floor;
-    ``rest(s) on the floor``: the ball never moves more than 1.5 px from where it starts (plus 0.05 H
-    of slack, linearly penalised beyond) and sits on the floor; ``collide``: the two balls come within
-    their radii sum + 3 px at an interior frame, having been at least 3 px further apart before, and
-    separate again afterwards. ``hits the <colour> ball`` asks for the same contact.
+    ``motion``: per named ball the product of the checks its motion words ask for, then the mean over
+    balls. ``falls``: the ball goes down by 0.1 H (partial credit below). ``bounces``: at least one
+    bounce is seen (the ball comes down to a lowest point within reach of the floor, then rises again
+    by at least 0.5 px; tiny late bounces are not countable through compression, so the count is not
+    checked). ``thrown`` / ``rolls to the left/right``: the ball travels 0.15 W that way (partial credit
+    below) and further that way than the other way; a rolling ball also stays on the floor (bottom
+    within 2 px of it). ``rest(s) on the floor``: the ball never moves more than 1.5 px from where it
+    starts (linearly penalised to 0 at 1.5 px + 0.05 H) and stays on the floor. ``collide``: the two
+    balls come within their radii sum + 3 px at an interior frame, having been at least 3 px further
+    apart before, and separate (by 1 px) afterwards; ``hits the <colour> ball`` asks for the same
+    contact, without the separation. Other words (walls, "slows down", "stops") are not checked.
     A wrong colour therefore scores presence 0 (and extraneous 0); a static clip of a moving prompt
     scores motion 0.
 
@@ -48,15 +54,18 @@ PC (physical commonsense), the product of five scores in [0, 1]
     ``teleport``: the fraction of consecutive-frame steps shorter than 0.35 max(H, W).
     ``floor``: the fraction of ball frames whose bottom (centroid + equivalent radius) is at most
     ``max(1, r / 4)`` px below the floor surface.
-    ``acceleration``: the fraction of frames whose acceleration (second difference of the centroid)
-    is explained: airborne frames must share one downward gravity (``|a_y - g| <= 0.6 + 0.3 g``,
-    ``|a_x| <= 0.6 + 0.3 g``, where g is the median airborne ``a_y`` of the clip and must be at
-    least 0.1 H / 64 px/frame^2); frames on the floor must have ``|a| <= 0.6`` px/frame^2; contacts
-    explain the rest: an upward kick within reach of the floor (a bounce), a horizontal kick away from
-    a wall within reach, anything while another ball is within reach (reach: the frame's speed, capped
-    at 0.25 H, plus 2 px). The score is ``1 - 1.5 * (1 - fraction)``, floored at 0, so a third of
-    unexplained frames already zeroes it: time-shuffled clips fail here and at ``teleport``.
-    The product, not the mean, so one broken law is enough to fail.
+    ``acceleration``: the fraction of frames whose acceleration (second difference of the centroid,
+    px/frame^2) is explained. Gravity g is the median vertical acceleration of the frames with no floor,
+    wall or other ball within reach (reach: the frame's largest speed component, capped at 0.15
+    max(H, W), plus 2 px) and must point down (``g >= 0.1 H / 64``). Airborne frames must match it
+    (``|a_y - g| <= tol`` and ``|a_x| <= tol``, ``tol = 1.2 + 0.3 g``: 1.2 px/frame^2 is the noise of a
+    second difference of compressed centroids); frames on the floor must have ``|a_x|, |a_y| <= 1.2``.
+    Contacts explain the rest: within reach of the floor an upward kick (``a_y < g``), within reach of
+    a wall a horizontal kick away from it, within reach of another ball a kick (``a - g``) pointing away
+    from it. The score is ``1 - 1.5 * (1 - fraction)``, floored at 0 (a third of the frames unexplained
+    halves it): time-shuffled clips fail here (and at ``teleport``).
+    The product, not the mean, so one broken law is enough to fail. A video with no tracked ball has
+    PC 0 (nothing to judge is not a pass).
 
 Joint
     1.0 when ``sa >= 0.5`` and ``pc >= 0.5`` (`JOINT_THRESHOLD`), else 0.0: VideoPhy2's "both judged
@@ -89,7 +98,7 @@ JOINT_THRESHOLD = 0.5  # a video counts (Joint = 1) when both SA and PC reach th
 # colour classification (HSV, channels in [0, 1])
 _SAT_MIN = 0.4
 _VAL_MIN = 0.3
-_HUE_TOL = 22.0  # degrees: half the smallest palette hue gap is ~12-15, compression shifts hues a little
+_HUE_TOL = 22.0  # degrees from the nearest palette hue; farther hues belong to no ball
 _WHITE_SAT_MAX = 0.22
 _WHITE_MIN = 0.55
 
@@ -540,7 +549,7 @@ def judge_video(frames: np.ndarray, caption: str, fps: float = 8.0) -> dict[str,
 
     # every colour seen in at least a quarter of the frames is an object for PC
     seen = [
-        tr for tr in tracks.values() if tr.present.mean() >= 0.25 or tr.colour in named and tr.present.any()
+        tr for tr in tracks.values() if tr.present.mean() >= 0.25 or (tr.colour in named and tr.present.any())
     ]
     physics = _physics_scores(seen, floor_y, h, w)
     pc = float(np.prod(list(physics.values()))) if seen else 0.0
