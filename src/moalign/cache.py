@@ -449,6 +449,15 @@ def manifest_digest(dataset: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of a file's bytes, read in 1 MiB blocks: pins weights in a fingerprint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def dataset_identity(dataset: Any) -> dict[str, Any]:
     """The part of a cache fingerprint that pins the clips: data config, clip count, manifest hash."""
     return {

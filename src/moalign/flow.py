@@ -17,7 +17,6 @@ Backends (`FLOW_METHODS`), one interface:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -27,7 +26,15 @@ import cv2
 import numpy as np
 import torch
 
-from moalign.cache import Cache, CacheWriter, dataset_identity, diff_fingerprints, fill_cache, manifest_digest
+from moalign.cache import (
+    Cache,
+    CacheWriter,
+    dataset_identity,
+    diff_fingerprints,
+    file_digest,
+    fill_cache,
+    manifest_digest,
+)
 from moalign.errors import MoalignError
 
 FLOW_KIND = "flow"
@@ -299,7 +306,7 @@ class RAFTFlow(FlowEstimator):
         return self
 
     def config(self) -> dict[str, Any]:
-        digest = _file_digest(self.weights_file) if self.weights_file is not None else None
+        digest = file_digest(self.weights_file) if self.weights_file is not None else None
         return {"method": self.name, "model": self.model_name, "weights_sha256": digest, "iters": self.iters}
 
     @torch.inference_mode()
@@ -347,14 +354,6 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 class ExactFlow(FlowEstimator):

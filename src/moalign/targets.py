@@ -9,27 +9,18 @@ default.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-from moalign.cache import Cache, CacheWriter, dataset_identity, fill_cache
+from moalign.cache import Cache, CacheWriter, dataset_identity, file_digest, fill_cache
 from moalign.checkpoint import load_motion_teacher
 from moalign.config import to_dict
 from moalign.data import VideoClipDataset
 from moalign.encoder import VideoEncoder
 
 TARGETS_KIND = "teacher_targets"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def compute_targets(
@@ -68,7 +59,7 @@ def compute_targets(
     encoder = VideoEncoder.from_pretrained(teacher.encoder, torch_dtype=torch.float32).to(device)
     projector = teacher.projector.to(device)
     fingerprint = {
-        "teacher_sha256": _file_sha256(teacher.source),
+        "teacher_sha256": file_digest(teacher.source),
         "encoder": to_dict(teacher.encoder),
         "raw": raw,
         "dtype": str(dtype).removeprefix("torch."),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec
+from moalign.backbones.spec import BackboneSpec, vae_posterior_mean
 from moalign.losses import LossParts
 
 
@@ -121,10 +121,7 @@ class CogVideoXSpec(BackboneSpec):
 
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) -> scaled latents (B, F, C, h, w): the posterior mean times scaling_factor."""
-        x = (
-            frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0
-        )  # (B, 3, T, H, W) in [-1, 1]
-        z = vae.encode(x).latent_dist.mode()  # (B, C, F, h, w)
+        z = vae_posterior_mean(vae, frames)  # (B, C, F, h, w)
         return (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
 
     def tiny_transformer(self, **overrides: Any) -> nn.Module:

@@ -86,6 +86,12 @@ class BackboneSpec:
         raise NotImplementedError
 
 
+def vae_posterior_mean(vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (B, T, H, W, 3) -> the VAE posterior mean (B, C, F, h, w) of the frames mapped to [-1, 1]."""
+    x = frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0  # (B, 3, T, H, W)
+    return vae.encode(x).latent_dist.mode()
+
+
 def frame_major(latents: torch.Tensor, layout: str) -> torch.Tensor:
     """Latents in a family layout -> (B, F, C, H, W)."""
     if layout == "BFCHW":

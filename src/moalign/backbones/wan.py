@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec
+from moalign.backbones.spec import BackboneSpec, vae_posterior_mean
 from moalign.losses import LossParts
 
 
@@ -70,10 +70,7 @@ class WanSpec(BackboneSpec):
 
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) -> normalised latents (B, C, F, h, w): (posterior mean - latents_mean) / latents_std."""
-        x = (
-            frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0
-        )  # (B, 3, T, H, W) in [-1, 1]
-        z = vae.encode(x).latent_dist.mode()  # (B, C, F, h, w)
+        z = vae_posterior_mean(vae, frames)  # (B, C, F, h, w)
         c = z.shape[1]
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, c, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, c, 1, 1, 1)
