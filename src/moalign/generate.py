@@ -23,11 +23,16 @@ from moalign.errors import MoalignError
 from moalign.video_io import write_video
 
 
+def _dtype_kwargs(torch_dtype: torch.dtype | None) -> dict:
+    # only when asked for: diffusers renamed `torch_dtype` to `dtype` (0.42 warns on the old name)
+    return {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+
+
 def load_pipeline(
     model: str | os.PathLike,
     backbone: str | None = None,
     base: str | None = None,
-    torch_dtype: torch.dtype = torch.float32,
+    torch_dtype: torch.dtype | None = None,
 ):
     """A ready pipeline from a stage-2 run folder or a diffusers pipeline folder / hub id.
 
@@ -49,7 +54,7 @@ def load_pipeline(
             raise MoalignError(
                 f"{run_cfg} names no base pipeline (its model is null): pass the base pipeline folder with --base"
             )
-        pipe = spec.pipeline_class.from_pretrained(base, torch_dtype=torch_dtype)
+        pipe = spec.pipeline_class.from_pretrained(base, **_dtype_kwargs(torch_dtype))
         if (path / "pytorch_lora_weights.safetensors").is_file():
             pipe.load_lora_weights(path)
         elif (path / "transformer" / "config.json").is_file():
@@ -64,7 +69,7 @@ def load_pipeline(
         name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
         backbone = "wan" if name.startswith("Wan") else "cogvideox"
     spec = get_backbone(backbone)
-    return spec.pipeline_class.from_pretrained(str(model), torch_dtype=torch_dtype), spec
+    return spec.pipeline_class.from_pretrained(str(model), **_dtype_kwargs(torch_dtype)), spec
 
 
 def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:

@@ -31,17 +31,18 @@ class BackboneSpec:
         import diffusers
 
         cls = getattr(diffusers, self.transformer_class_name)
+        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}  # the old name: older diffusers too
         p = Path(path)
         if (p / "transformer" / "config.json").is_file():
-            return cls.from_pretrained(p, subfolder="transformer", torch_dtype=torch_dtype)
+            return cls.from_pretrained(p, subfolder="transformer", **kw)
         if (p / "config.json").is_file():
-            return cls.from_pretrained(p, torch_dtype=torch_dtype)
+            return cls.from_pretrained(p, **kw)
         if p.exists() or path.startswith((".", "/")):
             raise MoalignError(
                 f"{path} is neither a diffusers pipeline folder (with transformer/config.json) nor a "
                 f"{self.transformer_class_name} folder (with config.json). Pass the downloaded model's folder."
             )
-        return cls.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)  # a hub id
+        return cls.from_pretrained(path, subfolder="transformer", **kw)  # a hub id
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         """The transformer's block list; alignment layers index it, 0-based."""
