@@ -117,8 +117,20 @@ def train_stage2(
             f"--align {cfg.align.mode} aligns to {key!r} tokens but {targets.root} has only "
             f"{sorted(targets[ids[0]])}; re-run `moalign targets` with --raw for the raw-feature arms"
         )
+    n_blocks = len(spec.blocks(transformer))
+    bad = [i for i in cfg.align.layers if not -n_blocks <= i < n_blocks]
+    if bad and cfg.align.mode != "none":
+        raise MoalignError(
+            f"align layers {bad} are out of range: the model has {n_blocks} blocks, 0-based 0..{n_blocks - 1} "
+            "(the paper's 'layer 18' of CogVideoX-2B is 17); fix --layers"
+        )
     teacher0 = targets[ids[0]][key] if targets is not None else torch.zeros(1, 1, 1, 1)
-    aligner = Aligner(cfg.align, hidden, teacher0.shape[-1], grid, tuple(teacher0.shape[:3]))
+    try:
+        aligner = Aligner(cfg.align, hidden, teacher0.shape[-1], grid, tuple(teacher0.shape[:3]))
+    except ValueError as err:  # e.g. a latent grid that is no integer multiple of the teacher's
+        raise MoalignError(
+            f"cannot align {grid} latent tokens to the {tuple(teacher0.shape[:3])} teacher grid: {err}"
+        ) from err
     counts = parameter_counts(transformer=transformer, align_projector=aligner)
     accelerator.print(
         f"[stage2] {cfg.backbone}: {len(spec.blocks(transformer))} blocks, token grid {grid}, align {cfg.align.mode} "
