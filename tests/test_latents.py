@@ -32,7 +32,13 @@ def test_latents_cache_shapes_determinism_and_stage2(family, tmp_path):
     frames = VideoClipDataset(tmp_path / "data", data, load_flow=False)[0]["frames"][None]
     again = get_backbone(family).encode_video(pipe.vae, frames)[0]
     torch.testing.assert_close(again, item["latents"])
-    # stage 2 trains on it (no alignment: no teacher needed), with the pipeline's transformer family
-    m = train_stage2(out, tmp_path / "run", Stage2Config(backbone=family, align=AlignConfig(mode="none"), steps=2,
-                     batch_size=2, log_every=1, lora_rank=2), progress=False)  # fmt: skip
+    # stage 2 trains on it (no alignment: no teacher needed), with validation videos through the pipeline
+    pipe.save_pretrained(tmp_path / "pipe")
+    cfg = Stage2Config(backbone=family, align=AlignConfig(mode="none"), steps=2, batch_size=2, log_every=1,
+                       lora_rank=2, validation_prompts=("a red ball falls",), validate_every=2,
+                       validation_pipeline=str(tmp_path / "pipe"), validation_frames=9, validation_size=(32, 32),
+                       validation_steps=2)  # fmt: skip
+    m = train_stage2(out, tmp_path / "run", cfg, progress=False)
     assert m["diffusion"] > 0
+    val = tmp_path / "run" / "validation" / "step-2"
+    assert (val / "video_00000.mp4").is_file() and (val / "metadata.jsonl").is_file()

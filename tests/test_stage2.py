@@ -106,6 +106,8 @@ def test_non_finite_loss_stops_with_step_and_parts(caches, tmp_path, monkeypatch
 
 
 def test_errors(caches, tmp_path):
+    with pytest.raises(ValueError, match="validation_prompts"):
+        Stage2Config(validate_every=10)
     with pytest.raises(MoalignError, match="out of range.*0..3"):
         bad = replace(_cfg(), align=replace(_cfg().align, layers=(17,)))
         train_stage2(caches / "latents", tmp_path / "z", bad, caches / "targets", progress=False)

@@ -108,9 +108,8 @@ class Stage2Config:
     """Stage 2: which backbone, which alignment, how to train."""
 
     backbone: str = "cogvideox"
-    model: str | None = (
-        None  # pipeline folder / transformer folder / hub id; None: the spec's tiny transformer
-    )
+    # pipeline folder / transformer folder / hub id; None: the spec's tiny transformer
+    model: str | None = None
     align: AlignConfig = field(default_factory=AlignConfig)
     lora_rank: int = 0  # 0: full fine-tune
     lora_alpha: float | None = None  # None: equal to the rank
@@ -126,10 +125,22 @@ class Stage2Config:
     log_every: int = 10
     checkpoint_every: int = 100
     checkpoint_limit: int = 2
+    # validation videos: every `validate_every` steps (0: never), through the base pipeline with the
+    # transformer being trained, one seeded video per prompt into RUN/validation/step-N/
+    validation_prompts: tuple[str, ...] = ()
+    validate_every: int = 0
+    validation_pipeline: str | None = None  # default: `model`
+    validation_frames: int = 17
+    validation_size: tuple[int, int] = (64, 64)
+    validation_steps: int = 25
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+        if self.validate_every and not (self.validation_prompts and (self.validation_pipeline or self.model)):
+            raise ValueError(
+                "validate_every needs validation_prompts and a pipeline folder (validation_pipeline or model)"
+            )
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,20 @@ from moalign.training import (
 )
 
 
+def validate(spec, transformer: torch.nn.Module, cfg: Stage2Config, out: Path) -> None:
+    """Validation videos with the transformer being trained, through the base pipeline's other parts."""
+    from moalign.generate import generate
+
+    base = cfg.validation_pipeline or cfg.model  # Stage2Config checks one is set
+    pipe = spec.pipeline_class.from_pretrained(base, transformer=transformer)
+    transformer.eval()
+    h, w = cfg.validation_size
+    generate(
+        base, list(cfg.validation_prompts), out, num_frames=cfg.validation_frames, height=h, width=w,
+        steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False,
+    )  # fmt: skip
+
+
 def _check_same_clips(latents: Cache, targets: Cache) -> None:
     a, b = latents.fingerprint.get("manifest_sha256"), targets.fingerprint.get("manifest_sha256")
     if a != b or len(latents) != len(targets):
@@ -194,6 +208,11 @@ def train_stage2(
             bar.set_postfix(
                 diff=f"{float(parts.diffusion.detach()):.3f}", align=f"{float(parts.align.detach()):.3f}"
             )
+        if cfg.validate_every and done % cfg.validate_every == 0 and accelerator.is_main_process:
+            validate(
+                spec, accelerator.unwrap_model(transformer), cfg, out_dir / "validation" / f"step-{done}"
+            )
+            transformer.train()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
             save_training_checkpoint(
                 out_dir,
