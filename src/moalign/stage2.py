@@ -184,7 +184,11 @@ def train_stage2(
     meta = {"stage2": to_dict(cfg), "token_grid": list(grid)}
     transformer.train()
     t0 = time.time()
-    bar = tqdm(range(start_step, cfg.steps), desc=f"stage2 ({cfg.align.mode})", disable=not progress)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc=f"stage2 ({cfg.align.mode})",
+        disable=not (progress and accelerator.is_main_process),
+    )
     for step in bar:
         idx = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
