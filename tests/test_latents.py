@@ -27,7 +27,7 @@ def test_latents_cache_shapes_determinism_and_stage2(family, tmp_path):
     item = cache[0]
     expected = (3, 4, 4, 4) if family == "cogvideox" else (4, 3, 4, 4)  # 9 frames -> 3 latent frames, 32 -> 4
     assert tuple(item["latents"].shape) == expected
-    assert item["prompt_embeds"].shape[-1] == 32
+    assert item["prompt_embeds"].shape == (226 if family == "cogvideox" else 512, 32)
     # the VAE mean is deterministic: recomputing a clip gives the same latents
     frames = VideoClipDataset(tmp_path / "data", data, load_flow=False)[0]["frames"][None]
     again = get_backbone(family).encode_video(pipe.vae, frames)[0]
@@ -42,3 +42,10 @@ def test_latents_cache_shapes_determinism_and_stage2(family, tmp_path):
     assert m["diffusion"] > 0
     val = tmp_path / "run" / "validation" / "step-2"
     assert (val / "video_00000.mp4").is_file() and (val / "metadata.jsonl").is_file()
+
+
+def test_cogvideox_text_length_follows_the_transformer(tmp_path):
+    spec = get_backbone("cogvideox")
+    assert spec.text_length(None) == 226 and spec.text_length({"max_text_seq_length": 32}) == 32
+    assert spec.text_length(spec.tiny_transformer(max_text_seq_length=24).config) == 24
+    assert get_backbone("wan").text_length({"max_text_seq_length": 32}) == 512

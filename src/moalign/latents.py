@@ -7,6 +7,7 @@ embeddings come from the pipeline's own `encode_prompt` at the family's sequence
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,16 @@ from moalign.cache import CacheWriter, dataset_identity, fill_cache
 from moalign.data import DataConfig, VideoClipDataset
 
 LATENTS_KIND = "latents"
+
+
+def _transformer_config(pipeline: Any, model: str | None) -> dict | None:
+    """The transformer's config: from the in-memory pipeline, else the pipeline folder's transformer/."""
+    transformer = getattr(pipeline, "transformer", None)
+    if transformer is not None:
+        return dict(transformer.config)
+    if model is not None and (Path(model) / "transformer" / "config.json").is_file():
+        return json.loads((Path(model) / "transformer" / "config.json").read_text())
+    return None
 
 
 def compute_latents(
@@ -55,10 +66,11 @@ def compute_latents(
     pipeline.vae.to(device).eval()
     pipeline.text_encoder.to(device).eval()
     dataset = VideoClipDataset(data_dir, data, load_flow=False)
+    text_length = spec.text_length(_transformer_config(pipeline, model))
     fingerprint = {
         "backbone": backbone,
         "model": str(model) if model is not None else type(pipeline).__name__ + " (in memory)",
-        "max_sequence_length": spec.max_sequence_length,
+        "max_sequence_length": text_length,
         "dtype": str(dtype).removeprefix("torch."),
         **dataset_identity(dataset),
     }
@@ -72,7 +84,7 @@ def compute_latents(
         embeds, _ = pipeline.encode_prompt(
             sample["caption"],
             do_classifier_free_guidance=False,
-            max_sequence_length=spec.max_sequence_length,
+            max_sequence_length=text_length,
             device=torch.device(device),
         )
         return {"latents": latents.to(dtype).cpu(), "prompt_embeds": embeds[0].to(dtype).cpu()}

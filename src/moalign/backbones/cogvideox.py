@@ -119,6 +119,18 @@ class CogVideoXSpec(BackboneSpec):
 
     max_sequence_length = 226  # T5 tokens, as the released pipelines use
 
+    def text_length(self, transformer_config: Any = None) -> int:
+        # without RoPE the model's position table covers exactly max_text_seq_length text tokens
+        if transformer_config is None:
+            return self.max_sequence_length
+        get = (
+            transformer_config.get if isinstance(transformer_config, dict) else transformer_config.__getitem__
+        )
+        try:
+            return int(get("max_text_seq_length"))
+        except (KeyError, TypeError):
+            return self.max_sequence_length
+
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) -> scaled latents (B, F, C, h, w): the posterior mean times scaling_factor."""
         z = vae_posterior_mean(vae, frames)  # (B, C, F, h, w)

@@ -78,6 +78,10 @@ class BackboneSpec:
 
     max_sequence_length: int = 0  # text tokens the pipeline's encode_prompt pads to
 
+    def text_length(self, transformer_config: Any = None) -> int:
+        """Prompt length to pad to for a transformer config (dict or config object; None: the family default)."""
+        return self.max_sequence_length
+
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
         """uint8 clips (B, T, H, W, 3) -> training latents in this family's layout and scaling."""
         raise NotImplementedError
