@@ -62,7 +62,8 @@ def compute_latents(
     """
     spec = get_backbone(backbone)
     if pipeline is None:
-        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, torch_dtype=dtype)
+        kw = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the default needs no (renamed) kwarg
+        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, **kw)
     pipeline.vae.to(device).eval()
     pipeline.text_encoder.to(device).eval()
     dataset = VideoClipDataset(data_dir, data, load_flow=False)
