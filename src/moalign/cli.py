@@ -57,10 +57,10 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _stage_config(args: argparse.Namespace, part: str, extra: list[str] | None = None):
-    from moalign.config import apply_overrides, get_preset
+    from moalign.config import apply_overrides
 
+    recipe = _recipe(args)
     try:
-        recipe = get_preset(args.preset)
         return apply_overrides(getattr(recipe, part), (extra or []) + args.overrides)
     except (ValueError, TypeError) as err:
         raise MoalignError(f"bad configuration: {err}") from err

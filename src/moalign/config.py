@@ -8,7 +8,6 @@ folder and checkpoint. Module-level configs (data, encoder, heads) live beside t
 from __future__ import annotations
 
 import ast
-import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -382,8 +381,8 @@ __all__ = [
     "PretrainEncoderConfig",
     "Recipe",
     "Stage1Config",
+    "Stage2Config",
     "apply_overrides",
-    "dataclasses",
     "from_dict",
     "get_preset",
     "to_dict",

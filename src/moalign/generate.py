@@ -19,13 +19,9 @@ import torch
 
 from moalign.atomic import atomic_path, write_jsonl
 from moalign.backbones import get_backbone
+from moalign.backbones.spec import dtype_kwargs
 from moalign.errors import MoalignError
 from moalign.video_io import write_video
-
-
-def _dtype_kwargs(torch_dtype: torch.dtype | None) -> dict:
-    # only when asked for: diffusers renamed `torch_dtype` to `dtype` (0.42 warns on the old name)
-    return {} if torch_dtype is None else {"torch_dtype": torch_dtype}
 
 
 def load_pipeline(
@@ -54,7 +50,7 @@ def load_pipeline(
             raise MoalignError(
                 f"{run_cfg} names no base pipeline (its model is null): pass the base pipeline folder with --base"
             )
-        pipe = spec.pipeline_class.from_pretrained(base, **_dtype_kwargs(torch_dtype))
+        pipe = spec.pipeline_class.from_pretrained(base, **dtype_kwargs(torch_dtype))
         if (path / "pytorch_lora_weights.safetensors").is_file():
             pipe.load_lora_weights(path)
         elif (path / "transformer" / "config.json").is_file():
@@ -69,7 +65,7 @@ def load_pipeline(
         name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
         backbone = "wan" if name.startswith("Wan") else "cogvideox"
     spec = get_backbone(backbone)
-    return spec.pipeline_class.from_pretrained(str(model), **_dtype_kwargs(torch_dtype)), spec
+    return spec.pipeline_class.from_pretrained(str(model), **dtype_kwargs(torch_dtype)), spec
 
 
 def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moalign.backbones import get_backbone
+from moalign.backbones.spec import dtype_kwargs
 from moalign.cache import CacheWriter, dataset_identity, fill_cache
 from moalign.data import DataConfig, VideoClipDataset
 
@@ -62,8 +63,8 @@ def compute_latents(
     """
     spec = get_backbone(backbone)
     if pipeline is None:
-        kw = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # the default needs no (renamed) kwarg
-        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, **kw)
+        load_dtype = None if dtype == torch.float32 else dtype  # float32 is the default: no kwarg needed
+        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, **dtype_kwargs(load_dtype))
     pipeline.vae.to(device).eval()
     pipeline.text_encoder.to(device).eval()
     dataset = VideoClipDataset(data_dir, data, load_flow=False)

@@ -31,7 +31,7 @@ class BackboneSpec:
         import diffusers
 
         cls = getattr(diffusers, self.transformer_class_name)
-        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}  # the old name: older diffusers too
+        kw = dtype_kwargs(torch_dtype)
         p = Path(path)
         if (p / "transformer" / "config.json").is_file():
             return cls.from_pretrained(p, subfolder="transformer", **kw)
@@ -89,6 +89,12 @@ class BackboneSpec:
     def tiny_transformer(self, **overrides: Any) -> nn.Module:
         """A tiny instance of the family's real diffusers class, for CPU tests and the demo."""
         raise NotImplementedError
+
+
+def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """`from_pretrained` kwargs for a dtype, only when one is asked for: diffusers 0.42 renamed `torch_dtype`
+    to `dtype` and warns on the old name, which older releases still need."""
+    return {} if torch_dtype is None else {"torch_dtype": torch_dtype}
 
 
 def vae_posterior_mean(vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
