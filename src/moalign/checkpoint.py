@@ -170,6 +170,20 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
         ) from err
 
 
+def training_state(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """What a checkpoint needs to resume exactly: optimizer, LR scheduler and RNG states."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+
+def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Load a checkpoint's training_state.pt into the optimizer, scheduler and RNGs; returns its step."""
+    state = load_training_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
 # ---- the stage-1 teacher ------------------------------------------------------------------------------------
 
 

@@ -22,12 +22,11 @@ from tqdm.auto import tqdm
 from moalign.atomic import write_json
 from moalign.checkpoint import (
     load_module_file,
-    load_training_state,
     resolve_resume,
-    rng_state,
+    restore_training_state,
     save_module,
     save_training_checkpoint,
-    set_rng_state,
+    training_state,
     write_run_config,
 )
 from moalign.config import Stage1Config, to_dict
@@ -185,11 +184,7 @@ def train_stage1(
             load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0]
         )
         heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
-        state = load_training_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
+        start_step = restore_training_state(ckpt, optimizer, scheduler)
         accelerator.print(f"[stage1] resumed from {ckpt} at step {start_step}")
     heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
 
@@ -276,11 +271,7 @@ def train_stage1(
                     "motion_projector": (unwrapped.projector, "motion_projector", module_meta),
                     "flow_decoder": (unwrapped.decoder, "flow_decoder", module_meta),
                 },
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
-                },
+                training_state(optimizer, scheduler),
                 limit=2,
             )
 

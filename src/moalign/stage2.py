@@ -25,13 +25,12 @@ from moalign.backbones import get_backbone
 from moalign.cache import Cache
 from moalign.checkpoint import (
     load_module_file,
-    load_training_state,
     resolve_resume,
-    rng_state,
+    restore_training_state,
     save_module,
     save_training_checkpoint,
-    set_rng_state,
     trainable_state,
+    training_state,
     write_run_config,
 )
 from moalign.config import Stage2Config, to_dict
@@ -166,11 +165,7 @@ def train_stage2(
             )
         transformer.load_state_dict(state, strict=False)
         aligner.load_state_dict(load_module_file(ckpt / "align_projector.safetensors", "align_projector")[0])
-        st = load_training_state(ckpt)
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        start_step = st["step"]
+        start_step = restore_training_state(ckpt, optimizer, scheduler)
         accelerator.print(f"[stage2] resumed from {ckpt} at step {start_step}")
     transformer, aligner, optimizer, scheduler = accelerator.prepare(
         transformer, aligner, optimizer, scheduler
@@ -229,11 +224,7 @@ def train_stage2(
                     ),
                     "align_projector": (accelerator.unwrap_model(aligner), "align_projector", meta),
                 },
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
-                },
+                training_state(optimizer, scheduler),
                 limit=cfg.checkpoint_limit,
             )
 
