@@ -63,6 +63,7 @@ def run_demo(out: str | Path, preset: str = "tiny", progress: bool = True) -> di
         "preset": preset,
         "pretrain": pre,
         "stage1": s1,
+        "step_seconds": timings,  # the steps run this time (finished ones were skipped)
         "seconds_this_run": round(time.time() - t0, 1),
     }
     report = f"""# moalign demo ({preset} preset)
