@@ -25,6 +25,7 @@ from torch import nn
 from moalign.align_projector import AlignProjector, AlignProjectorConfig, resample_teacher
 from moalign.capture import FeatureCapture
 from moalign.losses import LossParts, repa_loss, soft_relational_loss, token_relation_distillation
+from moalign.tokens import grid_to_frames, grid_to_tokens
 
 # mode -> (teacher key in the targets cache, loss name)
 ALIGN_MODES: dict[str, tuple[str, str] | None] = {
@@ -104,17 +105,14 @@ class Aligner(nn.Module):
         for proj, layer in zip(self.projectors, self.cfg.layers, strict=True):
             z = proj(captured[layer])  # (B, F, H, W, D_t) on the matched grid
             m = resample_teacher(teacher.to(z.dtype), proj.output_grid)  # identity for "videorepa"
-            b, f, h, w, _ = z.shape
-            if name == "soft_relational":
+            if name == "soft_relational":  # per-frame token groups (B, F, H*W, D)
                 parts = soft_relational_loss(
-                    z.reshape(b, f, h * w, -1), m.reshape(b, f, h * w, -1), tau=self.cfg.tau, margin=margin
+                    grid_to_frames(z), grid_to_frames(m), tau=self.cfg.tau, margin=margin
                 )
-            elif name == "trd":
-                parts = token_relation_distillation(
-                    z.reshape(b, f * h * w, -1), m.reshape(b, f * h * w, -1), margin
-                )
+            elif name == "trd":  # all tokens (B, F*H*W, D)
+                parts = token_relation_distillation(grid_to_tokens(z), grid_to_tokens(m), margin)
             else:
-                parts = repa_loss(z.reshape(b, f * h * w, -1), m.reshape(b, f * h * w, -1))
+                parts = repa_loss(grid_to_tokens(z), grid_to_tokens(m))
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
         k = len(self.projectors)

@@ -15,12 +15,6 @@ from moalign.atomic import atomic_path
 from moalign.errors import MoalignError
 
 
-def probe_video(path: str | os.PathLike) -> tuple[int, float, int, int]:
-    """Return (num_frames, fps, height, width) of a video, decoding it when the container has no frame count."""
-    frames, fps = read_video(path)
-    return frames.shape[0], fps, frames.shape[1], frames.shape[2]
-
-
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """Decode every frame of a video file.
 
