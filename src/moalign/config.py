@@ -15,6 +15,7 @@ from typing import Any
 
 from moalign.align_projector import AlignProjectorConfig
 from moalign.alignment import AlignConfig
+from moalign.basemodel import BaseModelConfig
 from moalign.data import DataConfig
 from moalign.encoder import EncoderConfig
 from moalign.flow_decoder import FlowDecoderConfig
@@ -142,6 +143,45 @@ class Stage2Config:
             )
 
 
+DEMO_ARMS = (
+    "none",
+    "trd",
+    "moalign",
+)  # SPEC Sec. 3 names: no alignment, VideoREPA TRD on raw features, MoAlign
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What `moalign demo` does after stage 1: a base model from scratch, fine-tuning arms, judging.
+
+    Every arm starts from the same base transformer and trains with `arm_training` (same seed, so the same
+    clips in the same order and the same noise draws); only `align.mode` differs, and with it the teacher
+    (raw encoder tokens for trd, the motion subspace for moalign).
+    """
+
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    base_training: Stage2Config = field(
+        default_factory=lambda: Stage2Config(align=AlignConfig(mode="none"), steps=800, batch_size=8, lr=1e-3)
+    )
+    arms: tuple[str, ...] = DEMO_ARMS
+    arm_training: Stage2Config = field(
+        default_factory=lambda: Stage2Config(
+            align=AlignConfig(mode="moalign", layers=(1,)), steps=200, batch_size=8
+        )
+    )
+    eval_clips: int = 24  # held-out playground scenes (another seed); their captions are the prompts
+    eval_seed: int = 1_000_003
+    generation_steps: int = 25
+    guidance_scale: float = 1.0  # the base model never saw empty prompts: no classifier-free guidance
+    gif_prompts: int = 4  # rows of the side-by-side GIF
+
+    def __post_init__(self) -> None:
+        if isinstance(self.arms, str):
+            object.__setattr__(self, "arms", tuple(a.strip() for a in self.arms.split(",") if a.strip()))
+        if isinstance(self.arms, list):
+            object.__setattr__(self, "arms", tuple(self.arms))
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One config per stage; `moalign <stage> --preset NAME` uses the matching part."""
@@ -150,6 +190,7 @@ class Recipe:
     pretrain: PretrainEncoderConfig = field(default_factory=PretrainEncoderConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def tiny() -> Recipe:
@@ -162,7 +203,9 @@ def tiny() -> Recipe:
     """
     data = DataConfig(num_frames=17, height=64, width=64)
     return Recipe(
-        synth=SynthConfig(num_clips=192, num_frames=17, height=64, width=64, radius=(7.0, 12.0)),
+        synth=SynthConfig(
+            num_clips=192, num_frames=17, height=64, width=64, radius=(7.0, 12.0), background="plain"
+        ),
         pretrain=PretrainEncoderConfig(data=data, lr=3e-4, mask_ratio=0.9),
         stage1=Stage1Config(
             data=data,
@@ -181,6 +224,20 @@ def tiny() -> Recipe:
             batch_size=4,
             lr=1e-4,
         ),
+        demo=DemoConfig(
+            arm_training=Stage2Config(
+                align=AlignConfig(
+                    mode="moalign",
+                    layers=(1,),
+                    projector=AlignProjectorConfig(hidden_dim=256, grid_match="resample_teacher"),
+                ),
+                steps=200,
+                batch_size=8,
+                lr=3e-4,
+                warmup_steps=20,
+                checkpoint_every=100,
+            ),
+        ),  # fmt: skip
     )
 
 
@@ -376,6 +433,8 @@ def _replace_path(cfg: Any, keys: list[str], value: Any, full: str) -> Any:
 
 
 __all__ = [
+    "BaseModelConfig",
+    "DemoConfig",
     "MAEModelConfig",
     "PRESETS",
     "PretrainEncoderConfig",

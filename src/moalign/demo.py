@@ -1,87 +1,346 @@
-"""`moalign demo`: the pipeline end to end on the synthetic physics playground.
+"""`moalign demo`: the whole method end to end on the synthetic physics playground.
 
-Steps (each skipped when its output is already complete, so a re-run resumes):
-  1. synth            OUT/data      playground clips with exact flow and captions
-  2. pretrain-encoder OUT/encoder   a small VideoMAE trained with masked autoencoding, then frozen
-  3. stage1           OUT/stage1    the motion subspace M_psi + flow decoder F_omega (val_epe vs zero flow)
-The report (OUT/report.md) collects the figures. Stage 2 and its comparison arms come next.
+Steps (each skipped or resumed when its output is already complete, so a re-run picks up where it stopped):
+  1. synth            OUT/data, OUT/eval_data   training clips; held-out scenes whose captions are the prompts
+  2. pretrain-encoder OUT/encoder               a small VideoMAE (masked autoencoding), then frozen
+  3. stage1           OUT/stage1                the motion subspace M_psi (+ flow decoder; val EPE vs zero flow)
+  4. vae              OUT/base/vae_run          the base model's tiny AutoencoderKLCogVideoX, trained
+  5. base pipeline    OUT/base/init             VAE + packaged MiniLM text encoder + random CogVideoX transformer
+  6. latents/targets  OUT/caches                VAE latents + prompt embeddings; motion and raw encoder tokens
+  7. base model       OUT/base/run              the transformer trained from scratch (`stage2 --align none`)
+                      OUT/base/pipeline         the trained base as a CogVideoXPipeline folder
+  8. arms             OUT/arms/ARM              fine-tuned from the same base, same data order and steps:
+                                                none, trd (VideoREPA TRD, raw features), moalign (motion subspace)
+  9. generate+judge   OUT/arms/ARM/videos       one video per held-out prompt, judged (SA / PC / Joint / motion)
+ 10. report           OUT/report.md             table with bootstrap intervals, side_by_side.gif, loss curves
+Every step goes through the same functions as the CLI commands: nothing here is demo-only except the wiring.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from moalign.atomic import write_text
-from moalign.config import get_preset
+import numpy as np
+
+from moalign.atomic import atomic_path, write_json, write_text
+from moalign.config import DemoConfig, Recipe, get_preset
+
+ARM_TITLES = {
+    "none": "fine-tuned, no alignment",
+    "repa": "REPA (raw features)",
+    "trd": "VideoREPA TRD (raw features)",
+    "raw-moalign": "raw features + MoAlign loss",
+    "motion-trd": "motion features + TRD loss",
+    "moalign": "MoAlign (motion subspace)",
+}
 
 
-def run_demo(out: str | Path, preset: str = "tiny", progress: bool = True) -> dict:
-    """Run (or resume) the demo in `out` with a named preset; returns the collected metrics."""
-    from dataclasses import replace
+class _Steps:
+    """Runs named steps in order, skipping finished ones, and records their wall times."""
 
+    def __init__(self, total: int):
+        self.total, self.n, self.seconds = total, 0, {}
+
+    def __call__(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
+        self.n += 1
+        label = f"[demo {self.n}/{self.total}] {name}"
+        if done:
+            print(f"{label}: already done, skipped", flush=True)
+            return
+        print(f"{label} ...", flush=True)
+        start = time.time()
+        fn()
+        self.seconds[name] = round(time.time() - start, 1)
+        print(f"{label}: {self.seconds[name]} s", flush=True)
+
+
+def link_tree(src: Path, dst: Path, replace_dirs: dict[str, Path]) -> None:
+    """Write `dst` (atomically) as a copy of the folder `src` whose files are hard links where the filesystem
+    allows (no second copy of the text encoder on disk); subfolders named in `replace_dirs` come from there."""
+
+    def copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    with atomic_path(dst) as tmp:
+        tmp.mkdir(parents=True)
+        for item in sorted(src.iterdir()):
+            source = replace_dirs.get(item.name, item)
+            if source.is_dir():
+                shutil.copytree(source, tmp / item.name, copy_function=copy)
+            else:
+                copy(str(source), str(tmp / item.name))
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+def run_demo(
+    out: str | Path, preset: str = "tiny", progress: bool = True, recipe: Recipe | None = None
+) -> dict:
+    """Run (or resume) the demo in `out` with a named preset (or a given recipe); returns the collected metrics."""
+    from moalign.basemodel import build_pipeline, save_pipeline, train_vae
+    from moalign.generate import generate
+    from moalign.judge import judge_folder
+    from moalign.latents import compute_latents
     from moalign.playground import write_playground
     from moalign.pretrain_encoder import pretrain_encoder
     from moalign.stage1 import train_stage1
+    from moalign.stage2 import train_stage2
+    from moalign.targets import compute_targets
 
-    out = Path(out)
-    recipe = get_preset(preset)
-    data_dir, enc_dir, s1_dir = out / "data", out / "encoder", out / "stage1"
-    t0 = time.time()
-    timings = {}
-
-    def step(name: str, done: bool, fn) -> None:
-        if done:
-            print(f"[demo] {name}: already done, skipped")
-            return
-        print(f"[demo] {name} ...")
-        start = time.time()
-        fn()
-        timings[name] = round(time.time() - start, 1)
-
-    step("1/3 synth", False, lambda: write_playground(data_dir, recipe.synth, progress=progress))
-    step(
-        "2/3 pretrain-encoder",
-        (enc_dir / "config.json").is_file(),
-        lambda: pretrain_encoder(
-            data_dir, enc_dir, recipe.pretrain, progress=progress, command="moalign demo"
-        ),
-    )
-    s1_cfg = replace(recipe.stage1, encoder=replace(recipe.stage1.encoder, path=str(enc_dir)))
-    step(
-        "3/3 stage1",
-        (s1_dir / "metrics.json").is_file(),
-        lambda: train_stage1(
-            data_dir, s1_dir, s1_cfg, resume="latest", progress=progress, command="moalign demo"
-        ),
-    )
-
-    pre = json.loads((enc_dir / "pretrain.json").read_text())["metrics"]
-    s1 = json.loads((s1_dir / "metrics.json").read_text())
-    summary = {
-        "preset": preset,
-        "pretrain": pre,
-        "stage1": s1,
-        "step_seconds": timings,  # the steps run this time (finished ones were skipped)
-        "seconds_this_run": round(time.time() - t0, 1),
+    out = Path(out).resolve()  # run configs record the base pipeline's path: make it cwd-independent
+    recipe = recipe or get_preset(preset)
+    demo = recipe.demo
+    d = {
+        "data": out / "data",
+        "eval": out / "eval_data",
+        "encoder": out / "encoder",
+        "stage1": out / "stage1",
+        "vae": out / "base" / "vae_run",
+        "init": out / "base" / "init",
+        "latents": out / "caches" / "latents",
+        "targets": out / "caches" / "targets",
+        "base": out / "base" / "run",
+        "pipeline": out / "base" / "pipeline",
+        "arms": out / "arms",
     }
-    report = f"""# moalign demo ({preset} preset)
+    arms = {"base": d["base"], **{a: d["arms"] / a for a in demo.arms}}
+    cmd = "moalign demo"
+    t0 = time.time()
+    step = _Steps(total=10)
+    eval_cfg = replace(recipe.synth, num_clips=demo.eval_clips, seed=demo.eval_seed)
 
-Data: {recipe.synth.num_clips} playground clips, {recipe.synth.num_frames} frames at
-{recipe.synth.height}x{recipe.synth.width} (`{data_dir}`).
+    def synth() -> None:
+        write_playground(d["data"], recipe.synth, progress=progress)
+        write_playground(d["eval"], eval_cfg, progress=progress)
+
+    step("synth", False, synth)  # resumes clip by clip; cheap when complete
+    step(
+        "pretrain-encoder",
+        _done(d["encoder"] / "config.json"),
+        lambda: pretrain_encoder(d["data"], d["encoder"], recipe.pretrain, progress=progress, command=cmd),
+    )
+    s1_cfg = replace(recipe.stage1, encoder=replace(recipe.stage1.encoder, path=str(d["encoder"])))
+    step(
+        "stage1",
+        _done(d["stage1"] / "metrics.json"),
+        lambda: train_stage1(d["data"], d["stage1"], s1_cfg, resume="latest", progress=progress, command=cmd),
+    )
+    step(
+        "vae",
+        _done(d["vae"] / "vae" / "config.json") and _done(d["vae"] / "metrics.json"),
+        lambda: train_vae(d["data"], d["vae"], demo.base, progress=progress, command=cmd),
+    )
+    step(
+        "base pipeline (random transformer)",
+        _done(d["init"] / "model_index.json"),
+        lambda: save_pipeline(build_pipeline(demo.base, d["vae"] / "vae"), d["init"]),
+    )
+
+    def caches() -> None:
+        data_cfg = s1_cfg.data
+        compute_latents(
+            d["data"], str(d["init"]), d["latents"], backbone="cogvideox", data=data_cfg, progress=progress
+        )
+        compute_targets(d["data"], d["stage1"], d["targets"], raw=True, progress=progress)
+
+    step("latents + teacher targets", False, caches)  # resumable caches; cheap when complete
+
+    base_cfg = replace(demo.base_training, model=str(d["init"]))
+
+    def base() -> None:
+        train_stage2(d["latents"], d["base"], base_cfg, resume="latest", progress=progress, command=cmd)
+        link_tree(d["init"], d["pipeline"], {"transformer": d["base"] / "transformer"})
+
+    step("base model (from scratch, no alignment)", _done(d["pipeline"] / "model_index.json"), base)
+
+    def train_arms() -> None:
+        for arm in demo.arms:
+            if _done(arms[arm] / "metrics.json"):
+                continue
+            cfg = replace(
+                demo.arm_training, model=str(d["pipeline"]), align=replace(demo.arm_training.align, mode=arm)
+            )
+            print(f"[demo] arm {arm}: {ARM_TITLES.get(arm, arm)}", flush=True)
+            train_stage2(
+                d["latents"], arms[arm], cfg, targets_cache=d["targets"], resume="latest", progress=progress,
+                command=cmd,
+            )  # fmt: skip
+
+    step(
+        f"fine-tuning arms ({', '.join(demo.arms)})",
+        all(_done(arms[a] / "metrics.json") for a in demo.arms),
+        train_arms,
+    )
+
+    prompts = [
+        json.loads(line)["caption"] for line in (d["eval"] / "metadata.jsonl").read_text().splitlines()
+    ]
+
+    def generate_and_judge() -> None:
+        for name, run in arms.items():
+            videos = run / "videos"
+            if not _done(videos / "metadata.jsonl"):
+                print(f"[demo] generating {len(prompts)} videos: {name}", flush=True)
+                generate(
+                    run, prompts, videos, num_frames=demo.base.num_frames, height=demo.base.height,
+                    width=demo.base.width, steps=demo.generation_steps, guidance_scale=demo.guidance_scale,
+                    seed=demo.eval_seed, base=str(d["init"]) if name == "base" else str(d["pipeline"]),
+                    progress=False,
+                )  # fmt: skip
+            if not _done(videos / "judge.json"):
+                judge_folder(videos)
+        if not _done(d["eval"] / "judge.json"):
+            judge_folder(d["eval"])
+
+    step(
+        "generate + judge",
+        all(_done(r / "videos" / "judge.json") for r in arms.values()) and _done(d["eval"] / "judge.json"),
+        generate_and_judge,
+    )
+    summary = {"preset": preset, "seconds_this_run": None, "step_seconds": step.seconds}
+    step("report", False, lambda: summary.update(write_report(out, d, arms, recipe, prompts)))
+    summary["seconds_this_run"] = round(time.time() - t0, 1)
+    write_json(out / "summary.json", summary)
+    print((out / "report.md").read_text())
+    print(f"[demo] finished in {summary['seconds_this_run']} s; report: {out / 'report.md'}")
+    return summary
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def write_report(
+    out: Path, d: dict[str, Path], arms: dict[str, Path], recipe: Recipe, prompts: list[str]
+) -> dict:
+    """report.md, side_by_side.gif and arms_loss.png from the finished runs; returns the figures it reports."""
+    from moalign.plots import plot_curves
+    from moalign.report import arm_table
+    from moalign.training import RunLogger
+
+    demo: DemoConfig = recipe.demo
+    judged = {"playground clips (reference)": _json(d["eval"] / "judge.json")}
+    judged["base model (before fine-tuning)"] = _json(arms["base"] / "videos" / "judge.json")
+    for arm in demo.arms:
+        judged[f"{arm}: {ARM_TITLES.get(arm, arm)}"] = _json(arms[arm] / "videos" / "judge.json")
+    table = arm_table(judged)
+    pre = _json(d["encoder"] / "pretrain.json")["metrics"]
+    s1 = _json(d["stage1"] / "metrics.json")
+    vae = _json(d["vae"] / "metrics.json")
+    base = _json(d["base"] / "metrics.json")
+    arm_metrics = {a: _json(arms[a] / "metrics.json") for a in demo.arms}
+
+    for key, title in (
+        ("diffusion", "diffusion loss"),
+        ("align", "alignment loss (lambda applied in total)"),
+    ):
+        series = {}
+        for arm in demo.arms:
+            logger = RunLogger(arms[arm], enabled=False, resume_from_step=10**9)
+            xs, ys = logger.series(key)
+            if any(ys):
+                series[arm] = (xs, ys)
+        if series:
+            plot_curves(out / f"arms_{key}.png", series, title=f"fine-tuning arms: {title}")
+    write_side_by_side(
+        out / "side_by_side.gif",
+        {name: run / "videos" for name, run in arms.items()},
+        d["eval"],
+        demo.gif_prompts,
+    )
+
+    b = demo.base
+    arm_rows = "\n".join(
+        f"| {a} | {ARM_TITLES.get(a, a)} | {m.get('diffusion', float('nan')):.4f} | "
+        f"{m.get('align', 0.0):.4f} | {m['train_seconds']} |"
+        for a, m in arm_metrics.items()
+    )
+    report = f"""# moalign demo ({recipe_name(recipe)})
+
+Training data: {recipe.synth.num_clips} playground clips ({recipe.synth.num_frames} frames,
+{recipe.synth.height}x{recipe.synth.width}). Prompts: the captions of {len(prompts)} held-out scenes
+(playground seed {demo.eval_seed}); one video per prompt and arm, seeded alike across arms.
+
+## Judged videos (toy VideoPhy2 judge)
+
+{table}
+
+Rows: the judge on the held-out playground clips themselves (its ceiling), the base model, and the
+fine-tuning arms, all from the same base transformer with the same clips, order, noise and steps
+({demo.arm_training.steps} steps, batch {demo.arm_training.batch_size}, lr {demo.arm_training.lr}); only the
+alignment differs (block {list(demo.arm_training.align.layers)} 0-based, lambda {demo.arm_training.align.lam}).
+Joint = SA and PC both pass. PC alone can be gamed by a still video: read it with motion and Joint.
+
+## Stages
 
 | step | result |
 |---|---|
-| encoder pretraining (masked autoencoding) | masked-patch MSE {pre["first_mse"]:.3f} -> {pre["final_mse"]:.3f} (one constant colour: {pre.get("constant_colour_mse", float("nan")):.3f}) |
-| stage 1 val EPE (held-out clips, px) | {s1["val_epe"]:.4f} |
-| zero-motion EPE on the same clips (px) | {s1["zero_flow_epe"]:.4f} |
-| ratio (lower is better; 1.0 = no motion learnt) | {s1["val_epe_ratio"]:.2f} |
+| encoder pretraining (masked autoencoding) | masked-patch MSE {pre["first_mse"]:.4f} -> {pre["final_mse"]:.4f} |
+| stage 1: val EPE / zero-flow EPE (px, held-out clips) | {s1["val_epe"]:.4f} / {s1["zero_flow_epe"]:.4f} (ratio {s1["val_epe_ratio"]:.2f}) |
+| base VAE ({"x".join(str(c) for c in b.vae_channels)} channels, {b.latent_channels} latent) | val PSNR {vae["val_psnr_db"]:.1f} dB after {vae["steps"]} steps |
+| base transformer ({b.num_layers} blocks, {b.num_attention_heads * b.attention_head_dim}-d), from scratch | diffusion loss {base.get("diffusion", float("nan")):.4f} after {base["steps"]} steps |
 
-Curves: `encoder/loss_curve.png`, `stage1/loss_curve.png`. The stage-2 teacher is
-`stage1/motion_projector.safetensors`.
+| arm | alignment | final diffusion loss | final alignment loss | seconds |
+|---|---|---|---|---|
+{arm_rows}
+
+Files: `side_by_side.gif` (rows: prompts; columns: {", ".join(arms)}), `arms_diffusion.png`,
+`arms_align.png`, each run's `loss_curve.png`, `base/vae_run/reconstruction.png`, every video under
+`arms/ARM/videos/` and `base/run/videos/` with its `judge.json`.
 """
     write_text(out / "report.md", report)
-    print(report)
-    print(f"[demo] finished in {summary['seconds_this_run']} s; report: {out / 'report.md'}")
-    return summary
+    return {
+        "judge": {k: v["aggregate"] for k, v in judged.items()},
+        "stage1": s1,
+        "vae": vae,
+        "base": base,
+        "arms": arm_metrics,
+    }
+
+
+def recipe_name(recipe: Recipe) -> str:
+    from moalign.config import PRESETS
+
+    for name, make in PRESETS.items():
+        if make() == recipe:
+            return f"{name} preset"
+    return "custom recipe"
+
+
+def write_side_by_side(
+    path: Path, folders: dict[str, Path], reference: Path, rows: int, fps: float = 8.0
+) -> None:
+    """An animated GIF: one row per prompt (the first `rows`), the reference clip then one column per folder."""
+    from PIL import Image
+
+    from moalign.video_io import read_video
+
+    def videos(folder: Path) -> list[np.ndarray]:
+        lines = (folder / "metadata.jsonl").read_text().splitlines()[:rows]
+        return [read_video(folder / json.loads(line)["video"])[0] for line in lines]
+
+    columns = [videos(reference)] + [videos(f) for f in folders.values()]
+    t = min(len(v) for col in columns for v in col)
+    frames = []
+    for i in range(t):
+        grid = np.concatenate(
+            [np.concatenate([np.pad(col[r][i], ((1, 1), (1, 1), (0, 0))) for col in columns], axis=1) for r in range(len(columns[0]))],
+            axis=0,
+        )  # fmt: skip
+        frames.append(Image.fromarray(grid))
+    with atomic_path(path) as tmp:
+        frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0
+        )

@@ -112,7 +112,11 @@ def generate(
     if not prompts:
         raise MoalignError("no prompts to generate: the prompts file is empty")
     if pipeline is None:
-        pipeline, _ = load_pipeline(model, backbone, base)
+        pipeline, spec = load_pipeline(model, backbone, base)
+    else:
+        spec = get_backbone(backbone or ("wan" if type(pipeline).__name__.startswith("Wan") else "cogvideox"))
+    # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
+    text_length = spec.text_length(pipeline.transformer.config)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=not progress)
     out_dir = Path(out_dir)
@@ -127,6 +131,7 @@ def generate(
             width=width,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
+            max_sequence_length=text_length,
             generator=gen,
             output_type="np",
         )
