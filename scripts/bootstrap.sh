@@ -27,6 +27,6 @@ fi
 STAMP="$VENV/.moalign-installed"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "[bootstrap] installing moalign (editable) and its dependencies"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,demo]"
   touch "$STAMP"
 fi

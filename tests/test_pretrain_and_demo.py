@@ -8,6 +8,7 @@ import torch
 from transformers import VideoMAEModel
 
 import moalign.demo as demo_mod
+from moalign.basemodel import BaseModelConfig
 from moalign.config import MAEModelConfig, PretrainEncoderConfig, get_preset
 from moalign.data import DataConfig
 from moalign.encoder import EncoderConfig, VideoEncoder
@@ -20,6 +21,10 @@ MICRO_MODEL = MAEModelConfig(
     decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
 )  # fmt: skip
 MICRO_DATA = DataConfig(num_frames=9, height=32, width=32)
+MICRO_BASE = BaseModelConfig(
+    num_frames=9, height=32, width=32, vae_channels=(8, 8, 8), latent_channels=4, vae_steps=2, vae_val_clips=2,
+    text_length=16, num_layers=2, num_attention_heads=2, attention_head_dim=8, log_every=1,
+)  # fmt: skip
 
 
 def test_tube_mask_hides_the_same_patches_in_every_tubelet():
@@ -61,22 +66,48 @@ def _micro_recipe():
                          batch_size=4, log_every=1),
         stage1=replace(base.stage1, data=MICRO_DATA, encoder=replace(base.stage1.encoder, input_size=(32, 32)),
                        val_clips=3, steps=4, batch_size=4, val_every=2, checkpoint_every=2, log_every=1),
+        demo=replace(
+            base.demo, base=MICRO_BASE, eval_clips=2, generation_steps=2, gif_prompts=2,
+            base_training=replace(base.demo.base_training, steps=2, batch_size=4, log_every=1),
+            arm_training=replace(base.demo.arm_training, steps=2, batch_size=4, log_every=1, checkpoint_every=1),
+        ),
     )  # fmt: skip
 
 
 def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_mod, "get_preset", lambda name: _micro_recipe())
     summary = demo_mod.run_demo(tmp_path / "demo", progress=False)
+    out = tmp_path / "demo"
     assert summary["stage1"]["steps"] == 4 and summary["stage1"]["zero_flow_epe"] > 0
-    report = (tmp_path / "demo" / "report.md").read_text()
+    report = (out / "report.md").read_text()
     assert "val EPE" in report and f"{summary['stage1']['val_epe']:.4f}" in report
-    stamp = (tmp_path / "demo" / "stage1" / "metrics.json").stat().st_mtime_ns
+    # every arm was judged on every held-out prompt, and the table reports each with an interval
+    assert set(summary["judge"]) >= {"base model (before fine-tuning)", "playground clips (reference)"}
+    for arm in ("none", "trd", "moalign"):
+        judged = json.loads((out / "arms" / arm / "videos" / "judge.json").read_text())
+        assert len(judged["videos"]) == 2
+        assert f"| {arm}: {demo_mod.ARM_TITLES[arm]} |" in report
+        cfg = json.loads((out / "arms" / arm / "config.json").read_text())["config"]
+        assert cfg["align"]["mode"] == arm and cfg["model"] == str(out / "base" / "pipeline")
+    assert summary["arms"]["none"]["align_mode"] == "none" and summary["arms"]["moalign"]["align"] > 0
+    # the arms differ only in alignment: the same data order and noise make step 0's diffusion loss equal
+    first = {
+        a: json.loads((out / "arms" / a / "log.jsonl").read_text().splitlines()[0]) for a in ("none", "trd")
+    }
+    assert first["none"]["diffusion"] == first["trd"]["diffusion"]
+    assert (out / "side_by_side.gif").is_file() and (out / "arms_diffusion.png").is_file()
+    # the playground clips themselves are the judge's ceiling
+    assert summary["judge"]["playground clips (reference)"]["pc"] > 0.5
+    stamp = (out / "stage1" / "metrics.json").stat().st_mtime_ns
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
     monkeypatch.setattr("moalign.pretrain_encoder.pretrain_encoder", must_not_run)
     monkeypatch.setattr("moalign.stage1.train_stage1", must_not_run)
+    monkeypatch.setattr("moalign.basemodel.train_vae", must_not_run)
+    monkeypatch.setattr("moalign.stage2.train_stage2", must_not_run)
+    monkeypatch.setattr("moalign.generate.generate", must_not_run)
     again = demo_mod.run_demo(tmp_path / "demo", progress=False)
     assert again["stage1"] == json.loads((tmp_path / "demo" / "stage1" / "metrics.json").read_text())
     assert (tmp_path / "demo" / "stage1" / "metrics.json").stat().st_mtime_ns == stamp

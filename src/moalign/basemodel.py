@@ -77,10 +77,13 @@ class BaseModelConfig:
             if isinstance(value, str):
                 value = tuple(int(s) for s in value.split(",") if s.strip())
             object.__setattr__(self, name, tuple(value))
-        if (self.vae_window - 1) % 4 != 0 or self.vae_window > self.num_frames:
-            raise ValueError(
-                f"vae_window must be 4k+1 and at most num_frames={self.num_frames}, got {self.vae_window}"
-            )
+        for name in ("num_frames", "vae_window"):
+            n = getattr(self, name)
+            # the CogVideoX VAE decodes an odd number of latent frames back to 4k+1 frames (13 -> 49, 5 -> 17)
+            if (n - 1) % 4 != 0 or ((n - 1) // 4) % 2 != 0:
+                raise ValueError(f"{name} must be 8k+1 (9, 17, 25, 33, 49, ...), got {n}")
+        if self.vae_window > self.num_frames:
+            raise ValueError(f"vae_window ({self.vae_window}) must be at most num_frames ({self.num_frames})")
 
     @property
     def spatial_compression(self) -> int:

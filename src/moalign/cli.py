@@ -236,9 +236,17 @@ def cmd_targets(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from moalign.config import apply_overrides
     from moalign.demo import run_demo
 
-    run_demo(args.out, preset=args.preset, progress=not args.quiet)
+    recipe = _recipe(args)
+    try:
+        recipe = apply_overrides(
+            recipe, args.overrides
+        )  # whole-recipe keys: stage1.steps=500, demo.base.vae_steps=100
+    except (ValueError, TypeError) as err:
+        raise MoalignError(f"bad configuration: {err}") from err
+    run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
 
 
 # ---- parser -----------------------------------------------------------------------------------------------
@@ -264,13 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the pipeline end to end on the synthetic physics playground")
     p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
     p.add_argument("--preset", default="tiny", help="tiny (2 CPU cores, minutes) or small (a GPU)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set stage1.steps=500 --set demo.arm_training.steps=100 (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("config", help="print a preset's resolved configuration as JSON")
     _add_preset(p)
     p.add_argument(
-        "--part", choices=["synth", "pretrain", "stage1", "stage2"], help="only this stage's config"
+        "--part", choices=["synth", "pretrain", "stage1", "stage2", "demo"], help="only this stage's config"
     )
     p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(fn=cmd_config)

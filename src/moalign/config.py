@@ -268,6 +268,23 @@ def small() -> Recipe:
             val_clips=64, steps=4000, batch_size=32, lr=1e-3, warmup_steps=200, val_every=500,
             checkpoint_every=1000, mixed_precision="bf16",
         ),
+        demo=DemoConfig(
+            base=BaseModelConfig(
+                height=128, width=128, vae_channels=(32, 64, 64), vae_steps=3000, vae_batch_size=8, vae_window=17,
+                vae_val_clips=32, num_layers=8, num_attention_heads=6, attention_head_dim=64, mixed_precision="bf16",
+            ),
+            base_training=replace(
+                base.demo.base_training, steps=10000, batch_size=32, lr=5e-4, warmup_steps=200,
+                checkpoint_every=1000, mixed_precision="bf16",
+            ),
+            arm_training=replace(
+                base.demo.arm_training, steps=1000, batch_size=32, lr=1e-4, warmup_steps=50, checkpoint_every=250,
+                mixed_precision="bf16",
+                align=replace(base.demo.arm_training.align, layers=(4,),
+                              projector=AlignProjectorConfig(hidden_dim=512, grid_match="resample_teacher")),
+            ),
+            eval_clips=64,
+        ),
     )  # fmt: skip
 
 

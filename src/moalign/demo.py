@@ -149,7 +149,8 @@ def run_demo(
     )
 
     def caches() -> None:
-        data_cfg = s1_cfg.data
+        b = demo.base
+        data_cfg = replace(s1_cfg.data, num_frames=b.num_frames, height=b.height, width=b.width)
         compute_latents(
             d["data"], str(d["init"]), d["latents"], backbone="cogvideox", data=data_cfg, progress=progress
         )
