@@ -146,8 +146,13 @@ def train_stage2(
         ) from err
     counts = parameter_counts(transformer=transformer, align_projector=aligner)
     accelerator.print(
-        f"[stage2] {cfg.backbone}: {len(spec.blocks(transformer))} blocks, token grid {grid}, align {cfg.align.mode} "
-        f"at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}; {len(ids)} clips\n"
+        f"[stage2] {cfg.backbone}: {len(spec.blocks(transformer))} blocks, token grid {grid}, align {cfg.align.mode}"
+        + (
+            f" at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}"
+            if cfg.align.mode != "none"
+            else ""
+        )
+        + f"; {len(ids)} clips\n"
         f"[stage2] {format_parameter_counts(counts)}"
     )
 
