@@ -51,6 +51,8 @@ def test_config_lists_presets(capsys):
         (["synth", "--out", "/tmp/moalign-x", "--num-frames", "16"], "4k\\+1"),
         (["stage1", "--data", "d", "--out", "o", "--set", "bogus=1"], "unknown config field"),
         (["convert-videomaev2", "/nonexistent/ckpt.pth", "/tmp/moalign-out"], "ckpt.pth"),
+        (["demo", "--out", "/tmp/moalign-x", "--set", "demo.base.vae_window=13"], "8k\\+1"),
+        (["demo", "--out", "/tmp/moalign-x", "--set", "demo.nope=1"], "unknown config field"),
     ],
 )
 def test_input_errors_exit_2_with_message(argv, match, capsys):

@@ -20,16 +20,13 @@ def _command_line() -> str:
     return "moalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _add_preset(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="named recipe (default: tiny; `moalign config --list`)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field of this stage, e.g. --set steps=200 --set data.fps=8 (repeatable)",
-    )
+def _add_preset(
+    p: argparse.ArgumentParser,
+    preset_help: str = "named recipe (default: tiny; `moalign config --list`)",
+    set_help: str = "override a config field of this stage, e.g. --set steps=200 --set data.fps=8 (repeatable)",
+) -> None:
+    p.add_argument("--preset", default="tiny", help=preset_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -57,11 +54,16 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _stage_config(args: argparse.Namespace, part: str, extra: list[str] | None = None):
+
+    return _overridden(getattr(_recipe(args), part), (extra or []) + args.overrides)
+
+
+def _overridden(cfg, overrides: list[str]):
+    """`cfg` with `--set KEY=VALUE` overrides applied; a bad key or value is a user error."""
     from moalign.config import apply_overrides
 
-    recipe = _recipe(args)
     try:
-        return apply_overrides(getattr(recipe, part), (extra or []) + args.overrides)
+        return apply_overrides(cfg, overrides)
     except (ValueError, TypeError) as err:
         raise MoalignError(f"bad configuration: {err}") from err
 
@@ -271,14 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline end to end on the synthetic physics playground")
     p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
-    p.add_argument("--preset", default="tiny", help="tiny (2 CPU cores, minutes) or small (a GPU)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set stage1.steps=500 --set demo.arm_training.steps=100 (repeatable)",
+    _add_preset(
+        p,
+        preset_help="tiny (2 CPU cores, minutes) or small (a GPU)",
+        set_help="override a recipe field, e.g. --set stage1.steps=500 --set demo.arm_training.steps=100 (repeatable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
