@@ -89,6 +89,8 @@ def run_demo(
     out: str | Path, preset: str = "tiny", progress: bool = True, recipe: Recipe | None = None
 ) -> dict:
     """Run (or resume) the demo in `out` with a named preset (or a given recipe); returns the collected metrics."""
+    import torch
+
     from moalign.basemodel import build_pipeline, save_pipeline, train_vae
     from moalign.generate import generate
     from moalign.judge import judge_folder
@@ -99,6 +101,7 @@ def run_demo(
     from moalign.stage2 import train_stage2
     from moalign.targets import compute_targets
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainings pick theirs through accelerate
     out = Path(out).resolve()  # run configs record the base pipeline's path: make it cwd-independent
     recipe = recipe or get_preset(preset)
     demo = recipe.demo
@@ -152,9 +155,15 @@ def run_demo(
         b = demo.base
         data_cfg = replace(s1_cfg.data, num_frames=b.num_frames, height=b.height, width=b.width)
         compute_latents(
-            d["data"], str(d["init"]), d["latents"], backbone="cogvideox", data=data_cfg, progress=progress
+            d["data"],
+            str(d["init"]),
+            d["latents"],
+            backbone="cogvideox",
+            data=data_cfg,
+            progress=progress,
+            device=device,
         )
-        compute_targets(d["data"], d["stage1"], d["targets"], raw=True, progress=progress)
+        compute_targets(d["data"], d["stage1"], d["targets"], raw=True, progress=progress, device=device)
 
     step("latents + teacher targets", False, caches)  # resumable caches; cheap when complete
 
@@ -198,7 +207,7 @@ def run_demo(
                     run, prompts, videos, num_frames=demo.base.num_frames, height=demo.base.height,
                     width=demo.base.width, steps=demo.generation_steps, guidance_scale=demo.guidance_scale,
                     seed=demo.eval_seed, base=str(d["init"]) if name == "base" else str(d["pipeline"]),
-                    progress=False,
+                    progress=False, device=device,
                 )  # fmt: skip
             if not _done(videos / "judge.json"):
                 judge_folder(videos)
