@@ -19,6 +19,21 @@ from torch import nn
 from moalign.backbones.spec import BackboneSpec, vae_posterior_mean
 from moalign.losses import LossParts
 
+# The released transformers' architectures (diffusers configs of THUDM/CogVideoX-2b and -5b), for presets and
+# for checking real-size shapes on the meta device without downloading anything.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "cogvideox-2b": dict(
+        num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+        text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+        max_text_seq_length=226, temporal_compression_ratio=4, use_rotary_positional_embeddings=False,
+    ),
+    "cogvideox-5b": dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+        text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+        max_text_seq_length=226, temporal_compression_ratio=4, use_rotary_positional_embeddings=True,
+    ),
+}  # fmt: skip
+
 
 def make_scheduler(snr_shift_scale: float = 3.0):
     """The CogVideoX training scheduler (2B: snr_shift_scale 3.0; 5B: 1.0), as in the released configs."""

@@ -90,6 +90,19 @@ class BackboneSpec:
         """A tiny instance of the family's real diffusers class, for CPU tests and the demo."""
         raise NotImplementedError
 
+    def architecture(self, name: str) -> nn.Module:
+        """A released model's transformer at real size on the meta device (no memory, no download): for shape
+        checks. `name` is a key of the family module's ARCHITECTURES."""
+        import importlib
+
+        import diffusers
+
+        table = importlib.import_module(type(self).__module__).ARCHITECTURES
+        if name not in table:
+            raise ValueError(f"unknown {self.name} architecture {name!r}; valid: {', '.join(table)}")
+        with torch.device("meta"):
+            return getattr(diffusers, self.transformer_class_name)(**table[name])
+
 
 def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """`from_pretrained` kwargs for a dtype, only when one is asked for: diffusers 0.42 renamed `torch_dtype`

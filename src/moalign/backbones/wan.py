@@ -16,6 +16,21 @@ from torch import nn
 from moalign.backbones.spec import BackboneSpec, vae_posterior_mean
 from moalign.losses import LossParts
 
+# The released transformers' architectures (Wan-AI/Wan2.1-T2V-1.3B / 14B, diffusers layout), for presets and
+# for checking real-size shapes on the meta device without downloading anything.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "wan2.1-1.3b": dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+    "wan2.1-14b": dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+}  # fmt: skip
+
 
 class WanSpec(BackboneSpec):
     name = "wan"
