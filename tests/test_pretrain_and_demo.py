@@ -89,6 +89,7 @@ def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
         assert f"| {arm}: {demo_mod.ARM_TITLES[arm]} |" in report
         cfg = json.loads((out / "arms" / arm / "config.json").read_text())["config"]
         assert cfg["align"]["mode"] == arm and cfg["model"] == str(out / "base" / "pipeline")
+        assert f"base_model: {out / 'base' / 'pipeline'}" in (out / "arms" / arm / "README.md").read_text()
     assert summary["arms"]["none"]["align_mode"] == "none" and summary["arms"]["moalign"]["align"] > 0
     # the arms differ only in alignment: the same data order and noise make step 0's diffusion loss equal
     first = {

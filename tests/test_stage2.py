@@ -54,6 +54,11 @@ def test_lora_run_outputs_and_pipeline_loading(caches, tmp_path):
     torch.manual_seed(0)
     pipe = spec.pipeline_class(None, None, None, spec.tiny_transformer(), spec.scheduler)
     pipe.load_lora_weights(run)  # loads straight into the diffusers pipeline
+    card = (run / "README.md").read_text()  # the model card
+    assert card.startswith(
+        "---\nlibrary_name: diffusers"
+    )  # no base_model: this run's base was built in memory
+    assert "pipe.load_lora_weights" in card and "LoRA rank 4" in card and "moalign" in card
 
 
 def test_full_finetune_saves_a_transformer_folder(caches, tmp_path):
@@ -62,6 +67,9 @@ def test_full_finetune_saves_a_transformer_folder(caches, tmp_path):
     train_stage2(caches / "latents", tmp_path / "full", _cfg("trd"), caches / "targets", progress=False)
     model = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "full" / "transformer")
     assert model.config.num_layers == 4
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert 'CogVideoXTransformer3DModel.from_pretrained("RUN/transformer"' in card and "trd" in card
+    assert "full fine-tune" in card
 
 
 def test_no_alignment_needs_no_targets(caches, tmp_path):

@@ -37,6 +37,7 @@ from moalign.config import Stage2Config, to_dict
 from moalign.errors import MoalignError
 from moalign.latents import LATENTS_KIND
 from moalign.lora import add_lora, save_lora
+from moalign.modelcard import write_model_card
 from moalign.plots import plot_curves
 from moalign.training import (
     RunLogger,
@@ -253,6 +254,10 @@ def train_stage2(
             "align_projector",
             meta,
         )
+        write_model_card(
+            out_dir, to_dict(cfg), metrics, {k: latents.fingerprint.get(k) for k in ("num_clips", "manifest_sha256", "data")},
+            lora=cfg.lora_rank > 0, pipeline_class=spec.pipeline_class.__name__,
+        )  # fmt: skip
         write_json(out_dir / "metrics.json", metrics)
         series = {k: logger.series(k) for k in ("diffusion", "align", "total")}
         plot_curves(
