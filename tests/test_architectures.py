@@ -30,3 +30,37 @@ def test_real_architecture_on_meta(family, name, blocks, width, billions, latent
 def test_unknown_architecture_lists_the_valid_ones():
     with pytest.raises(ValueError, match="cogvideox-2b"):
         get_backbone("cogvideox").architecture("cogvideox-3b")
+
+
+PRESET_ARCH = {
+    "cogvideox-2b": "cogvideox-2b",
+    "cogvideox-5b": "cogvideox-5b",
+    "wan2.1-1.3b": "wan2.1-1.3b",
+    "wan2.1-14b": "wan2.1-14b",
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_ARCH))
+def test_real_presets_fit_their_architectures(preset):
+    """Each real preset's layer exists, and P_zeta maps the hooked block's tokens (B, N, D) at the preset's
+    geometry onto a grid the teacher's tokens can be compared on."""
+    from moalign.align_projector import AlignProjector, resample_teacher
+    from moalign.config import get_preset
+
+    recipe = get_preset(preset)
+    s2, data, enc = recipe.stage2, recipe.stage1.data, recipe.stage1.encoder
+    spec = get_backbone(s2.backbone)
+    model = spec.architecture(PRESET_ARCH[preset])
+    n_blocks = len(spec.blocks(model))
+    assert all(0 <= i < n_blocks for i in s2.align.layers)
+    assert s2.lora_rank > 0 or preset == "cogvideox-2b"  # only the paper's 2B recipe is a full fine-tune
+    f, h, w = (data.num_frames - 1) // 4 + 1, data.height // 8, data.width // 8  # VAE: time /4, space /8
+    layout = (1, f, 16, h, w) if spec.latent_layout == "BFCHW" else (1, 16, f, h, w)
+    grid = spec.token_grid(model, torch.empty(layout, device="meta"))
+    teacher_grid = ((data.num_frames - 1) // 2, enc.input_size[0] // 16, enc.input_size[1] // 16)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    with torch.device("meta"):
+        proj = AlignProjector(s2.align.projector, width, grid, teacher_grid)
+        z = proj(torch.empty(1, grid[0] * grid[1] * grid[2], width))  # what the hook sees, projected
+        m = resample_teacher(torch.empty(1, *teacher_grid, 64), proj.output_grid)
+    assert z.shape == m.shape == (1, *proj.output_grid, 64)

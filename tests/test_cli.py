@@ -38,7 +38,7 @@ def test_console_script_help():
 def test_config_lists_presets(capsys):
     assert main(["config", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and "videorepa-2b" in out
+    assert "tiny" in out and "cogvideox-2b" in out
 
 
 @pytest.mark.parametrize(

@@ -288,8 +288,8 @@ def small() -> Recipe:
     )  # fmt: skip
 
 
-def videorepa_2b() -> Recipe:
-    """Real data at the CogVideoX-2B geometry (SPEC Sec. 2): 49 frames at 480x720 -> VideoMAEv2 ViT-B at 160x240.
+def cogvideox_2b() -> Recipe:
+    """The paper's recipe: CogVideoX-2B full fine-tune, 49 frames at 480x720, VideoMAEv2 ViT-B at 160x240.
 
     Stage-1 optimisation settings are ours (the paper gives none); the encoder folder comes from
     `moalign convert-videomaev2 vit_b_k710_dl_from_giant.pth ...` and is passed with --encoder.
@@ -332,10 +332,62 @@ def videorepa_2b() -> Recipe:
     )
 
 
+def cogvideox_5b() -> Recipe:
+    """CogVideoX-5B with LoRA (rank 128, alpha 64, lr 1e-4), same data geometry and teacher as cogvideox-2b.
+
+    The paper gives no layer for 5B: block 23 of 42 (0-based) sits at the relative depth of 2B's block 17 of 30.
+    """
+    base = cogvideox_2b()
+    return replace(
+        base,
+        stage2=replace(
+            base.stage2, model="THUDM/CogVideoX-5b", align=replace(base.stage2.align, layers=(23,)), lora_rank=128,
+            lora_alpha=64.0, lr=1e-4,
+        ),
+    )  # fmt: skip
+
+
+def _wan(model: str, layer: int) -> Recipe:
+    """Wan2.1 T2V: 81 frames at 480x832, 16 fps; teacher VideoMAEv2 ViT-B at 160x272 (40 x 10 x 17 tokens).
+
+    The teacher is resampled to the latent grid (21 x 30 x 52) instead of VideoREPA's strided conv, whose
+    stride does not divide Wan's 52 latent columns; the block-wise relational loss keeps memory bounded.
+    LoRA by default (rank 64, alpha 64, lr 1e-4, as the community Wan trainers); the layer sits at the relative
+    depth of the paper's CogVideoX-2B choice (block 17 of 30).
+    """
+    base = cogvideox_2b()
+    data = DataConfig(num_frames=81, height=480, width=832, fps=16.0)
+    return replace(
+        base,
+        pretrain=PretrainEncoderConfig(data=data),
+        stage1=replace(base.stage1, data=data, encoder=replace(base.stage1.encoder, input_size=(160, 272))),
+        stage2=replace(
+            base.stage2, backbone="wan", model=model, lora_rank=64, lora_alpha=64.0, lr=1e-4,
+            align=replace(
+                base.stage2.align, layers=(layer,),
+                projector=replace(base.stage2.align.projector, grid_match="resample_teacher"),
+            ),
+        ),
+    )  # fmt: skip
+
+
+def wan21_1_3b() -> Recipe:
+    """Wan2.1-T2V-1.3B, LoRA, block 17 of 30 (0-based); see _wan for the shared choices."""
+    return _wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 17)
+
+
+def wan21_14b() -> Recipe:
+    """Wan2.1-T2V-14B, LoRA, block 23 of 40 (0-based); see _wan for the shared choices."""
+    return _wan("Wan-AI/Wan2.1-T2V-14B-Diffusers", 23)
+
+
 PRESETS: dict[str, typing.Callable[[], Recipe]] = {
     "tiny": tiny,
     "small": small,
-    "videorepa-2b": videorepa_2b,
+    "cogvideox-2b": cogvideox_2b,
+    "cogvideox-5b": cogvideox_5b,
+    "wan2.1-1.3b": wan21_1_3b,
+    "wan2.1-14b": wan21_14b,
 }
 
 
