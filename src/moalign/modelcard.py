@@ -24,6 +24,10 @@ def model_card(
     align = config["align"]
     base = config.get("model") or "(a transformer built in memory)"
     mode = align["mode"]
+    transformer_class = (
+        "WanTransformer3DModel" if config["backbone"] == "wan" else "CogVideoXTransformer3DModel"
+    )
+    imports = pipeline_class if lora else f"{pipeline_class}, {transformer_class}"
     aligned = (
         f"block(s) {list(align['layers'])} (0-based), lambda {align['lam']}, tau {align['tau']}, "
         f"margin {align['margin'] if align['margin'] is not None else 'the loss default'}"
@@ -37,9 +41,6 @@ def model_card(
         )
         weights = f"LoRA rank {config['lora_rank']}, alpha {config['lora_alpha'] or config['lora_rank']}"
     else:
-        transformer_class = (
-            "WanTransformer3DModel" if config["backbone"] == "wan" else "CogVideoXTransformer3DModel"
-        )
         load = (
             f'transformer = {transformer_class}.from_pretrained("RUN/transformer", torch_dtype=torch.bfloat16)\n'
             f'pipe = {pipeline_class}.from_pretrained("{base}", transformer=transformer, torch_dtype=torch.bfloat16)'
@@ -66,7 +67,7 @@ tags: [text-to-video, moalign, {config["backbone"]}, align-{mode}]
 
 ```python
 import torch
-from diffusers import {pipeline_class}{", " + ("WanTransformer3DModel" if config["backbone"] == "wan" else "CogVideoXTransformer3DModel") if not lora else ""}
+from diffusers import {imports}
 
 {load}
 ```
