@@ -306,7 +306,7 @@ Joint = SA and PC both pass. PC alone can be gamed by a still video: read it wit
 |---|---|---|---|---|
 {arm_rows}
 
-Files: `side_by_side.gif` (rows: prompts; columns: {", ".join(arms)}), `arms_diffusion.png`,
+Files: `side_by_side.gif` (rows: prompts; columns: the held-out clip, then {", ".join(arms)}), `arms_diffusion.png`,
 `arms_align.png`, each run's `loss_curve.png`, `base/vae_run/reconstruction.png`, every video under
 `arms/ARM/videos/` and `base/run/videos/` with its `judge.json`.
 """
