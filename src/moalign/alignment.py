@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moalign.align_projector import AlignProjector, AlignProjectorConfig, resample_teacher
+from moalign.backbones.spec import unwrap
 from moalign.capture import FeatureCapture
 from moalign.losses import LossParts, repa_loss, soft_relational_loss, token_relation_distillation
 from moalign.tokens import grid_to_frames, grid_to_tokens
@@ -127,7 +128,7 @@ def stage2_loss(
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
     teacher: torch.Tensor | None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,  # a list: one per sample
 ) -> LossParts:
     """One stage-2 training forward: diffusion loss, alignment loss on the hooked blocks, and the total.
 
@@ -143,13 +144,14 @@ def stage2_loss(
         LossParts: `diffusion`, `align` (0 for "none"), `spatial`/`temporal` when relational, and
         `total` = diffusion + lambda * align (the only place lambda is applied).
     """
-    if aligner.cfg.mode == "none":
+    cfg = unwrap(aligner).cfg  # attributes from the module; forwards through the (maybe DDP-wrapped) wrapper
+    if cfg.mode == "none":
         parts = spec.diffusion_loss(transformer, latents, prompt_embeds, generator)
         zero = parts["diffusion"].new_zeros(())
         return LossParts(diffusion=parts["diffusion"], align=zero, total=parts["diffusion"])
-    with FeatureCapture(spec.blocks(transformer), aligner.cfg.layers, select=spec.video_tokens) as cap:
+    with FeatureCapture(spec.blocks(unwrap(transformer)), cfg.layers, select=spec.video_tokens) as cap:
         diff = spec.diffusion_loss(transformer, latents, prompt_embeds, generator)
-        captured = {layer: cap[layer] for layer in aligner.cfg.layers}
+        captured = {layer: cap[layer] for layer in cfg.layers}
     align = aligner(captured, teacher)
-    total = diff["diffusion"] + aligner.cfg.lam * align["align"]
+    total = diff["diffusion"] + cfg.lam * align["align"]
     return LossParts(diffusion=diff["diffusion"], **align, total=total)

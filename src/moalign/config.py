@@ -315,14 +315,15 @@ def cogvideox_2b() -> Recipe:
             mixed_precision="bf16",
         ),
         # the paper's CogVideoX-2B recipe (SPEC Sec. 3): full fine-tune, block 17 ("layer 18"), lambda 0.5,
-        # tau 10, lr 2e-6, bf16, 4,000 steps at a global batch of 32 (batch_size is per process)
+        # tau 10, lr 2e-6, bf16, 4,000 steps at a global batch of 32 (stage 2's batch_size is the global batch,
+        # split evenly across processes: 4 per GPU on 8 GPUs)
         stage2=Stage2Config(
             backbone="cogvideox",
             model="THUDM/CogVideoX-2b",
             align=AlignConfig(mode="moalign", layers=(17,), lam=0.5, tau=10.0),
             lora_rank=0,
             steps=4000,
-            batch_size=4,
+            batch_size=32,
             lr=2e-6,
             warmup_steps=100,
             gradient_checkpointing=True,

@@ -173,10 +173,15 @@ def train_stage2(
         aligner.load_state_dict(load_module_file(ckpt / "align_projector.safetensors", "align_projector")[0])
         start_step = restore_training_state(ckpt, optimizer, scheduler)
         accelerator.print(f"[stage2] resumed from {ckpt} at step {start_step}")
-    transformer, aligner, optimizer, scheduler = accelerator.prepare(
-        transformer, aligner, optimizer, scheduler
-    )
+    # The LR schedule stays ours: one step per global step. (accelerate's wrapper would step it once per process,
+    # so a run's schedule would depend on how many processes share the global batch.)
+    transformer, aligner, optimizer = accelerator.prepare(transformer, aligner, optimizer)
     device = accelerator.device
+    if cfg.batch_size % accelerator.num_processes:
+        raise MoalignError(
+            f"batch_size {cfg.batch_size} is the global batch and must split evenly over {accelerator.num_processes} "
+            f"processes; use a multiple of {accelerator.num_processes} (--set batch_size=...)"
+        )
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,12 +197,14 @@ def train_stage2(
     )
     for step in bar:
         idx = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
-        idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
+        positions = list(range(accelerator.process_index, len(idx), accelerator.num_processes))
+        idx = idx[positions].tolist()
         items = [latents[ids[j]] for j in idx]
         lat = torch.stack([it["latents"] for it in items]).to(device)
         emb = torch.stack([it["prompt_embeds"] for it in items]).to(device)
         teacher = torch.stack([targets[ids[j]][key] for j in idx]).to(device) if targets is not None else None
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + accelerator.process_index)
+        # one generator per sample, keyed by its position in the global batch: same noise however it is split
+        gen = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 10_007 + j) for j in positions]
         with accelerator.autocast():
             parts = stage2_loss(spec, transformer, aligner, lat, emb, teacher, gen)
         check_finite(step, parts)
@@ -209,10 +216,15 @@ def train_stage2(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
-            logger.log(step, **parts.scalars(), lr=scheduler.get_last_lr()[0])
-            bar.set_postfix(
-                diff=f"{float(parts.diffusion.detach()):.3f}", align=f"{float(parts.align.detach()):.3f}"
-            )
+            scalars = parts.scalars()
+            if (
+                accelerator.num_processes > 1
+            ):  # the global batch's mean, not rank 0's share (all ranks call this)
+                names = sorted(scalars)
+                mean = accelerator.reduce(torch.tensor([scalars[k] for k in names], device=device), "mean")
+                scalars = dict(zip(names, mean.tolist(), strict=True))
+            logger.log(step, **scalars, lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
         if cfg.validate_every and done % cfg.validate_every == 0 and accelerator.is_main_process:
             validate(
                 spec, accelerator.unwrap_model(transformer), cfg, out_dir / "validation" / f"step-{done}"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec, vae_posterior_mean
+from moalign.backbones.spec import BackboneSpec, per_sample, unwrap, vae_posterior_mean
 from moalign.losses import LossParts
 
 # The released transformers' architectures (diffusers configs of THUDM/CogVideoX-2b and -5b), for presets and
@@ -57,7 +57,7 @@ def rotary_embedding(transformer: nn.Module, grid: tuple[int, int, int], device:
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-    cfg = transformer.config
+    cfg = unwrap(transformer).config
     if not cfg.use_rotary_positional_embeddings:
         return None
     f, h, w = grid
@@ -103,7 +103,8 @@ class CogVideoXSpec(BackboneSpec):
 
     def token_grid(self, transformer: nn.Module, latents: torch.Tensor) -> tuple[int, int, int]:
         _, f, _, h, w = latents.shape
-        p, pt = transformer.config.patch_size, transformer.config.patch_size_t or 1
+        cfg = unwrap(transformer).config
+        p, pt = cfg.patch_size, cfg.patch_size_t or 1
         return (f + pt - 1) // pt, h // p, w // p
 
     def predict(self, transformer, noisy_latents, timesteps, prompt_embeds):
@@ -120,10 +121,14 @@ class CogVideoXSpec(BackboneSpec):
     def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
         b = latents.shape[0]
         sched = self.scheduler
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(
+        shape, steps = latents.shape[1:], sched.config.num_train_timesteps
+        noise = per_sample(
+            generator, lambda n, g: torch.randn((n, *shape), generator=g, dtype=latents.dtype), b
+        )
+        noise = noise.to(latents.device)
+        t = per_sample(generator, lambda n, g: torch.randint(0, steps, (n,), generator=g), b).to(
             latents.device
         )
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         v_hat = self.predict(transformer, noisy, t, prompt_embeds)
         x0_hat = sched.get_velocity(v_hat, noisy, t)  # sqrt(a) x_t - sqrt(1 - a) v_hat

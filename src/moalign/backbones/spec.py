@@ -104,6 +104,28 @@ class BackboneSpec:
             return getattr(diffusers, self.transformer_class_name)(**table[name])
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DDP / FSDP / accelerate wrapper: its config, blocks and hooks live there."""
+    return getattr(module, "module", module)
+
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def per_sample(generator: Generators, draw, batch: int) -> torch.Tensor:
+    """Random draws for a batch: `draw(n, gen)` returns n draws (along dim 0).
+
+    With a list of generators (one per sample, seeded by the sample's global position in the step's batch) each
+    sample draws from its own generator, so its noise does not depend on how the batch is split across
+    processes: a two-process run then trains exactly like one process with the same global batch.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        return torch.cat([draw(1, g) for g in generator])
+    return draw(batch, generator)
+
+
 def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """`from_pretrained` kwargs for a dtype, only when one is asked for: diffusers 0.42 renamed `torch_dtype`
     to `dtype` and warns on the old name, which older releases still need."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec, vae_posterior_mean
+from moalign.backbones.spec import BackboneSpec, per_sample, unwrap, vae_posterior_mean
 from moalign.losses import LossParts
 
 # The released transformers' architectures (Wan-AI/Wan2.1-T2V-1.3B / 14B, diffusers layout), for presets and
@@ -52,7 +52,7 @@ class WanSpec(BackboneSpec):
 
     def token_grid(self, transformer: nn.Module, latents: torch.Tensor) -> tuple[int, int, int]:
         _, _, f, h, w = latents.shape
-        pt, ph, pw = transformer.config.patch_size
+        pt, ph, pw = unwrap(transformer).config.patch_size
         return f // pt, h // ph, w // pw
 
     def predict(self, transformer, noisy_latents, timesteps, prompt_embeds):
@@ -72,10 +72,12 @@ class WanSpec(BackboneSpec):
 
     def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(
-            latents.device
+        shape = latents.shape[1:]
+        noise = per_sample(
+            generator, lambda n, g: torch.randn((n, *shape), generator=g, dtype=latents.dtype), b
         )
-        s = self.sample_sigmas(b, generator).to(latents.device, latents.dtype).view(b, 1, 1, 1, 1)
+        noise = noise.to(latents.device)
+        s = per_sample(generator, self.sample_sigmas, b).to(latents.device, latents.dtype).view(b, 1, 1, 1, 1)
         noisy = (1.0 - s) * latents + s * noise
         pred = self.predict(transformer, noisy, s.flatten() * 1000.0, prompt_embeds)
         loss = (pred.float() - (noise - latents).float()).square().mean()
