@@ -220,7 +220,7 @@ def train_vae(
     vae = build_vae(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     scheduler = cosine_with_warmup(optimizer, min(20, cfg.vae_steps // 10), cfg.vae_steps)
-    vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
+    vae, optimizer = accelerator.prepare(vae, optimizer)  # the LR schedule steps once per global step
     device = accelerator.device
     out_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(out_dir, {"base_model": _asdict(cfg)}, command)

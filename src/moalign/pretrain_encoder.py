@@ -120,7 +120,7 @@ def pretrain_encoder(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the LR schedule steps once per global step
     model.train()
 
     logger = RunLogger(out_dir, enabled=False)  # written into the folder at the end, atomically

@@ -186,7 +186,7 @@ def train_stage1(
         heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
         start_step = restore_training_state(ckpt, optimizer, scheduler)
         accelerator.print(f"[stage1] resumed from {ckpt} at step {start_step}")
-    heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
+    heads, optimizer = accelerator.prepare(heads, optimizer)  # the LR schedule steps once per global step
 
     prep = ClipPreparer(dataset, encoder, flow_source, flow_size, device, memo=cfg.feature_cache == "memory")
     if cfg.feature_cache == "memory":
