@@ -8,6 +8,7 @@ import torch
 from transformers import VideoMAEModel
 
 import moalign.demo as demo_mod
+from moalign.alignment import MODE_TITLES
 from moalign.basemodel import BaseModelConfig
 from moalign.config import MAEModelConfig, PretrainEncoderConfig, get_preset
 from moalign.data import DataConfig
@@ -86,7 +87,7 @@ def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
     for arm in ("none", "trd", "moalign"):
         judged = json.loads((out / "arms" / arm / "videos" / "judge.json").read_text())
         assert len(judged["videos"]) == 2
-        assert f"| {arm}: {demo_mod.ARM_TITLES[arm]} |" in report
+        assert f"| {arm}: {MODE_TITLES[arm]} |" in report
         cfg = json.loads((out / "arms" / arm / "config.json").read_text())["config"]
         assert cfg["align"]["mode"] == arm and cfg["model"] == str(out / "base" / "pipeline")
         assert f"base_model: {out / 'base' / 'pipeline'}" in (out / "arms" / arm / "README.md").read_text()

@@ -37,6 +37,14 @@ ALIGN_MODES: dict[str, tuple[str, str] | None] = {
     "motion-trd": ("motion", "trd"),
     "moalign": ("motion", "soft_relational"),
 }
+MODE_TITLES = {  # what each mode is, for reports and model cards
+    "none": "fine-tuned, no alignment",
+    "repa": "REPA (raw features)",
+    "trd": "VideoREPA TRD (raw features)",
+    "raw-moalign": "raw features + MoAlign loss",
+    "motion-trd": "motion features + TRD loss",
+    "moalign": "MoAlign (motion subspace)",
+}
 DEFAULT_MARGIN = {"trd": 0.1, "soft_relational": 0.0, "repa": 0.0}
 
 

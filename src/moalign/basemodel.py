@@ -72,11 +72,10 @@ class BaseModelConfig:
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
-        for name in ("vae_channels",):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = tuple(int(s) for s in value.split(",") if s.strip())
-            object.__setattr__(self, name, tuple(value))
+        channels = self.vae_channels  # JSON and CLI overrides give lists or "a,b,c" strings
+        if isinstance(channels, str):
+            channels = [int(s) for s in channels.split(",") if s.strip()]
+        object.__setattr__(self, "vae_channels", tuple(channels))
         for name in ("num_frames", "vae_window"):
             n = getattr(self, name)
             # the CogVideoX VAE decodes an odd number of latent frames back to 4k+1 frames (13 -> 49, 5 -> 17)
@@ -228,15 +227,17 @@ def train_vae(
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     vae.train()
+    model = accelerator.unwrap_model(vae)
     for step in tqdm(range(cfg.vae_steps), desc="vae", disable=not progress):
         idx = batch_indices(len(train_ids), cfg.vae_batch_size, step, cfg.seed)
         start = int(torch.randint(0, cfg.num_frames - cfg.vae_window + 1, (1,), generator=gen))
         x = _clips([dataset[train_ids[i]]["frames"] for i in idx.tolist()], device)
         x = x[:, :, start : start + cfg.vae_window]  # (B, 3, T, H, W)
         with accelerator.autocast():
-            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+            # encode/decode are not forward(): they bypass a DDP wrapper (see the issue note: single process only)
+            posterior = model.encode(x).latent_dist
             z = posterior.sample(generator=None)
-            y = accelerator.unwrap_model(vae).decode(z).sample
+            y = model.decode(z).sample
         diff = y.float() - x
         parts = {
             "mse": diff.square().mean(),
@@ -253,7 +254,7 @@ def train_vae(
         if step % cfg.log_every == 0 or step + 1 == cfg.vae_steps:
             logger.log(step, **{k: float(v.detach()) for k, v in parts.items()})
 
-    model = accelerator.unwrap_model(vae).eval()
+    model.eval()
     with torch.no_grad():
         stds = []
         for i in train_ids[: min(32, len(train_ids))]:

@@ -54,7 +54,6 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _stage_config(args: argparse.Namespace, part: str, extra: list[str] | None = None):
-
     return _overridden(getattr(_recipe(args), part), (extra or []) + args.overrides)
 
 
@@ -238,16 +237,9 @@ def cmd_targets(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from moalign.config import apply_overrides
     from moalign.demo import run_demo
 
-    recipe = _recipe(args)
-    try:
-        recipe = apply_overrides(
-            recipe, args.overrides
-        )  # whole-recipe keys: stage1.steps=500, demo.base.vae_steps=100
-    except (ValueError, TypeError) as err:
-        raise MoalignError(f"bad configuration: {err}") from err
+    recipe = _overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
     run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
 
 

@@ -29,17 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from moalign.alignment import MODE_TITLES
 from moalign.atomic import atomic_path, write_json, write_text
 from moalign.config import DemoConfig, Recipe, get_preset
-
-ARM_TITLES = {
-    "none": "fine-tuned, no alignment",
-    "repa": "REPA (raw features)",
-    "trd": "VideoREPA TRD (raw features)",
-    "raw-moalign": "raw features + MoAlign loss",
-    "motion-trd": "motion features + TRD loss",
-    "moalign": "MoAlign (motion subspace)",
-}
 
 
 class _Steps:
@@ -92,6 +84,7 @@ def run_demo(
     import torch
 
     from moalign.basemodel import build_pipeline, save_pipeline, train_vae
+    from moalign.data import read_manifest
     from moalign.generate import generate
     from moalign.judge import judge_folder
     from moalign.latents import compute_latents
@@ -182,7 +175,7 @@ def run_demo(
             cfg = replace(
                 demo.arm_training, model=str(d["pipeline"]), align=replace(demo.arm_training.align, mode=arm)
             )
-            print(f"[demo] arm {arm}: {ARM_TITLES.get(arm, arm)}", flush=True)
+            print(f"[demo] arm {arm}: {MODE_TITLES[arm]}", flush=True)
             train_stage2(
                 d["latents"], arms[arm], cfg, targets_cache=d["targets"], resume="latest", progress=progress,
                 command=cmd,
@@ -194,9 +187,7 @@ def run_demo(
         train_arms,
     )
 
-    prompts = [
-        json.loads(line)["caption"] for line in (d["eval"] / "metadata.jsonl").read_text().splitlines()
-    ]
+    prompts = [r.caption for r in read_manifest(d["eval"])]
 
     def generate_and_judge() -> None:
         for name, run in arms.items():
@@ -206,8 +197,7 @@ def run_demo(
                 generate(
                     run, prompts, videos, num_frames=demo.base.num_frames, height=demo.base.height,
                     width=demo.base.width, steps=demo.generation_steps, guidance_scale=demo.guidance_scale,
-                    seed=demo.eval_seed, base=str(d["init"]) if name == "base" else str(d["pipeline"]),
-                    progress=False, device=device,
+                    seed=demo.eval_seed, progress=False, device=device,
                 )  # fmt: skip
             if not _done(videos / "judge.json"):
                 judge_folder(videos)
@@ -238,13 +228,13 @@ def write_report(
     """report.md, side_by_side.gif and arms_loss.png from the finished runs; returns the figures it reports."""
     from moalign.plots import plot_curves
     from moalign.report import arm_table
-    from moalign.training import RunLogger
+    from moalign.training import read_log, series
 
     demo: DemoConfig = recipe.demo
     judged = {"playground clips (reference)": _json(d["eval"] / "judge.json")}
     judged["base model (before fine-tuning)"] = _json(arms["base"] / "videos" / "judge.json")
     for arm in demo.arms:
-        judged[f"{arm}: {ARM_TITLES.get(arm, arm)}"] = _json(arms[arm] / "videos" / "judge.json")
+        judged[f"{arm}: {MODE_TITLES[arm]}"] = _json(arms[arm] / "videos" / "judge.json")
     table = arm_table(judged)
     pre = _json(d["encoder"] / "pretrain.json")["metrics"]
     s1 = _json(d["stage1"] / "metrics.json")
@@ -256,14 +246,10 @@ def write_report(
         ("diffusion", "diffusion loss"),
         ("align", "alignment loss (lambda applied in total)"),
     ):
-        series = {}
-        for arm in demo.arms:
-            logger = RunLogger(arms[arm], enabled=False, resume_from_step=10**9)
-            xs, ys = logger.series(key)
-            if any(ys):
-                series[arm] = (xs, ys)
-        if series:
-            plot_curves(out / f"arms_{key}.png", series, title=f"fine-tuning arms: {title}")
+        curves = {arm: series(read_log(arms[arm]), key) for arm in demo.arms}
+        curves = {arm: xy for arm, xy in curves.items() if any(xy[1])}  # "none" has no alignment curve
+        if curves:
+            plot_curves(out / f"arms_{key}.png", curves, title=f"fine-tuning arms: {title}")
     write_side_by_side(
         out / "side_by_side.gif",
         {name: run / "videos" for name, run in arms.items()},
@@ -273,7 +259,7 @@ def write_report(
 
     b = demo.base
     arm_rows = "\n".join(
-        f"| {a} | {ARM_TITLES.get(a, a)} | {m.get('diffusion', float('nan')):.4f} | "
+        f"| {a} | {MODE_TITLES[a]} | {m.get('diffusion', float('nan')):.4f} | "
         f"{m.get('align', 0.0):.4f} | {m['train_seconds']} |"
         for a, m in arm_metrics.items()
     )
@@ -335,11 +321,11 @@ def write_side_by_side(
     """An animated GIF: one row per prompt (the first `rows`), the reference clip then one column per folder."""
     from PIL import Image
 
+    from moalign.data import read_manifest
     from moalign.video_io import read_video
 
     def videos(folder: Path) -> list[np.ndarray]:
-        lines = (folder / "metadata.jsonl").read_text().splitlines()[:rows]
-        return [read_video(folder / json.loads(line)["video"])[0] for line in lines]
+        return [read_video(r.video)[0] for r in read_manifest(folder)[:rows]]
 
     columns = [videos(reference)] + [videos(f) for f in folders.values()]
     t = min(len(v) for col in columns for v in col)

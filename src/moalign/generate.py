@@ -24,6 +24,11 @@ from moalign.errors import MoalignError
 from moalign.video_io import write_video
 
 
+def family(pipeline_class_name: str) -> str:
+    """The backbone family of a diffusers pipeline class name (WanPipeline -> wan; otherwise cogvideox)."""
+    return "wan" if pipeline_class_name.startswith("Wan") else "cogvideox"
+
+
 def load_pipeline(
     model: str | os.PathLike,
     backbone: str | None = None,
@@ -62,8 +67,7 @@ def load_pipeline(
         return pipe, spec
     if backbone is None:
         index = path / "model_index.json"
-        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
-        backbone = "wan" if name.startswith("Wan") else "cogvideox"
+        backbone = family(json.loads(index.read_text()).get("_class_name", "") if index.is_file() else "")
     spec = get_backbone(backbone)
     return spec.pipeline_class.from_pretrained(str(model), **dtype_kwargs(torch_dtype)), spec
 
@@ -114,7 +118,7 @@ def generate(
     if pipeline is None:
         pipeline, spec = load_pipeline(model, backbone, base)
     else:
-        spec = get_backbone(backbone or ("wan" if type(pipeline).__name__.startswith("Wan") else "cogvideox"))
+        spec = get_backbone(backbone or family(type(pipeline).__name__))
     # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
     text_length = spec.text_length(pipeline.transformer.config)
     pipeline.to(device)

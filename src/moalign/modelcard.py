@@ -5,28 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moalign.alignment import MODE_TITLES
 from moalign.atomic import write_text
 
-METHODS = {
-    "none": "plain fine-tuning (diffusion loss only)",
-    "repa": "REPA: per-token cosine alignment to raw video-encoder tokens",
-    "trd": "VideoREPA token relation distillation (TRD) on raw video-encoder tokens",
-    "raw-moalign": "MoAlign's soft relational loss on raw video-encoder tokens (ablation)",
-    "motion-trd": "TRD on MoAlign's motion-subspace tokens (ablation)",
-    "moalign": "MoAlign: soft relational alignment (spatial + temporally weighted) to the motion subspace",
-}
 
-
-def model_card(
-    config: dict[str, Any], metrics: dict[str, Any], data: dict[str, Any], lora: bool, pipeline_class: str
-) -> str:
-    """The card's markdown (with the Hub's YAML header) for a finished run."""
+def model_card(config: dict[str, Any], metrics: dict[str, Any], data: dict[str, Any], spec: Any) -> str:
+    """The card's markdown (with the Hub's YAML header) for a finished run of the backbone `spec`."""
     align = config["align"]
     base = config.get("model") or "(a transformer built in memory)"
     mode = align["mode"]
-    transformer_class = (
-        "WanTransformer3DModel" if config["backbone"] == "wan" else "CogVideoXTransformer3DModel"
-    )
+    lora = config["lora_rank"] > 0
+    pipeline_class, transformer_class = spec.pipeline_class.__name__, spec.transformer_class_name
     imports = pipeline_class if lora else f"{pipeline_class}, {transformer_class}"
     aligned = (
         f"block(s) {list(align['layers'])} (0-based), lambda {align['lam']}, tau {align['tau']}, "
@@ -56,7 +45,7 @@ tags: [text-to-video, moalign, {config["backbone"]}, align-{mode}]
 # {config["backbone"]} fine-tuned with moalign ({mode})
 
 - Base model: `{base}`
-- Method: {METHODS.get(mode, mode)}; alignment at {aligned}. The alignment projector
+- Method: {MODE_TITLES[mode]} (`--align {mode}`); alignment at {aligned}. The alignment projector
   (`align_projector.safetensors`) is for training only: inference is the plain pipeline.
 - Weights: {weights}.
 - Training: {config["steps"]} steps, batch {config["batch_size"]} per process, lr {config["lr"]},

@@ -146,15 +146,14 @@ def train_stage2(
             f"cannot align {grid} latent tokens to the {tuple(teacher0.shape[:3])} teacher grid: {err}"
         ) from err
     counts = parameter_counts(transformer=transformer, align_projector=aligner)
+    where = (
+        ""
+        if cfg.align.mode == "none"
+        else f" at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}"
+    )
     accelerator.print(
-        f"[stage2] {cfg.backbone}: {len(spec.blocks(transformer))} blocks, token grid {grid}, align {cfg.align.mode}"
-        + (
-            f" at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}"
-            if cfg.align.mode != "none"
-            else ""
-        )
-        + f"; {len(ids)} clips\n"
-        f"[stage2] {format_parameter_counts(counts)}"
+        f"[stage2] {cfg.backbone}: {n_blocks} blocks, token grid {grid}, align {cfg.align.mode}{where}; "
+        f"{len(ids)} clips\n[stage2] {format_parameter_counts(counts)}"
     )
 
     params = [p for p in transformer.parameters() if p.requires_grad] + list(aligner.parameters())
@@ -217,9 +216,8 @@ def train_stage2(
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
             scalars = parts.scalars()
-            if (
-                accelerator.num_processes > 1
-            ):  # the global batch's mean, not rank 0's share (all ranks call this)
+            if accelerator.num_processes > 1:
+                # the global batch's mean, not rank 0's share (every rank takes part in the reduce)
                 names = sorted(scalars)
                 mean = accelerator.reduce(torch.tensor([scalars[k] for k in names], device=device), "mean")
                 scalars = dict(zip(names, mean.tolist(), strict=True))
@@ -268,7 +266,7 @@ def train_stage2(
         )
         write_model_card(
             out_dir, to_dict(cfg), metrics, {k: latents.fingerprint.get(k) for k in ("num_clips", "manifest_sha256", "data")},
-            lora=cfg.lora_rank > 0, pipeline_class=spec.pipeline_class.__name__,
+            spec,
         )  # fmt: skip
         write_json(out_dir / "metrics.json", metrics)
         series = {k: logger.series(k) for k in ("diffusion", "align", "total")}

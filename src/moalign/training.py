@@ -30,13 +30,7 @@ class RunLogger:
         self.start = time.time()
         if self.path.is_file():
             # keep what came before the resumed step, drop lines a killed run wrote after its last checkpoint
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if row.get("step", 0) <= resume_from_step:
-                    self.history.append(row)
+            self.history = [r for r in read_log(run_dir) if r.get("step", 0) <= resume_from_step]
             if enabled:
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
@@ -49,8 +43,24 @@ class RunLogger:
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged scalar."""
-        rows = [r for r in self.history if key in r]
-        return [r["step"] for r in rows], [r[key] for r in rows]
+        return series(self.history, key)
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of RUN/log.jsonl, skipping a last line cut by a kill."""
+    rows = []
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged scalar."""
+    picked = [r for r in rows if key in r]
+    return [r["step"] for r in picked], [r[key] for r in picked]
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec, per_sample, unwrap, vae_posterior_mean
+from moalign.backbones.spec import BackboneSpec, per_sample, sample_noise, unwrap, vae_posterior_mean
 from moalign.losses import LossParts
 
 # The released transformers' architectures (diffusers configs of THUDM/CogVideoX-2b and -5b), for presets and
@@ -121,11 +121,8 @@ class CogVideoXSpec(BackboneSpec):
     def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
         b = latents.shape[0]
         sched = self.scheduler
-        shape, steps = latents.shape[1:], sched.config.num_train_timesteps
-        noise = per_sample(
-            generator, lambda n, g: torch.randn((n, *shape), generator=g, dtype=latents.dtype), b
-        )
-        noise = noise.to(latents.device)
+        steps = sched.config.num_train_timesteps
+        noise = sample_noise(generator, latents)
         t = per_sample(generator, lambda n, g: torch.randint(0, steps, (n,), generator=g), b).to(
             latents.device
         )

@@ -126,6 +126,15 @@ def per_sample(generator: Generators, draw, batch: int) -> torch.Tensor:
     return draw(batch, generator)
 
 
+def sample_noise(generator: Generators, latents: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise shaped like `latents`, drawn on the CPU (per sample with a list of generators)."""
+    shape = latents.shape[1:]
+    noise = per_sample(
+        generator, lambda n, g: torch.randn((n, *shape), generator=g, dtype=latents.dtype), len(latents)
+    )
+    return noise.to(latents.device)
+
+
 def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """`from_pretrained` kwargs for a dtype, only when one is asked for: diffusers 0.42 renamed `torch_dtype`
     to `dtype` and warns on the old name, which older releases still need."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec, per_sample, unwrap, vae_posterior_mean
+from moalign.backbones.spec import BackboneSpec, per_sample, sample_noise, unwrap, vae_posterior_mean
 from moalign.losses import LossParts
 
 # The released transformers' architectures (Wan-AI/Wan2.1-T2V-1.3B / 14B, diffusers layout), for presets and
@@ -72,11 +72,7 @@ class WanSpec(BackboneSpec):
 
     def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
         b = latents.shape[0]
-        shape = latents.shape[1:]
-        noise = per_sample(
-            generator, lambda n, g: torch.randn((n, *shape), generator=g, dtype=latents.dtype), b
-        )
-        noise = noise.to(latents.device)
+        noise = sample_noise(generator, latents)
         s = per_sample(generator, self.sample_sigmas, b).to(latents.device, latents.dtype).view(b, 1, 1, 1, 1)
         noisy = (1.0 - s) * latents + s * noise
         pred = self.predict(transformer, noisy, s.flatten() * 1000.0, prompt_embeds)
