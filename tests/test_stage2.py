@@ -1,5 +1,6 @@
 """Stage 2 from caches at tiny size: every output, LoRA vs full, exact resume, non-finite stop, clear errors."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -98,6 +99,84 @@ def test_resume_matches_uninterrupted(caches, tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_latest_is_safe_to_repeat(caches, tmp_path):
+    """One launch command (`--resume latest`) serves a fresh start, a restart after a kill, and a finished run;
+    a folder is never overwritten without being asked, and a resume with other settings is refused."""
+    cfg = _cfg(lora_rank=4)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _train_until_killed(caches, run, cfg, calls=3)  # dies after checkpoint-2
+    with pytest.raises(MoalignError, match="unfinished stage-2 run; add --resume latest"):
+        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
+    with pytest.raises(MoalignError, match=r"other settings.*\n  lr: 0.001 -> 0.002"):
+        train_stage2(caches / "latents", run, replace(cfg, lr=2e-3), caches / "targets", resume="latest")
+    first = train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)
+    weights = (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    again = train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)
+    assert again == first and (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
+    with pytest.raises(MoalignError, match="finished stage-2 run"):
+        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
+
+
+def _train_until_killed(caches, run, cfg, calls):
+    real, seen = stage2_mod.stage2_loss, {"n": 0}
+
+    def dying(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == calls:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    stage2_mod.stage2_loss = dying
+    try:
+        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
+    finally:
+        stage2_mod.stage2_loss = real
+
+
+def test_gradient_accumulation_equals_the_full_batch(caches, tmp_path):
+    """A global batch of 4 in 2 micro-batches of 2 trains the same weights as one batch of 4 (same samples,
+    same per-sample noise); the logged loss is the batch mean either way."""
+    full = _cfg("moalign", lora_rank=0, report_to="none")
+    accum = replace(full, gradient_accumulation_steps=2)
+    half = replace(full, batch_size=2)
+    runs = {}
+    for name, cfg in (
+        ("full", replace(full, batch_size=4)),
+        ("accum", replace(accum, batch_size=4)),
+        ("half", half),
+    ):
+        runs[name] = train_stage2(
+            caches / "latents", tmp_path / name, cfg, caches / "targets", progress=False
+        )
+    assert runs["accum"]["diffusion"] == pytest.approx(runs["full"]["diffusion"], rel=1e-5)
+    w = {n: load_file(tmp_path / n / "transformer" / "diffusion_pytorch_model.safetensors") for n in runs}
+    gap = max(float((w["accum"][k] - w["full"][k]).abs().max()) for k in w["full"])
+    half_gap = max(float((w["half"][k] - w["full"][k]).abs().max()) for k in w["full"])
+    assert gap < 2e-5 and half_gap > 100 * gap, (gap, half_gap)
+    with pytest.raises(MoalignError, match="split evenly into 1 process.*x 3 accumulation"):
+        train_stage2(caches / "latents", tmp_path / "bad", replace(accum, batch_size=4, gradient_accumulation_steps=3),
+                     caches / "targets", progress=False)  # fmt: skip
+
+
+def test_tensorboard_log_follows_the_json_log(caches, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_stage2(caches / "latents", tmp_path / "tb", _cfg(lora_rank=2), caches / "targets", progress=False)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert {"diffusion", "align", "total", "lr"} <= set(events.Tags()["scalars"])
+    logged = [
+        (r["step"], r["total"])
+        for r in map(json.loads, (tmp_path / "tb" / "log.jsonl").read_text().splitlines())
+    ]
+    board = [(e.step, e.value) for e in events.Scalars("total")]
+    assert [s for s, _ in board] == [s for s, _ in logged] == [0, 1, 2, 3]
+    assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    with pytest.raises(ValueError, match="report_to must be one of none, tensorboard"):
+        _cfg(report_to="wandb")
+
+
 def test_non_finite_loss_stops_with_step_and_parts(caches, tmp_path, monkeypatch):
     real = stage2_mod.stage2_loss
 
@@ -139,7 +218,8 @@ def test_cli_stage2_runs_from_caches(caches, tmp_path):
 
 
 def test_two_processes_train_like_one(caches, tmp_path):
-    """torchrun with 2 CPU processes (gloo, DDP) and one process, same global batch: the same trained weights.
+    """torchrun with 2 CPU processes (gloo, DDP, accumulating) and one process, same global batch: the same
+    trained weights.
     Each sample's noise comes from a generator keyed by its position in the global batch, so the split does
     not change it; DDP averages the two half-batch gradients into the full-batch one."""
     import json
@@ -155,7 +235,9 @@ def test_two_processes_train_like_one(caches, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "moalign.cli", *args, "--out", str(one)], check=True, env=env)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run([*torchrun, "-m", "moalign.cli", *args, "--out", str(two)], check=True, env=env)
+    # the two ranks also accumulate (2 micro-batches of 1 each): DDP syncs once, on the last micro-batch
+    accum = ["--set", "gradient_accumulation_steps=2"]
+    subprocess.run([*torchrun, "-m", "moalign.cli", *args, *accum, "--out", str(two)], check=True, env=env)
     half = tmp_path / "half"  # what each rank alone would train on its half-batch, without DDP's averaging
     subprocess.run(
         [sys.executable, "-m", "moalign.cli", *args, "--set", "batch_size=2", "--out", str(half)],

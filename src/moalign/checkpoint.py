@@ -147,8 +147,65 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def finished_run(run_dir: Path, resume: str | None, stage: str) -> dict[str, Any] | None:
+    """The metrics of a finished run in `run_dir` when `--resume latest` finds one (nothing left to do), else None.
+
+    A run folder is never overwritten without being asked: a finished run, or an unfinished one with
+    checkpoints, is an error without --resume. So one launch command with `--resume latest` can be repeated
+    after a kill, and after the end, safely.
+    """
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        if resume is None and list_checkpoints(run_dir):
+            raise MoalignError(
+                f"{run_dir} holds checkpoints of an unfinished {stage} run; add --resume latest to continue it, "
+                "or choose a new --out"
+            )
+        return None
+    if resume is None:
+        raise MoalignError(
+            f"{run_dir} holds a finished {stage} run; choose a new --out (or --resume latest, which stops "
+            "at once as there is nothing left to do)"
+        )
+    if resume != "latest":  # an explicit checkpoint-N: train again from there, as asked
+        return None
+    return json.loads(path.read_text())
+
+
+# config fields a resumed run may change: how long, how often it logs, checkpoints and validates
+RESUMABLE_CHANGES = (
+    "steps", "log_every", "checkpoint_every", "checkpoint_limit", "val_every", "validate_every", "report_to",
+    "validation_prompts", "validation_frames", "validation_size", "validation_steps",
+)  # fmt: skip
+
+
+def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume a run with other settings than it was started with (RUN/config.json), listing them.
+
+    Only the fields in RESUMABLE_CHANGES may differ; anything else (learning rate, batch, layers, data) would
+    make the resumed run a different experiment than its folder says.
+    """
+    from moalign.cache import diff_fingerprints
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return
+    old = {
+        k: v for k, v in json.loads(path.read_text()).get("config", {}).items() if k not in RESUMABLE_CHANGES
+    }
+    new = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    diffs = diff_fingerprints(old, new)
+    if diffs:
+        listing = "\n  ".join(diffs)
+        raise MoalignError(
+            f"cannot resume {run_dir}: it was started with other settings (run folder -> this command):\n"
+            f"  {listing}\nRe-run with the run's settings (see {path}), or choose a new --out."
+        )
+
+
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """`--resume latest` -> newest checkpoint-N of the run (None when there is none); a path is checked."""
+    """`--resume latest` -> newest checkpoint-N of the run (None when there is none: a fresh start); a path is
+    checked."""
     if resume is None:
         return None
     if resume == "latest":

@@ -21,6 +21,12 @@ from moalign.encoder import EncoderConfig
 from moalign.flow_decoder import FlowDecoderConfig
 from moalign.motion_projector import MotionProjectorConfig
 from moalign.playground import SynthConfig
+from moalign.training import REPORT_TO
+
+
+def _check_report_to(value: str) -> None:
+    if value not in REPORT_TO:
+        raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,10 @@ class Stage1Config:
     val_every: int = 200
     checkpoint_every: int = 400
     mixed_precision: str = "no"
+    report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
 
     def __post_init__(self) -> None:
+        _check_report_to(self.report_to)
         if self.feature_cache not in ("memory", "none"):
             raise ValueError(f"feature_cache must be 'memory' or 'none', got {self.feature_cache!r}")
         if self.flow_loss not in ("l1", "huber", "l2"):
@@ -113,8 +121,9 @@ class Stage2Config:
     align: AlignConfig = field(default_factory=AlignConfig)
     lora_rank: int = 0  # 0: full fine-tune
     lora_alpha: float | None = None  # None: equal to the rank
-    steps: int = 200
-    batch_size: int = 4
+    steps: int = 200  # optimizer steps
+    batch_size: int = 4  # the global batch: split over processes, then into gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1  # micro-batches per process and step (same result, less memory)
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -123,6 +132,7 @@ class Stage2Config:
     mixed_precision: str = "no"
     seed: int = 0
     log_every: int = 10
+    report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
     checkpoint_every: int = 100
     checkpoint_limit: int = 2
     # validation videos: every `validate_every` steps (0: never), through the base pipeline with the
@@ -137,6 +147,11 @@ class Stage2Config:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
+            )
+        _check_report_to(self.report_to)
         if self.validate_every and not (self.validation_prompts and (self.validation_pipeline or self.model)):
             raise ValueError(
                 "validate_every needs validation_prompts and a pipeline folder (validation_pipeline or model)"

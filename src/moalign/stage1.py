@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from moalign.atomic import write_json
 from moalign.checkpoint import (
+    check_resume_config,
+    finished_run,
     load_module_file,
     resolve_resume,
     restore_training_state,
@@ -119,7 +121,8 @@ def train_stage1(
             flow_decoder.safetensors, metrics.json, loss_curve.png.
         cfg: resolved config; `cfg.encoder.path` must name the encoder folder.
         flow_cache: optional `moalign flow` cache of the same dataset and data config.
-        resume: "latest" or a checkpoint-N folder to continue from.
+        resume: "latest" (the newest checkpoint-N; a fresh start when there is none; returns at once when the run
+            is finished) or a checkpoint-N folder to continue from.
 
     Returns:
         metrics: val_epe and zero_flow_epe (px at the dataset resolution, held-out clips), train losses, timing.
@@ -132,10 +135,10 @@ def train_stage1(
         raise MoalignError(
             "stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)"
         )
-    if (out_dir / "metrics.json").exists() and resume is None:
-        raise MoalignError(
-            f"{out_dir} holds a finished stage-1 run; choose a new --out (or --resume latest to continue)"
-        )
+    done_metrics = finished_run(out_dir, resume, "stage-1")
+    if done_metrics is not None:
+        print(f"[stage1] {out_dir} is finished ({done_metrics.get('steps')} steps); nothing to do")
+        return done_metrics
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
     set_seed(cfg.seed)
@@ -180,6 +183,7 @@ def train_stage1(
     start_step = 0
     ckpt = resolve_resume(out_dir, resume)
     if ckpt is not None:
+        check_resume_config(out_dir, to_dict(cfg))
         heads.projector.load_state_dict(
             load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0]
         )
@@ -201,7 +205,9 @@ def train_stage1(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(out_dir, to_dict(cfg), command)
-    logger = RunLogger(out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1)
+    logger = RunLogger(
+        out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
+    )
     module_meta = {
         "stage1": to_dict(cfg),
         "projector": to_dict(cfg.projector),
@@ -276,6 +282,7 @@ def train_stage1(
             )
 
     val_epe, zero_epe = validate()
+    logger.close()
     steps_l1, l1 = logger.series("train_l1")
     metrics = {
         "val_epe": val_epe,

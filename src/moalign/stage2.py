@@ -24,6 +24,8 @@ from moalign.atomic import atomic_path, write_json
 from moalign.backbones import get_backbone
 from moalign.cache import Cache
 from moalign.checkpoint import (
+    check_resume_config,
+    finished_run,
     load_module_file,
     resolve_resume,
     restore_training_state,
@@ -89,7 +91,8 @@ def train_stage2(
         out_dir: the run folder.
         cfg: resolved config.
         targets_cache: `moalign targets` cache of the same clips (required unless align.mode is "none").
-        resume: "latest" or a checkpoint-N folder.
+        resume: "latest" (the newest checkpoint-N; a fresh start when there is none; returns at once when the run
+            is finished) or a checkpoint-N folder.
         transformer: an already built transformer (the demo's base model); else loaded from cfg.model.
 
     Returns:
@@ -99,10 +102,14 @@ def train_stage2(
     from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
-    if (out_dir / "metrics.json").exists() and resume is None:
-        raise MoalignError(f"{out_dir} holds a finished stage-2 run; choose a new --out (or --resume latest)")
+    done_metrics = finished_run(out_dir, resume, "stage-2")
+    if done_metrics is not None:
+        print(f"[stage2] {out_dir} is finished ({done_metrics.get('steps')} steps); nothing to do")
+        return done_metrics
     spec = get_backbone(cfg.backbone)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
+    )
     set_seed(cfg.seed)
     latents = Cache(latents_cache, kind=LATENTS_KIND)
     targets = None
@@ -162,6 +169,7 @@ def train_stage2(
     start_step = 0
     ckpt = resolve_resume(out_dir, resume)
     if ckpt is not None:
+        check_resume_config(out_dir, to_dict(cfg))
         state, _ = load_module_file(ckpt / "transformer_trainable.safetensors", "transformer_trainable")
         missing = set(state) - {n for n, _ in transformer.named_parameters()}
         if missing:
@@ -176,16 +184,20 @@ def train_stage2(
     # so a run's schedule would depend on how many processes share the global batch.)
     transformer, aligner, optimizer = accelerator.prepare(transformer, aligner, optimizer)
     device = accelerator.device
-    if cfg.batch_size % accelerator.num_processes:
+    accum = cfg.gradient_accumulation_steps
+    if cfg.batch_size % (accelerator.num_processes * accum):
         raise MoalignError(
-            f"batch_size {cfg.batch_size} is the global batch and must split evenly over {accelerator.num_processes} "
-            f"processes; use a multiple of {accelerator.num_processes} (--set batch_size=...)"
+            f"batch_size {cfg.batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
+            f"process(es) x {accum} accumulation step(s); use a multiple of {accelerator.num_processes * accum} "
+            "(--set batch_size=... or --set gradient_accumulation_steps=...)"
         )
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(out_dir, to_dict(cfg), command)
-    logger = RunLogger(out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1)
+    logger = RunLogger(
+        out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
+    )
     meta = {"stage2": to_dict(cfg), "token_grid": list(grid)}
     transformer.train()
     t0 = time.time()
@@ -195,19 +207,31 @@ def train_stage2(
         disable=not (progress and accelerator.is_main_process),
     )
     for step in bar:
-        idx = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
-        positions = list(range(accelerator.process_index, len(idx), accelerator.num_processes))
-        idx = idx[positions].tolist()
-        items = [latents[ids[j]] for j in idx]
-        lat = torch.stack([it["latents"] for it in items]).to(device)
-        emb = torch.stack([it["prompt_embeds"] for it in items]).to(device)
-        teacher = torch.stack([targets[ids[j]][key] for j in idx]).to(device) if targets is not None else None
-        # one generator per sample, keyed by its position in the global batch: same noise however it is split
-        gen = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 10_007 + j) for j in positions]
-        with accelerator.autocast():
-            parts = stage2_loss(spec, transformer, aligner, lat, emb, teacher, gen)
-        check_finite(step, parts)
-        accelerator.backward(parts.total)
+        batch = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
+        # this process's share of the global batch, in `accum` micro-batches; a sample's position j in the global
+        # batch keys its noise, so the step's gradient is the same however the batch is split
+        share = list(range(accelerator.process_index, len(batch), accelerator.num_processes))
+        micro = len(share) // accum
+        sums: dict[str, float] = {}
+        for a in range(accum):
+            positions = share[a * micro : (a + 1) * micro]
+            idx = batch[positions].tolist()
+            items = [latents[ids[j]] for j in idx]
+            lat = torch.stack([it["latents"] for it in items]).to(device)
+            emb = torch.stack([it["prompt_embeds"] for it in items]).to(device)
+            teacher = (
+                torch.stack([targets[ids[j]][key] for j in idx]).to(device) if targets is not None else None
+            )
+            gen = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 10_007 + j) for j in positions]
+            # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
+            with accelerator.accumulate(transformer, aligner):
+                with accelerator.autocast():
+                    parts = stage2_loss(spec, transformer, aligner, lat, emb, teacher, gen)
+                check_finite(step, parts)
+                accelerator.backward(parts.total)
+            for k, v in parts.scalars().items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        # the last micro-batch synchronised the gradients: one optimizer step per global batch
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -215,7 +239,7 @@ def train_stage2(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
-            scalars = parts.scalars()
+            scalars = sums
             if accelerator.num_processes > 1:
                 # the global batch's mean, not rank 0's share (every rank takes part in the reduce)
                 names = sorted(scalars)
@@ -248,6 +272,7 @@ def train_stage2(
     metrics = {
         k: sum(r[k] for r in rows) / len(rows) for k in rows[-1] if k not in ("step", "time_s", "lr")
     } if rows else {}  # fmt: skip
+    logger.close()
     metrics.update(
         steps=cfg.steps, train_seconds=round(time.time() - t0, 1), clips=len(ids), align_mode=cfg.align.mode
     )

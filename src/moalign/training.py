@@ -16,14 +16,22 @@ from torch import nn
 
 from moalign.errors import MoalignError
 
+REPORT_TO = ("none", "tensorboard")
+
 
 class RunLogger:
-    """Logs scalars to RUN/log.jsonl (append-only) and keeps the history for curve plots.
+    """Logs scalars to RUN/log.jsonl (append-only), optionally to TensorBoard (RUN/tensorboard/), and keeps the
+    history for curve plots.
 
-    Only the main process writes; others keep the history in memory.
+    Only the main process writes; others keep the history in memory. A resumed run drops what a killed run
+    logged after its last checkpoint, from both the JSON log and (through `purge_step`) TensorBoard's view.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_from_step: int = 0):
+    def __init__(
+        self, run_dir: Path, enabled: bool = True, resume_from_step: int = -1, report_to: str = "none"
+    ):
+        if report_to not in REPORT_TO:
+            raise MoalignError(f"report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
         self.path = run_dir / "log.jsonl"
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
@@ -33,6 +41,17 @@ class RunLogger:
             self.history = [r for r in read_log(run_dir) if r.get("step", 0) <= resume_from_step]
             if enabled:
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.tensorboard = None
+        if enabled and report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise MoalignError(
+                    "report_to=tensorboard needs the tensorboard package: pip install tensorboard "
+                    "(or --set report_to=none)"
+                ) from err
+            # TensorBoard hides events of earlier files at steps >= purge_step: a killed run's tail
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_from_step + 1)
 
     def log(self, step: int, **scalars: float) -> None:
         row = {"step": step, "time_s": round(time.time() - self.start, 2), **scalars}
@@ -40,6 +59,15 @@ class RunLogger:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (the JSON log is written line by line)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged scalar."""
