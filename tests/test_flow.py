@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from moalign.cache import finalize_cache
 from moalign.errors import MoalignError
 from moalign.flow import (
     FLOW_METHODS,
@@ -226,6 +227,8 @@ def test_flow_cache_split_over_processes(tmp_path):
     compute_flow_cache(data, "dis", out, shard_size=1, progress=False, rank=1, world_size=2)
     assert not (out / "manifest.json").exists()  # rank 0's shards are still missing
     compute_flow_cache(data, "dis", out, shard_size=1, progress=False, rank=0, world_size=2)
+    assert not (out / "manifest.json").exists()  # with several processes, one finalizes after all are done
+    finalize_cache(out)
     assert len(load_flow_cache(out, data)) == 5
     with pytest.raises(MoalignError, match="delete each other's shards"):
         compute_flow_cache(data, "dis", out, overwrite=True, rank=0, world_size=2)

@@ -18,8 +18,8 @@ Why it is safe to kill and restart:
   kind and fingerprint match, and computes only the shards that are missing. With deterministic producers the
   result is tensor-equal to an uninterrupted run.
 - Several processes can fill one cache: process ``rank`` takes shards ``s`` with ``s % world_size == rank``.
-  Each writes only its own shards; whichever finds every shard present after its last write finalizes (the
-  manifest is a pure function of the shards, so two processes finalizing at once write the same file).
+  Each writes only its own shards; once all are done (a barrier), one process calls `finalize_cache`
+  (`moalign precompute` does this under `accelerate launch`).
 """
 
 from __future__ import annotations
@@ -170,7 +170,12 @@ class CacheWriter:
         if self.root.exists() and not self.root.is_dir():
             raise MoalignError(f"cache path {self.root} is a file, not a folder. Pass a folder as --out.")
         old = _read_header(self.root) if self.root.is_dir() else None
-        if old is None and self.root.is_dir() and any(self.root.iterdir()):
+        # hidden names are temporaries: another process of the same launch may be writing the header just now
+        if (
+            old is None
+            and self.root.is_dir()
+            and any(not p.name.startswith(".") for p in self.root.iterdir())
+        ):
             # Never delete (or mix into) a folder that is not ours, even with overwrite=True.
             raise MoalignError(
                 f"{self.root} is not empty and holds no {_HEADER}, so it is not a moalign cache. "
@@ -480,8 +485,8 @@ def fill_cache(
     """Compute `compute(dataset[i])` for every item of this process's missing shards and write them.
 
     An unreadable clip (MoalignError from the dataset) raises, or with ``dataset.cfg.skip_bad_videos`` is
-    recorded as skipped with its reason. Errors from `compute` always raise. The process that finds every
-    shard present afterwards finalizes the cache.
+    recorded as skipped with its reason. Errors from `compute` always raise. One process finalizes the cache
+    when every shard is present; with several processes, call `finalize_cache` after they are all done.
 
     Returns:
         The cache folder.
@@ -511,6 +516,30 @@ def fill_cache(
                 bar.write(
                     f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
                 )
-    if not writer.shards_todo():  # every shard of every process is in place
+    if world_size == 1 and not writer.shards_todo():
         return writer.finalize()
     return writer.root
+
+
+def finalize_cache(root: str | os.PathLike) -> Path:
+    """Write the manifest of a cache whose shards were all written (by several processes): see the module doc."""
+    root = Path(root)
+    header = _read_header(root) if root.is_dir() else None
+    if header is None:
+        raise MoalignError(f"no cache at {root} (no {_HEADER}); build it first")
+    writer = CacheWriter(
+        root, header["kind"], header["fingerprint"], header["num_items"], header["shard_size"]
+    )
+    return writer.finalize()
+
+
+def remove_cache(root: str | os.PathLike) -> None:
+    """Delete a cache folder (for --overwrite); a folder that is not a moalign cache is refused, not deleted."""
+    root = Path(root)
+    if not root.exists():
+        return
+    if _read_header(root) is None if root.is_dir() else True:
+        raise MoalignError(
+            f"{root} is not a moalign cache (no {_HEADER}), so --overwrite will not delete it. Pass another --out."
+        )
+    shutil.rmtree(root)

@@ -103,23 +103,31 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(f"[synth] wrote {len(rows)} clips to {args.out} (manifest: {Path(args.out) / 'metadata.jsonl'})")
 
 
-def cmd_flow(args: argparse.Namespace) -> None:
-    from moalign.data import VideoClipDataset
-    from moalign.flow import build_flow_estimator, compute_flow_cache
+def _precompute(args: argparse.Namespace, out, done: str, **parts) -> None:
+    """Run `moalign.precompute` for this process's share (under `accelerate launch`, one of several)."""
+    from moalign.precompute import precompute, process_share
 
-    data_cfg = _stage_config(args, "stage1", _data_overrides(args)).data
-    dataset = VideoClipDataset(args.data, data_cfg, load_flow=args.method == "exact")
-    estimator = build_flow_estimator(args.method, raft_weights=args.raft_weights, device=args.device)
-    out = compute_flow_cache(
-        dataset,
-        estimator,
-        args.out,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    skipped = f", skipped {len(dataset.skipped)} bad videos" if dataset.skipped else ""
-    print(f"[flow] {args.method} flow for {len(dataset)} clips in {out}{skipped}")
+    share = process_share(args.device)
+    precompute(
+        args.data, out, data=_stage_config(args, "stage1", _data_overrides(args)).data,
+        shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet, share=share, **parts,
+    )  # fmt: skip
+    if share.is_main:
+        print(done)
+
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    backbone = args.backbone or _recipe(args).stage2.backbone
+    _precompute(
+        args, args.out, f"[precompute] caches of {args.data} in {args.out}", flow=args.flow,
+        raft_weights=args.raft_weights, teacher=args.teacher, raw=args.raw, model=args.model, backbone=backbone,
+        latents_dtype=args.dtype, vae_tiling=args.vae_tiling,
+    )  # fmt: skip
+
+
+def cmd_flow(args: argparse.Namespace) -> None:
+    done = f"[flow] {args.method} flow of {args.data} in {args.out}"
+    _precompute(args, {"flow": Path(args.out)}, done, flow=args.method, raft_weights=args.raft_weights)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -209,31 +217,17 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
-    from moalign.latents import compute_latents
-
-    data = _stage_config(args, "stage1", _data_overrides(args)).data
-    out = compute_latents(
-        args.data, args.model, args.out, backbone=args.backbone, data=data, shard_size=args.shard_size,
-        overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+    backbone = args.backbone or _recipe(args).stage2.backbone
+    done = f"[latents] {backbone} latents and prompt embeddings of {args.data} in {args.out}"
+    _precompute(
+        args, {"latents": Path(args.out)}, done, model=args.model, backbone=backbone, latents_dtype=args.dtype,
+        vae_tiling=args.vae_tiling,
     )  # fmt: skip
-    print(f"[latents] {args.backbone} latents and prompt embeddings of {args.data} in {out}")
 
 
 def cmd_targets(args: argparse.Namespace) -> None:
-    from moalign.targets import compute_targets
-
-    out = compute_targets(
-        args.data,
-        args.teacher,
-        args.out,
-        raw=args.raw,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        skip_bad_videos=args.skip_bad_videos,
-        progress=not args.quiet,
-        device=args.device,
-    )
-    print(f"[targets] teacher targets of {args.data} in {out}")
+    done = f"[targets] teacher targets of {args.data} in {args.out}"
+    _precompute(args, {"targets": Path(args.out)}, done, teacher=args.teacher, raw=args.raw)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -305,10 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="dis", help="dis (CPU default), farneback, raft (GPU), exact (playground)"
     )
     p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
-    p.add_argument("--device", default="cpu", help="device for raft")
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_options(p)
     _add_preset(p)
     _add_data(p)
     p.set_defaults(fn=cmd_flow)
@@ -410,14 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="diffusers pipeline folder or hub id (VAE and text encoder)"
     )
-    p.add_argument("--backbone", default="cogvideox", help="cogvideox or wan")
+    p.add_argument("--backbone", help="cogvideox or wan (default: the preset's)")
     p.add_argument(
         "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
     )
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
-    p.add_argument("--device", default="cpu", help="device for the VAE and text encoder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_latents_options(p)
+    _add_cache_options(p)
     _add_preset(p)
     _add_data(p)
     p.set_defaults(fn=cmd_latents)
@@ -431,15 +420,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--raw", action="store_true", help="also store the raw encoder tokens (REPA / TRD ablations)"
     )
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
     p.add_argument(
         "--skip-bad-videos", action="store_true", help="skip unreadable videos, counted in the cache"
     )
-    p.add_argument("--device", default="cpu", help="device for the encoder and M_psi")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_options(p)
+    _add_preset(p)
     p.set_defaults(fn=cmd_targets)
+
+    p = sub.add_parser(
+        "precompute",
+        help="build the training caches (flow; teacher targets; latents) in one command, split across the "
+        "processes of `accelerate launch`",
+    )
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--out", required=True, help="folder for OUT/flow, OUT/targets, OUT/latents (re-run to resume)"
+    )
+    p.add_argument("--flow", help="flow cache with this method: dis, farneback, raft, exact (before stage 1)")
+    p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft)")
+    p.add_argument("--teacher", help="stage-1 run folder: teacher targets cache (after stage 1)")
+    p.add_argument(
+        "--raw", action="store_true", help="targets also hold raw encoder tokens (REPA / TRD arms)"
+    )
+    p.add_argument("--model", help="diffusers pipeline folder or hub id: latents + prompt embeddings cache")
+    p.add_argument("--backbone", help="cogvideox or wan (default: the preset's)")
+    _add_latents_options(p)
+    _add_cache_options(p)
+    _add_preset(p)
+    _add_data(p)
+    p.set_defaults(fn=cmd_precompute)
     return parser
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
+    p.add_argument("--overwrite", action="store_true", help="delete the cache(s) first and rebuild")
+    p.add_argument(
+        "--device", help="device (default: this process's accelerate device, cuda:N on a GPU machine)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_latents_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32, bfloat16 or float16: VAE, text encoder and stored tensors",
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less memory at 480p+)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -436,8 +436,8 @@ def compute_flow_cache(
     """Estimate the flow of every clip of a dataset into a sharded, resumable cache folder.
 
     Killed and restarted with the same arguments it computes only the missing shards. Several processes can
-    share the work: process ``rank`` of ``world_size`` takes shards ``s % world_size == rank``; the one that
-    finds every shard present after its last write finalizes the cache (or re-run with one process).
+    share the work: process ``rank`` of ``world_size`` takes shards ``s % world_size == rank``; once all are done,
+    one of them calls `moalign.cache.finalize_cache` (`moalign precompute` does both under accelerate).
 
     Args:
         dataset: a `moalign.data.VideoClipDataset` (map-style; items hold "frames" uint8 (T, H, W, 3), and

@@ -41,6 +41,7 @@ def compute_latents(
     data: DataConfig,
     pipeline: Any = None,
     dtype: torch.dtype = torch.float32,
+    vae_tiling: bool = False,
     shard_size: int = 64,
     overwrite: bool = False,
     progress: bool = True,
@@ -57,6 +58,9 @@ def compute_latents(
         out: cache folder; item i holds "latents" (family layout, without batch) and "prompt_embeds" (L, D).
         backbone: "cogvideox" or "wan".
         pipeline: an already built pipeline (the demo's tiny one).
+        dtype: dtype of the VAE and text encoder (when loaded here) and of the stored tensors.
+        vae_tiling: encode in overlapping spatial tiles (the VAE's `enable_tiling`): far less memory at 480p,
+            slightly different latents (recorded in the fingerprint).
 
     Returns:
         The cache folder.
@@ -66,6 +70,8 @@ def compute_latents(
         load_dtype = None if dtype == torch.float32 else dtype  # float32 is the default: no kwarg needed
         pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, **dtype_kwargs(load_dtype))
     pipeline.vae.to(device).eval()
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
     pipeline.text_encoder.to(device).eval()
     dataset = VideoClipDataset(data_dir, data, load_flow=False)
     text_length = spec.text_length(_transformer_config(pipeline, model))
@@ -74,6 +80,7 @@ def compute_latents(
         "model": str(model) if model is not None else type(pipeline).__name__ + " (in memory)",
         "max_sequence_length": text_length,
         "dtype": str(dtype).removeprefix("torch."),
+        "vae_tiling": vae_tiling,
         **dataset_identity(dataset),
     }
     writer = CacheWriter(

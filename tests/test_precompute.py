@@ -1,0 +1,167 @@
+"""`moalign precompute`: every cache in one command; two processes (torchrun, gloo) build what one builds; a
+SIGKILLed run, started again with the same command, ends equal to an uninterrupted one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_parts import tiny_pipeline
+
+from moalign.cache import Cache
+from moalign.cli import main
+from moalign.config import Stage1Config
+from moalign.data import DataConfig
+from moalign.encoder import EncoderConfig
+from moalign.errors import MoalignError
+from moalign.flow_decoder import FlowDecoderConfig
+from moalign.motion_projector import MotionProjectorConfig
+from moalign.playground import SynthConfig, write_playground
+from moalign.stage1 import train_stage1
+
+HERE = Path(__file__).parent
+# one thread: the subprocesses and this process then add in the same order (bit-equal caches)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """6 playground clips, a tiny VideoMAE, a 2-step stage-1 teacher and a tiny CogVideoX pipeline folder."""
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    root = tmp_path_factory.mktemp("pre")
+    write_playground(
+        root / "data", SynthConfig(num_clips=6, num_frames=9, height=32, width=32), progress=False
+    )
+    torch.manual_seed(0)
+    VideoMAEModel(
+        VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
+        )
+    ).save_pretrained(root / "encoder")  # fmt: skip
+    cfg = Stage1Config(
+        data=DataConfig(num_frames=9, height=32, width=32), projector=MotionProjectorConfig(hidden_dim=16),
+        encoder=EncoderConfig(path=str(root / "encoder"), input_size=(32, 32)),
+        decoder=FlowDecoderConfig(hidden_dim=8), val_clips=2, steps=2, batch_size=2, report_to="none",
+    )  # fmt: skip
+    train_stage1(root / "data", root / "stage1", cfg, progress=False)
+    tiny_pipeline("cogvideox").save_pretrained(root / "pipe")
+    return root
+
+
+def _args(world, out):
+    return ["precompute", "--data", str(world / "data"), "--out", str(out), "--flow", "dis", "--teacher",
+            str(world / "stage1"), "--raw", "--model", str(world / "pipe"), "--shard-size", "2",
+            "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
+
+
+def _run(argv, killer=None):
+    """`moalign ARGV` in a fresh process; with killer=(FUNCTION, N) it is SIGKILLed at that call."""
+    cmd = [sys.executable, "-m", "moalign.cli"] if killer is None else [sys.executable, str(HERE / "killer.py"),
+                                                                        killer[0], str(killer[1]), "--"]  # fmt: skip
+    return subprocess.run([*cmd, *argv], env=ENV, capture_output=True, text=True)
+
+
+def _same_caches(a: Path, b: Path, names=("flow", "targets", "latents")) -> None:
+    for name in names:
+        ca, cb = Cache(a / name), Cache(b / name)
+        assert ca.fingerprint == cb.fingerprint and ca.indices == cb.indices == list(range(6))
+        for i in ca.indices:
+            x, y = ca[i], cb[i]
+            assert x.keys() == y.keys()
+            for k in x:
+                assert torch.equal(x[k], y[k]), (name, i, k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world):
+    out = world / "one"
+    done = _run(_args(world, out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_one_command_builds_every_cache(world, uninterrupted):
+    targets, latents = (
+        Cache(uninterrupted / "targets", "teacher_targets"),
+        Cache(uninterrupted / "latents", "latents"),
+    )
+    assert set(targets[0]) == {"motion", "encoder"} and targets[0]["motion"].shape == (4, 4, 4, 64)
+    assert latents[0]["latents"].shape == (3, 4, 4, 4) and latents.fingerprint["backbone"] == "cogvideox"
+    flow = Cache(uninterrupted / "flow", "flow")
+    assert flow[0]["flow"].shape == (8, 32, 32, 2) and flow.fingerprint["method"]["method"] == "dis"
+    # stage 2 trains from the caches alone (no encoder, VAE or text encoder is loaded)
+    run = world / "s2"
+    assert main(["stage2", "--latents", str(uninterrupted / "latents"), "--targets", str(uninterrupted / "targets"),
+                 "--out", str(run), "--layers", "1", "--steps", "1", "--set", "batch_size=2", "--set",
+                 "align.projector.hidden_dim=8", "--set", "align.projector.grid_match=resample_teacher", "--set", "report_to=none", "--quiet"]) == 0  # fmt: skip
+
+
+def test_two_processes_build_the_same_caches(world, uninterrupted):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, "-m", "moalign.cli", *_args(world, world / "two")], env=ENV,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    _same_caches(uninterrupted, world / "two")
+    manifest = json.loads((world / "two" / "latents" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["shards"] == [f"shard-0000{s}.safetensors" for s in range(3)]
+
+
+def test_killed_precompute_resumes_with_the_same_command(world, uninterrupted):
+    out = world / "killed"
+    # killed while writing the latents cache's second shard (flow and targets are complete by then)
+    killed = _run(_args(world, out), killer=("moalign.cache.save_safetensors", 3 + 3 + 2))
+    assert killed.returncode == -9, killed.stderr
+    assert (out / "latents" / "shard-00000.safetensors").is_file()
+    assert not (out / "latents" / "shard-00001.safetensors").exists()
+    assert (out / "latents" / ".shard-00001.safetensors.killed.tmp").is_file()  # the half-written shard
+    assert not (out / "latents" / "manifest.json").exists()
+    with pytest.raises(MoalignError, match=r"incomplete \(1 of 3 shards written"):
+        Cache(out / "latents")
+    again = _run(_args(world, out))
+    assert again.returncode == 0, again.stderr
+    _same_caches(uninterrupted, out)
+    assert not list((out / "latents").glob(".*.tmp"))  # leftovers are gone
+
+
+def test_precompute_errors(world, tmp_path):
+    assert main(["precompute", "--data", str(world / "data"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a cache")
+    argv = ["precompute", "--data", str(world / "data"), "--out", str(tmp_path), "--flow", "dis", "--overwrite",
+            "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
+    (tmp_path / "flow").mkdir()
+    (tmp_path / "flow" / "notes.txt").write_text("not a cache")
+    with pytest.raises(MoalignError, match="not a moalign cache.*will not delete it"):
+        main(["--debug", *argv])
+    assert (tmp_path / "flow" / "notes.txt").is_file()
+
+
+def test_killed_training_resumes_with_the_same_command(world, uninterrupted, tmp_path):
+    """stage 2 SIGKILLed in step 3 (after checkpoint-2) and launched again with the same `--resume latest`
+    command trains exactly the weights of an uninterrupted run."""
+
+    def argv(out):
+        return ["stage2", "--latents", str(uninterrupted / "latents"), "--targets", str(uninterrupted / "targets"),
+                "--out", str(out), "--layers", "1", "--lora-rank", "4", "--steps", "4", "--set", "batch_size=2",
+                "--set", "checkpoint_every=2", "--set", "log_every=1", "--set", "lr=1e-3", "--set", "align.projector.hidden_dim=8", "--set", "align.projector.grid_match=resample_teacher",
+                "--resume", "latest", "--quiet"]  # fmt: skip
+
+    whole = _run(argv(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = _run(argv(tmp_path / "run"), killer=("moalign.stage2.stage2_loss", 3))
+    assert killed.returncode == -9 and (tmp_path / "run" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    again = _run(argv(tmp_path / "run"))
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr
+    from safetensors.torch import load_file
+
+    for name in ("pytorch_lora_weights.safetensors", "align_projector.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "run" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3]  # the killed step's line, if any, was dropped and logged once again
