@@ -23,6 +23,7 @@ from moalign import __version__
 from moalign.atomic import atomic_path, save_safetensors, write_json
 from moalign.errors import MoalignError
 
+ACCELERATE_STATE = "accelerate_state"  # in checkpoint-N/ of DeepSpeed / FSDP runs: accelerate's sharded state
 KIND_KEY = "moalign_kind"
 CONFIG_KEY = "moalign_config"
 
@@ -34,11 +35,6 @@ def save_module(
     metadata = {KIND_KEY: kind, CONFIG_KEY: json.dumps(config), "moalign_version": __version__}
     tensors = module.state_dict() if isinstance(module, nn.Module) else module
     save_safetensors(path, tensors, metadata=metadata)
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the parameters that train (LoRA adapters, or everything in a full fine-tune), by name."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_module_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,6 +113,7 @@ def save_training_checkpoint(
     modules: dict[str, tuple[nn.Module | dict[str, torch.Tensor], str, dict[str, Any]]],
     training_state: dict[str, Any],
     limit: int | None = None,
+    partial: Path | None = None,
 ) -> Path:
     """Write RUN/checkpoint-{step}/ atomically: one safetensors per trainable module plus training_state.pt.
 
@@ -124,17 +121,50 @@ def save_training_checkpoint(
         modules: file stem -> (module or dict of tensors, kind, config) for `save_module`.
         training_state: optimizer/scheduler state dicts, step, RNG; loaded back with weights_only=True.
         limit: keep at most this many checkpoint folders (oldest removed first).
+        partial: a hidden folder other processes already wrote into (accelerate's sharded state); it is
+            completed and renamed into place, so the checkpoint still appears at once or not at all.
     """
     final = run_dir / f"checkpoint-{step}"
-    with atomic_path(final) as tmp:
-        tmp.mkdir()
+
+    def fill(folder: Path) -> None:
         for stem, (module, kind, config) in modules.items():
-            save_module(tmp / f"{stem}.safetensors", module, kind, config)
-        torch.save({"step": step, **training_state}, tmp / "training_state.pt")
+            save_module(folder / f"{stem}.safetensors", module, kind, config)
+        torch.save({"step": step, **training_state}, folder / "training_state.pt")
+
+    if partial is None:
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            fill(tmp)
+    else:
+        fill(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
     if limit is not None:
         for old in list_checkpoints(run_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_transformer(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically write a diffusers model folder (`from_pretrained` loads it).
+
+    Args:
+        state: the weights, when the module's own are sharded across processes (gathered by accelerate);
+            None: the module's own.
+    """
+    with atomic_path(path) as tmp:
+        if state is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            tmp.mkdir()
+            model.save_config(tmp)
+            save_file(
+                {k: v.contiguous() for k, v in state.items()},
+                str(tmp / "diffusion_pytorch_model.safetensors"),
+            )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -227,15 +257,21 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
         ) from err
 
 
-def training_state(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """What a checkpoint needs to resume exactly: optimizer, LR scheduler and RNG states."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+def training_state(optimizer: torch.optim.Optimizer | None, scheduler: Any) -> dict[str, Any]:
+    """What a checkpoint needs to resume exactly: optimizer, LR scheduler and RNG states (no optimizer when
+    accelerate's sharded state holds it)."""
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    return state
 
 
-def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Load a checkpoint's training_state.pt into the optimizer, scheduler and RNGs; returns its step."""
+def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> int:
+    """Load a checkpoint's training_state.pt into the optimizer (unless None), scheduler and RNGs; returns its
+    step."""
     state = load_training_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"]

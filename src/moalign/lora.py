@@ -31,12 +31,19 @@ def add_lora(
     )
 
 
-def save_lora(pipeline_class: type, transformer: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write OUT_DIR/pytorch_lora_weights.safetensors (atomically) for `pipeline_class.load_lora_weights`."""
+def save_lora(
+    pipeline_class: type, transformer: nn.Module, out_dir: str | os.PathLike, state: dict | None = None
+) -> Path:
+    """Write OUT_DIR/pytorch_lora_weights.safetensors (atomically) for `pipeline_class.load_lora_weights`.
+
+    Args:
+        state: the transformer's weights when its own are sharded across processes (gathered by accelerate);
+            None: read them from the module.
+    """
     from peft.utils import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
-    state = get_peft_model_state_dict(transformer)
+    state = get_peft_model_state_dict(transformer, state_dict=state)
     kwargs = {"transformer_lora_layers": state, "safe_serialization": True}
     if "transformer_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters:
         kwargs["transformer_lora_adapter_metadata"] = transformer.peft_config["default"].to_dict()

@@ -20,10 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from moalign.alignment import Aligner, stage2_loss
-from moalign.atomic import atomic_path, write_json
+from moalign.atomic import write_json
 from moalign.backbones import get_backbone
+from moalign.backbones.spec import unwrap
 from moalign.cache import Cache
 from moalign.checkpoint import (
+    ACCELERATE_STATE,
     check_resume_config,
     finished_run,
     load_module_file,
@@ -31,7 +33,7 @@ from moalign.checkpoint import (
     restore_training_state,
     save_module,
     save_training_checkpoint,
-    trainable_state,
+    save_transformer,
     training_state,
     write_run_config,
 )
@@ -51,8 +53,9 @@ from moalign.training import (
 )
 
 
-def validate(spec, transformer: torch.nn.Module, cfg: Stage2Config, out: Path) -> None:
-    """Validation videos with the transformer being trained, through the base pipeline's other parts."""
+def validate(spec, transformer: torch.nn.Module, cfg: Stage2Config, out: Path, device: torch.device) -> None:
+    """Validation videos with the transformer being trained, on its device, through the base pipeline's other
+    parts."""
     from moalign.generate import generate
 
     base = cfg.validation_pipeline or cfg.model  # Stage2Config checks one is set
@@ -61,8 +64,35 @@ def validate(spec, transformer: torch.nn.Module, cfg: Stage2Config, out: Path) -
     h, w = cfg.validation_size
     generate(
         base, list(cfg.validation_prompts), out, num_frames=cfg.validation_frames, height=h, width=w,
-        steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False,
+        steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False, device=str(device),
     )  # fmt: skip
+
+
+class Stage2Model(torch.nn.Module):
+    """The transformer and P_zeta as one module whose forward is the stage-2 loss.
+
+    accelerate prepares it as one model: DeepSpeed needs exactly one (one engine), and DDP / FSDP then sync
+    the gradients of both in one pass. Submodules: `transformer`, `aligner`.
+    """
+
+    def __init__(self, spec: Any, transformer: torch.nn.Module, aligner: Aligner):
+        super().__init__()
+        self.spec = spec
+        self.transformer = transformer
+        self.aligner = aligner
+
+    def forward(self, latents, prompt_embeds, teacher, generator) -> Any:
+        return stage2_loss(
+            self.spec, self.transformer, self.aligner, latents, prompt_embeds, teacher, generator
+        )
+
+
+def _split(state: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:
+    """A Stage2Model state dict, restricted to `names` -> (transformer weights, aligner weights), prefixes off."""
+    picked = {n: state[n] for n in names if n in state}
+    t = {n.removeprefix("transformer."): v for n, v in picked.items() if n.startswith("transformer.")}
+    a = {n.removeprefix("aligner."): v for n, v in picked.items() if n.startswith("aligner.")}
+    return t, a
 
 
 def _check_same_clips(latents: Cache, targets: Cache) -> None:
@@ -99,7 +129,7 @@ def train_stage2(
         metrics: final loss parts (means over the last 10 logged steps), steps, seconds.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     out_dir = Path(out_dir)
     done_metrics = finished_run(out_dir, resume, "stage-2")
@@ -125,7 +155,17 @@ def train_stage2(
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
+        if cfg.mixed_precision in (
+            "bf16",
+            "fp16",
+        ):  # the frozen base in 16 bit (half the memory), as diffusers'
+            transformer.to(
+                torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+            )  # LoRA examples do
         add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+        for p in transformer.parameters():
+            if p.requires_grad:  # the adapters train in float32 (autocast computes in 16 bit)
+                p.data = p.data.float()
     else:
         transformer.requires_grad_(True)
 
@@ -163,13 +203,17 @@ def train_stage2(
         f"{len(ids)} clips\n[stage2] {format_parameter_counts(counts)}"
     )
 
-    params = [p for p in transformer.parameters() if p.requires_grad] + list(aligner.parameters())
+    model = Stage2Model(spec, transformer, aligner)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     start_step = 0
     ckpt = resolve_resume(out_dir, resume)
+    sharded_ckpt = ckpt is not None and (ckpt / ACCELERATE_STATE).is_dir()
     if ckpt is not None:
         check_resume_config(out_dir, to_dict(cfg))
+    if ckpt is not None and not sharded_ckpt:
         state, _ = load_module_file(ckpt / "transformer_trainable.safetensors", "transformer_trainable")
         missing = set(state) - {n for n, _ in transformer.named_parameters()}
         if missing:
@@ -179,12 +223,34 @@ def train_stage2(
         transformer.load_state_dict(state, strict=False)
         aligner.load_state_dict(load_module_file(ckpt / "align_projector.safetensors", "align_projector")[0])
         start_step = restore_training_state(ckpt, optimizer, scheduler)
-        accelerator.print(f"[stage2] resumed from {ckpt} at step {start_step}")
     # The LR schedule stays ours: one step per global step. (accelerate's wrapper would step it once per process,
     # so a run's schedule would depend on how many processes share the global batch.)
-    transformer, aligner, optimizer = accelerator.prepare(transformer, aligner, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # DeepSpeed ZeRO and FSDP shard the optimizer state (ZeRO-3 and FSDP the weights too): their checkpoints go
+    # through accelerate's save_state / load_state, which every process joins
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if sharded_ckpt:
+        if not sharded:
+            raise MoalignError(
+                f"{ckpt} was written by a DeepSpeed / FSDP run; resume it with the same accelerate config"
+            )
+        accelerator.load_state(str(ckpt / ACCELERATE_STATE))
+        start_step = restore_training_state(ckpt, None, scheduler)
+    if ckpt is not None:
+        accelerator.print(f"[stage2] resumed from {ckpt} at step {start_step}")
+    if sharded and cfg.validate_every:
+        raise MoalignError(
+            "validation videos need the whole transformer in one process; with DeepSpeed / FSDP generate from "
+            "the checkpoints instead (--set validate_every=0)"
+        )
     device = accelerator.device
     accum = cfg.gradient_accumulation_steps
+    if accelerator.gradient_accumulation_steps != accum:
+        raise MoalignError(
+            f"the accelerate launch asks for {accelerator.gradient_accumulation_steps} gradient accumulation steps, "
+            f"the stage-2 config for {accum}: set it once, with --set gradient_accumulation_steps=N, and leave "
+            "it out of the accelerate / DeepSpeed config (or set it to 'auto' there)"
+        )
     if cfg.batch_size % (accelerator.num_processes * accum):
         raise MoalignError(
             f"batch_size {cfg.batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
@@ -199,7 +265,7 @@ def train_stage2(
         out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
     )
     meta = {"stage2": to_dict(cfg), "token_grid": list(grid)}
-    transformer.train()
+    model.train()
     t0 = time.time()
     bar = tqdm(
         range(start_step, cfg.steps),
@@ -224,9 +290,9 @@ def train_stage2(
             )
             gen = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 10_007 + j) for j in positions]
             # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
-            with accelerator.accumulate(transformer, aligner):
+            with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    parts = stage2_loss(spec, transformer, aligner, lat, emb, teacher, gen)
+                    parts = model(lat, emb, teacher, gen)
                 check_finite(step, parts)
                 accelerator.backward(parts.total)
             for k, v in parts.scalars().items():
@@ -248,25 +314,26 @@ def train_stage2(
             logger.log(step, **scalars, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
         if cfg.validate_every and done % cfg.validate_every == 0 and accelerator.is_main_process:
-            validate(
-                spec, accelerator.unwrap_model(transformer), cfg, out_dir / "validation" / f"step-{done}"
-            )
-            transformer.train()
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
-            save_training_checkpoint(
-                out_dir,
-                done,
-                {
-                    "transformer_trainable": (
-                        trainable_state(accelerator.unwrap_model(transformer)),
-                        "transformer_trainable",
-                        meta,
-                    ),
-                    "align_projector": (accelerator.unwrap_model(aligner), "align_projector", meta),
-                },
-                training_state(optimizer, scheduler),
-                limit=cfg.checkpoint_limit,
-            )
+            validate(spec, unwrap(model).transformer, cfg, out_dir / "validation" / f"step-{done}", device)
+            model.train()
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            t_state, a_state = _split(accelerator.get_state_dict(model), trainable)  # every process joins
+            partial = out_dir / f".checkpoint-{done}.partial"
+            if sharded:
+                accelerator.save_state(str(partial / ACCELERATE_STATE))  # every process writes its shard
+            if accelerator.is_main_process:
+                save_training_checkpoint(
+                    out_dir,
+                    done,
+                    {
+                        "transformer_trainable": (t_state, "transformer_trainable", meta),
+                        "align_projector": (a_state, "align_projector", meta),
+                    },
+                    training_state(None if sharded else optimizer, scheduler),
+                    limit=cfg.checkpoint_limit,
+                    partial=partial if sharded else None,
+                )
+            accelerator.wait_for_everyone()
 
     rows = [r for r in logger.history if "total" in r][-10:]
     metrics = {
@@ -276,19 +343,16 @@ def train_stage2(
     metrics.update(
         steps=cfg.steps, train_seconds=round(time.time() - t0, 1), clips=len(ids), align_mode=cfg.align.mode
     )
+    full_state = accelerator.get_state_dict(model)  # every process joins (ZeRO-3 / FSDP gather here)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(transformer)
+        t_state, a_state = _split(full_state, list(full_state))
+        base = unwrap(model).transformer
+        gathered = t_state if sharded else None  # else the module's own weights are whole: save from it
         if cfg.lora_rank > 0:
-            save_lora(spec.pipeline_class, model, out_dir)
+            save_lora(spec.pipeline_class, base, out_dir, state=gathered)
         else:
-            with atomic_path(out_dir / "transformer") as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-        save_module(
-            out_dir / "align_projector.safetensors",
-            accelerator.unwrap_model(aligner),
-            "align_projector",
-            meta,
-        )
+            save_transformer(base, out_dir / "transformer", state=gathered)
+        save_module(out_dir / "align_projector.safetensors", a_state, "align_projector", meta)
         write_model_card(
             out_dir, to_dict(cfg), metrics, {k: latents.fingerprint.get(k) for k in ("num_clips", "manifest_sha256", "data")},
             spec,
