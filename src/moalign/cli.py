@@ -199,7 +199,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     rows = generate(
         args.model, read_prompts(args.prompts), args.out, num_frames=args.num_frames, height=args.height,
         width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps,
-        backbone=args.backbone, base=args.base, device=args.device, progress=not args.quiet,
+        backbone=args.backbone, base=args.base, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
+        progress=not args.quiet,
     )  # fmt: skip
     print(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
 
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="video i uses seed + i")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _add_latents_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_generate)
 
@@ -465,9 +467,9 @@ def _add_latents_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        help="float32, bfloat16 or float16: VAE, text encoder and stored tensors",
+        help="float32, bfloat16 or float16 weights (caches: also the stored tensors)",
     )
-    p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less memory at 480p+)")
+    p.add_argument("--vae-tiling", action="store_true", help="VAE in spatial tiles (less memory at 480p+)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from moalign.atomic import atomic_path, write_jsonl
 from moalign.backbones import get_backbone
-from moalign.backbones.spec import dtype_kwargs
+from moalign.backbones.spec import DTYPES, dtype_kwargs
 from moalign.errors import MoalignError
 from moalign.video_io import write_video
 
@@ -99,6 +99,8 @@ def generate(
     base: str | None = None,
     pipeline: Any = None,
     device: str = "cpu",
+    dtype: str = "float32",
+    vae_tiling: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Generate one video per prompt; returns the manifest rows.
@@ -110,18 +112,27 @@ def generate(
         num_frames, height, width: the clip geometry (4k+1 frames; sizes divisible by 16).
         steps, guidance_scale: sampler settings.
         seed: video i uses seed + i.
+        dtype: weights' dtype when the pipeline is loaded here ("bfloat16" or "float16" on a GPU: half the
+            memory, several times faster).
+        vae_tiling: decode in spatial tiles (the VAE's `enable_tiling`; less memory at 480p).
     """
     from PIL import Image
 
     if not prompts:
         raise MoalignError("no prompts to generate: the prompts file is empty")
+    if dtype not in DTYPES:
+        raise MoalignError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if pipeline is None:
-        pipeline, spec = load_pipeline(model, backbone, base)
+        pipeline, spec = load_pipeline(
+            model, backbone, base, torch_dtype=None if dtype == "float32" else DTYPES[dtype]
+        )
     else:
         spec = get_backbone(backbone or family(type(pipeline).__name__))
     # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
     text_length = spec.text_length(pipeline.transformer.config)
     pipeline.to(device)
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
     pipeline.set_progress_bar_config(disable=not progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

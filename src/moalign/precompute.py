@@ -18,13 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from moalign.backbones.spec import DTYPES
 from moalign.cache import finalize_cache, remove_cache
 from moalign.data import DataConfig, VideoClipDataset
 from moalign.errors import MoalignError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from moalign.data import VideoClipDataset
 from moalign.encoder import EncoderConfig, preprocess_frames
 from moalign.errors import MoalignError
 from moalign.plots import plot_curves
-from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup, make_accelerator
 
 
 def build_videomae_config(cfg: PretrainEncoderConfig, num_frames: int):
@@ -84,14 +84,13 @@ def pretrain_encoder(
         metrics: first and final reconstruction MSE on the masked patches (pixels in [0, 1], or per-patch
         normalised pixels with norm_pix_loss), the MSE of one constant colour for reference, steps, seconds.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import VideoMAEForPreTraining
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         raise MoalignError(f"{out_dir} already holds an encoder; choose a new --out or delete it first")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
     dataset = VideoClipDataset(data_dir, cfg.data, load_flow=False)
     enc_cfg = EncoderConfig(input_size=cfg.input_size, drop_first_frame=True)

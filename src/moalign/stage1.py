@@ -46,6 +46,7 @@ from moalign.training import (
     check_finite,
     cosine_with_warmup,
     format_parameter_counts,
+    make_accelerator,
     parameter_counts,
 )
 
@@ -127,7 +128,6 @@ def train_stage1(
     Returns:
         metrics: val_epe and zero_flow_epe (px at the dataset resolution, held-out clips), train losses, timing.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
@@ -139,7 +139,7 @@ def train_stage1(
     if done_metrics is not None:
         print(f"[stage1] {out_dir} is finished ({done_metrics.get('steps')} steps); nothing to do")
         return done_metrics
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     device = accelerator.device
     set_seed(cfg.seed)
 

@@ -49,6 +49,7 @@ from moalign.training import (
     check_finite,
     cosine_with_warmup,
     format_parameter_counts,
+    make_accelerator,
     parameter_counts,
 )
 
@@ -128,7 +129,6 @@ def train_stage2(
     Returns:
         metrics: final loss parts (means over the last 10 logged steps), steps, seconds.
     """
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
     out_dir = Path(out_dir)
@@ -137,9 +137,9 @@ def train_stage2(
         print(f"[stage2] {out_dir} is finished ({done_metrics.get('steps')} steps); nothing to do")
         return done_metrics
     spec = get_backbone(cfg.backbone)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
-    )
+    if cfg.model:
+        spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps)
     set_seed(cfg.seed)
     latents = Cache(latents_cache, kind=LATENTS_KIND)
     targets = None

@@ -74,6 +74,23 @@ class RunLogger:
         return series(self.history, key)
 
 
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1):
+    """An `accelerate.Accelerator` for one stage.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision. In a
+    single process (the demo, a notebook, tests) each stage may bring its own, so the state is reset between
+    stages; in a launched multi-process run the launch fixes it, as accelerate intends.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    if PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # accelerate's own reset (its test utilities use it); keeps PartialState
+    return Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps
+    )
+
+
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of RUN/log.jsonl, skipping a last line cut by a kill."""
     rows = []

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +95,17 @@ class CogVideoXSpec(BackboneSpec):
 
         self.scheduler = make_scheduler(snr_shift_scale)
         self.pipeline_class = CogVideoXPipeline
+
+    def use_pipeline_scheduler(self, model: str) -> None:
+        """The pipeline's own CogVideoXDPMScheduler (5B: snr_shift_scale 1.0, 2B: 3.0), as diffusers' CogVideoX
+        training examples load it; a transformer-only folder keeps the 2B default."""
+        from diffusers import CogVideoXDPMScheduler
+
+        p = Path(model)
+        if (p / "scheduler" / "scheduler_config.json").is_file() or not (
+            p.exists() or model.startswith((".", "/"))
+        ):
+            self.scheduler = CogVideoXDPMScheduler.from_pretrained(model, subfolder="scheduler")
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.transformer_blocks

@@ -44,6 +44,10 @@ class BackboneSpec:
             )
         return cls.from_pretrained(path, subfolder="transformer", **kw)  # a hub id
 
+    def use_pipeline_scheduler(self, model: str) -> None:
+        """Train with the noise schedule of the pipeline `model` samples with (a folder or hub id); a no-op for
+        families whose training schedule does not come from the pipeline's scheduler."""
+
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         """The transformer's block list; alignment layers index it, 0-based."""
         raise NotImplementedError
@@ -133,6 +137,9 @@ def sample_noise(generator: Generators, latents: torch.Tensor) -> torch.Tensor:
         generator, lambda n, g: torch.randn((n, *shape), generator=g, dtype=latents.dtype), len(latents)
     )
     return noise.to(latents.device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
 
 
 def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
