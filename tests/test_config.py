@@ -50,3 +50,16 @@ def test_bad_overrides_say_what_is_wrong(override, match):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown"):
         from_dict(Stage1Config, {"not_a_field": 1})
+
+
+def test_overrides_apply_together_in_any_order():
+    """Configs check themselves once, after every override: validate_every may come before its prompts."""
+    from moalign.config import Stage2Config
+
+    a = apply_overrides(Stage2Config(model="m"), ["validate_every=5", "validation_prompts=a ball"])
+    b = apply_overrides(Stage2Config(model="m"), ["validation_prompts=a ball", "validate_every=5"])
+    assert a == b and a.validation_prompts == ("a ball",)
+    with pytest.raises(ValueError, match="validate_every needs validation_prompts"):
+        apply_overrides(Stage2Config(model="m"), ["validate_every=5"])
+    with pytest.raises(ValueError, match="'lr' has no sub-fields"):
+        apply_overrides(Stage2Config(), ["lr.x=1"])

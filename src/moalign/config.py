@@ -494,27 +494,34 @@ def _parse_literal(text: str) -> Any:
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply `dotted.path=value` overrides to a frozen config, e.g. `encoder.layer=5`, `data.fps=8`.
 
-    Values are Python literals (numbers, True/False, None, tuples like 64,64) or plain strings.
+    Values are Python literals (numbers, True/False, None, tuples like 64,64) or plain strings. All overrides
+    are applied before the configs check themselves, so their order does not matter (validate_every and
+    validation_prompts may come in either order).
     """
+    if not overrides:
+        return cfg
+    data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. --set lr=3e-4)")
         path, raw = item.split("=", 1)
-        cfg = _replace_path(cfg, path.strip().split("."), _parse_literal(raw.strip()), path)
-    return cfg
+        _set_path(type(cfg), data, path.strip().split("."), _parse_literal(raw.strip()), path)
+    return from_dict(type(cfg), data)
 
 
-def _replace_path(cfg: Any, keys: list[str], value: Any, full: str) -> Any:
-    names = {f.name for f in fields(cfg)}
+def _set_path(cls: type, data: dict, keys: list[str], value: Any, full: str) -> None:
+    """Set `value` (coerced to the field's type) at the dotted `keys` of a config dict of class `cls`."""
+    names = {f.name for f in fields(cls)}
     key = keys[0]
     if key not in names:
-        raise ValueError(
-            f"unknown config field {full!r}: {type(cfg).__name__} has {', '.join(sorted(names))}"
-        )
+        raise ValueError(f"unknown config field {full!r}: {cls.__name__} has {', '.join(sorted(names))}")
+    tp = typing.get_type_hints(cls)[key]
     if len(keys) == 1:
-        hints = typing.get_type_hints(type(cfg))
-        return replace(cfg, **{key: _coerce(hints[key], value)})
-    return replace(cfg, **{key: _replace_path(getattr(cfg, key), keys[1:], value, full)})
+        data[key] = to_dict(_coerce(tp, value))
+        return
+    if not is_dataclass(tp) or not isinstance(data.get(key), dict):
+        raise ValueError(f"config field {'.'.join(full.split('.')[: -len(keys) + 1])!r} has no sub-fields")
+    _set_path(tp, data[key], keys[1:], value, full)
 
 
 __all__ = [
