@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_parts import tiny_pipeline
+from tiny_parts import save_tiny_videomae, tiny_pipeline
 
 from moalign.cache import Cache
 from moalign.cli import main
@@ -30,19 +30,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELE
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """6 playground clips, a tiny VideoMAE, a 2-step stage-1 teacher and a tiny CogVideoX pipeline folder."""
-    from transformers import VideoMAEConfig, VideoMAEModel
-
     root = tmp_path_factory.mktemp("pre")
     write_playground(
         root / "data", SynthConfig(num_clips=6, num_frames=9, height=32, width=32), progress=False
     )
-    torch.manual_seed(0)
-    VideoMAEModel(
-        VideoMAEConfig(
-            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
-        )
-    ).save_pretrained(root / "encoder")  # fmt: skip
+    save_tiny_videomae(root / "encoder")
     cfg = Stage1Config(
         data=DataConfig(num_frames=9, height=32, width=32), projector=MotionProjectorConfig(hidden_dim=16),
         encoder=EncoderConfig(path=str(root / "encoder"), input_size=(32, 32)),

@@ -15,8 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_parts import tiny_pipeline_like
-from transformers import VideoMAEConfig, VideoMAEModel
+from tiny_parts import save_tiny_videomae, tiny_pipeline_like
 
 import moalign.stage2 as stage2_mod
 from moalign.alignment import MODE_TITLES
@@ -91,13 +90,7 @@ def world(tmp_path_factory):
         data[fps] = root / f"data-{fps:g}fps"
         assert main(["synth", "--out", str(data[fps]), "--num-clips", str(NUM_CLIPS), *GEOMETRY, "--fps",
                      str(fps), "--seed", "0", "--quiet"]) == 0  # fmt: skip
-    torch.manual_seed(0)
-    VideoMAEModel(
-        VideoMAEConfig(
-            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
-        )
-    ).save_pretrained(root / "encoder")  # fmt: skip
+    save_tiny_videomae(root / "encoder")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return SimpleNamespace(data=data, encoder=root / "encoder", prompts=root / "prompts.txt")
 

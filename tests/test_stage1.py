@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_parts import save_tiny_videomae
 
 import moalign.stage1 as stage1_mod
 from moalign.checkpoint import load_motion_teacher
@@ -19,20 +20,11 @@ from moalign.playground import SynthConfig, write_playground
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transformers import VideoMAEConfig, VideoMAEModel
-
     root = tmp_path_factory.mktemp("world")
     write_playground(
         root / "data", SynthConfig(num_clips=10, num_frames=9, height=32, width=32), progress=False
     )
-    torch.manual_seed(0)
-    enc = VideoMAEModel(
-        VideoMAEConfig(
-            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
-        )
-    )  # fmt: skip
-    enc.save_pretrained(root / "encoder")
+    save_tiny_videomae(root / "encoder")
     cfg = Stage1Config(
         data=DataConfig(num_frames=9, height=32, width=32),
         encoder=EncoderConfig(path=str(root / "encoder"), input_size=(32, 32)),

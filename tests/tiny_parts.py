@@ -82,3 +82,16 @@ def tiny_pipeline_like(architecture: str):
 
         pipe.register_modules(scheduler=make_scheduler(snr_shift_scale=1.0))
     return pipe
+
+
+def save_tiny_videomae(path) -> None:
+    """A random 2-block, 32-wide VideoMAE (patch 8, 8 frames at 32x32) saved as a transformers folder."""
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    torch.manual_seed(0)
+    VideoMAEModel(
+        VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
+        )
+    ).save_pretrained(path)  # fmt: skip
