@@ -177,6 +177,19 @@ def test_tensorboard_log_follows_the_json_log(caches, tmp_path):
         _cfg(report_to="wandb")
 
 
+def test_lora_under_bf16_keeps_the_base_in_bf16_and_trains_float32_adapters(caches, tmp_path):
+    spec = get_backbone("cogvideox")
+    torch.manual_seed(0)
+    model = spec.tiny_transformer()
+    cfg = _cfg(lora_rank=4, mixed_precision="bf16", report_to="none")
+    m = train_stage2(caches / "latents", tmp_path / "bf16", cfg, caches / "targets", progress=False,
+                     transformer=model)  # fmt: skip
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    saved = load_file(tmp_path / "bf16" / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32} and torch.isfinite(torch.tensor(m["total"]))
+
+
 def test_non_finite_loss_stops_with_step_and_parts(caches, tmp_path, monkeypatch):
     real = stage2_mod.stage2_loss
 

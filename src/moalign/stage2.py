@@ -155,16 +155,14 @@ def train_stage2(
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
-        if cfg.mixed_precision in (
-            "bf16",
-            "fp16",
-        ):  # the frozen base in 16 bit (half the memory), as diffusers'
-            transformer.to(
-                torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-            )  # LoRA examples do
+        # under mixed precision the frozen base is stored in 16 bit (half the memory), as diffusers' LoRA
+        # examples do; the adapters train in float32 and autocast computes in 16 bit
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        if half is not None:
+            transformer.to(half)
         add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
         for p in transformer.parameters():
-            if p.requires_grad:  # the adapters train in float32 (autocast computes in 16 bit)
+            if p.requires_grad:
                 p.data = p.data.float()
     else:
         transformer.requires_grad_(True)
@@ -321,6 +319,7 @@ def train_stage2(
             partial = out_dir / f".checkpoint-{done}.partial"
             if sharded:
                 accelerator.save_state(str(partial / ACCELERATE_STATE))  # every process writes its shard
+                accelerator.wait_for_everyone()  # all shards are on disk before the folder is renamed
             if accelerator.is_main_process:
                 save_training_checkpoint(
                     out_dir,
