@@ -122,8 +122,6 @@ def test_killed_precompute_resumes_with_the_same_command(world, uninterrupted):
 
 def test_precompute_errors(world, tmp_path):
     assert main(["precompute", "--data", str(world / "data"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("not a cache")
     argv = ["precompute", "--data", str(world / "data"), "--out", str(tmp_path), "--flow", "dis", "--overwrite",
             "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
     (tmp_path / "flow").mkdir()

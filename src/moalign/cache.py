@@ -538,7 +538,7 @@ def remove_cache(root: str | os.PathLike) -> None:
     root = Path(root)
     if not root.exists():
         return
-    if _read_header(root) is None if root.is_dir() else True:
+    if not root.is_dir() or _read_header(root) is None:
         raise MoalignError(
             f"{root} is not a moalign cache (no {_HEADER}), so --overwrite will not delete it. Pass another --out."
         )

@@ -199,7 +199,9 @@ def finished_run(run_dir: Path, resume: str | None, stage: str) -> dict[str, Any
         )
     if resume != "latest":  # an explicit checkpoint-N: train again from there, as asked
         return None
-    return json.loads(path.read_text())
+    metrics = json.loads(path.read_text())
+    print(f"[{stage.replace('-', '')}] {run_dir} is finished ({metrics.get('steps')} steps); nothing to do")
+    return metrics
 
 
 # config fields a resumed run may change: how long, how often it logs, checkpoints and validates

@@ -21,12 +21,7 @@ from moalign.encoder import EncoderConfig
 from moalign.flow_decoder import FlowDecoderConfig
 from moalign.motion_projector import MotionProjectorConfig
 from moalign.playground import SynthConfig
-from moalign.training import REPORT_TO
-
-
-def _check_report_to(value: str) -> None:
-    if value not in REPORT_TO:
-        raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {value!r}")
+from moalign.training import check_report_to
 
 
 @dataclass(frozen=True)
@@ -102,7 +97,7 @@ class Stage1Config:
     report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
 
     def __post_init__(self) -> None:
-        _check_report_to(self.report_to)
+        check_report_to(self.report_to)
         if self.feature_cache not in ("memory", "none"):
             raise ValueError(f"feature_cache must be 'memory' or 'none', got {self.feature_cache!r}")
         if self.flow_loss not in ("l1", "huber", "l2"):
@@ -151,7 +146,7 @@ class Stage2Config:
             raise ValueError(
                 f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
             )
-        _check_report_to(self.report_to)
+        check_report_to(self.report_to)
         if self.validate_every and not (self.validation_prompts and (self.validation_pipeline or self.model)):
             raise ValueError(
                 "validate_every needs validation_prompts and a pipeline folder (validation_pipeline or model)"

@@ -19,7 +19,7 @@ import torch
 
 from moalign.atomic import atomic_path, write_jsonl
 from moalign.backbones import get_backbone
-from moalign.backbones.spec import DTYPES, dtype_kwargs
+from moalign.backbones.spec import dtype_kwargs, parse_dtype
 from moalign.errors import MoalignError
 from moalign.video_io import write_video
 
@@ -120,12 +120,9 @@ def generate(
 
     if not prompts:
         raise MoalignError("no prompts to generate: the prompts file is empty")
-    if dtype not in DTYPES:
-        raise MoalignError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = parse_dtype(dtype)
     if pipeline is None:
-        pipeline, spec = load_pipeline(
-            model, backbone, base, torch_dtype=None if dtype == "float32" else DTYPES[dtype]
-        )
+        pipeline, spec = load_pipeline(model, backbone, base, torch_dtype=torch_dtype)
     else:
         spec = get_backbone(backbone or family(type(pipeline).__name__))
     # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length

@@ -67,8 +67,7 @@ def compute_latents(
     """
     spec = get_backbone(backbone)
     if pipeline is None:
-        load_dtype = None if dtype == torch.float32 else dtype  # float32 is the default: no kwarg needed
-        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, **dtype_kwargs(load_dtype))
+        pipeline = spec.pipeline_class.from_pretrained(model, transformer=None, **dtype_kwargs(dtype))
     pipeline.vae.to(device).eval()
     if vae_tiling:
         pipeline.vae.enable_tiling()

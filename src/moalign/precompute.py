@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moalign.backbones.spec import DTYPES
+from moalign.backbones.spec import parse_dtype
 from moalign.cache import finalize_cache, remove_cache
 from moalign.data import DataConfig, VideoClipDataset
 from moalign.errors import MoalignError
@@ -103,8 +103,7 @@ def precompute(
             "nothing to precompute: pass --flow METHOD (before stage 1), --teacher STAGE1_RUN and/or "
             "--model PIPELINE (after stage 1)"
         )
-    if latents_dtype not in DTYPES:
-        raise MoalignError(f"--dtype must be one of {', '.join(DTYPES)}, got {latents_dtype!r}")
+    torch_dtype = parse_dtype(latents_dtype)
     where = out if isinstance(out, dict) else {n: Path(out) / n for n in ("flow", "targets", "latents")}
     common = dict(
         shard_size=shard_size,
@@ -131,7 +130,7 @@ def precompute(
     if model is not None:
         jobs.append(
             ("latents", lambda path: compute_latents(
-                data_dir, model, path, backbone=backbone, data=data, dtype=DTYPES[latents_dtype],
+                data_dir, model, path, backbone=backbone, data=data, dtype=torch_dtype,
                 vae_tiling=vae_tiling, device=share.device, **common,
             ))
         )  # fmt: skip
@@ -153,4 +152,4 @@ def precompute(
     return built
 
 
-__all__ = ["DTYPES", "Share", "precompute", "process_share"]
+__all__ = ["Share", "precompute", "process_share"]

@@ -137,7 +137,6 @@ def train_stage1(
         )
     done_metrics = finished_run(out_dir, resume, "stage-1")
     if done_metrics is not None:
-        print(f"[stage1] {out_dir} is finished ({done_metrics.get('steps')} steps); nothing to do")
         return done_metrics
     accelerator = make_accelerator(cfg.mixed_precision)
     device = accelerator.device

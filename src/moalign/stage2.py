@@ -88,9 +88,10 @@ class Stage2Model(torch.nn.Module):
         )
 
 
-def _split(state: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:
-    """A Stage2Model state dict, restricted to `names` -> (transformer weights, aligner weights), prefixes off."""
-    picked = {n: state[n] for n in names if n in state}
+def _split(state: dict[str, torch.Tensor], names: list[str] | None = None) -> tuple[dict, dict]:
+    """A Stage2Model state dict (restricted to `names` when given) -> (transformer weights, aligner weights),
+    prefixes off."""
+    picked = state if names is None else {n: state[n] for n in names if n in state}
     t = {n.removeprefix("transformer."): v for n, v in picked.items() if n.startswith("transformer.")}
     a = {n.removeprefix("aligner."): v for n, v in picked.items() if n.startswith("aligner.")}
     return t, a
@@ -134,7 +135,6 @@ def train_stage2(
     out_dir = Path(out_dir)
     done_metrics = finished_run(out_dir, resume, "stage-2")
     if done_metrics is not None:
-        print(f"[stage2] {out_dir} is finished ({done_metrics.get('steps')} steps); nothing to do")
         return done_metrics
     spec = get_backbone(cfg.backbone)
     if cfg.model:
@@ -344,7 +344,7 @@ def train_stage2(
     )
     full_state = accelerator.get_state_dict(model)  # every process joins (ZeRO-3 / FSDP gather here)
     if accelerator.is_main_process:
-        t_state, a_state = _split(full_state, list(full_state))
+        t_state, a_state = _split(full_state)
         base = unwrap(model).transformer
         gathered = t_state if sharded else None  # else the module's own weights are whole: save from it
         if cfg.lora_rank > 0:

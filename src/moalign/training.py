@@ -19,6 +19,12 @@ from moalign.errors import MoalignError
 REPORT_TO = ("none", "tensorboard")
 
 
+def check_report_to(value: str) -> None:
+    """`report_to` names a logger we have: "none" (RUN/log.jsonl only) or "tensorboard"."""
+    if value not in REPORT_TO:
+        raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {value!r}")
+
+
 class RunLogger:
     """Logs scalars to RUN/log.jsonl (append-only), optionally to TensorBoard (RUN/tensorboard/), and keeps the
     history for curve plots.
@@ -30,8 +36,7 @@ class RunLogger:
     def __init__(
         self, run_dir: Path, enabled: bool = True, resume_from_step: int = -1, report_to: str = "none"
     ):
-        if report_to not in REPORT_TO:
-            raise MoalignError(f"report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+        check_report_to(report_to)
         self.path = run_dir / "log.jsonl"
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []

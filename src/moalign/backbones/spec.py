@@ -142,10 +142,17 @@ def sample_noise(generator: Generators, latents: torch.Tensor) -> torch.Tensor:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `--dtype` name; an unknown name is a user error listing the valid ones."""
+    if name not in DTYPES:
+        raise MoalignError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
-    """`from_pretrained` kwargs for a dtype, only when one is asked for: diffusers 0.42 renamed `torch_dtype`
-    to `dtype` and warns on the old name, which older releases still need."""
-    return {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    """`from_pretrained` kwargs for a dtype, only when one other than the default (float32) is asked for:
+    diffusers 0.42 renamed `torch_dtype` to `dtype` and warns on the old name, which older releases still need."""
+    return {} if torch_dtype in (None, torch.float32) else {"torch_dtype": torch_dtype}
 
 
 def vae_posterior_mean(vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
