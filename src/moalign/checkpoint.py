@@ -76,12 +76,16 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_config(run_dir: Path, config: dict[str, Any], command: str) -> None:
-    """Write RUN/config.json: the resolved config plus version, git commit and the command that made the run."""
-    write_json(
-        run_dir / "config.json",
-        {"command": command, "moalign_version": __version__, "git_commit": git_commit(), "config": config},
-    )
+def write_run_config(
+    run_dir: Path, config: dict[str, Any], command: str, launch: dict[str, Any] | None = None
+) -> None:
+    """Write RUN/config.json: the resolved config plus version, git commit, the command that made the run and
+    the launch it runs under (`moalign.training.launch_record`: processes, engine, per-process batch; the
+    latest launch, when a run is resumed under another one)."""
+    record = {"command": command, "moalign_version": __version__, "git_commit": git_commit(), "config": config}
+    if launch is not None:
+        record["launch"] = launch
+    write_json(run_dir / "config.json", record)
 
 
 # ---- resumable training checkpoints (checkpoint-N folders) --------------------------------------------------

@@ -6,12 +6,17 @@ Weights such as lambda are applied in exactly one place: the training loop of th
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
 
-class LossParts(dict):
-    """A mapping of named loss parts (0-d float32 tensors) that also allows attribute access: `parts.total`."""
+class LossParts(OrderedDict):
+    """A mapping of named loss parts (0-d float32 tensors) that also allows attribute access: `parts.total`.
+
+    An OrderedDict, because wrappers that rebuild a model's outputs (torch's FSDP, DDP) keep the class of an
+    OrderedDict but turn any other dict subclass into a plain dict.
+    """
 
     def __getattr__(self, name: str) -> torch.Tensor:
         try:

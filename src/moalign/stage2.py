@@ -48,9 +48,14 @@ from moalign.training import (
     batch_indices,
     check_finite,
     cosine_with_warmup,
+    deepspeed_dtype,
+    describe_launch,
     format_parameter_counts,
+    full_state_dict,
+    launch_record,
     make_accelerator,
     parameter_counts,
+    prepare_training,
 )
 
 
@@ -76,16 +81,36 @@ class Stage2Model(torch.nn.Module):
     the gradients of both in one pass. Submodules: `transformer`, `aligner`.
     """
 
-    def __init__(self, spec: Any, transformer: torch.nn.Module, aligner: Aligner):
+    def __init__(
+        self, spec: Any, transformer: torch.nn.Module, aligner: Aligner, input_dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.spec = spec
         self.transformer = transformer
         self.aligner = aligner
+        if input_dtype is not None:
+            # DeepSpeed holds the whole model in 16 bit: the transformer's floating inputs follow it, while noise,
+            # targets and losses stay float32
+            transformer.register_forward_pre_hook(_cast_inputs(input_dtype), with_kwargs=True)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The transformer's block classes: accelerate's FSDP wraps each in its own unit (TRANSFORMER_BASED_WRAP
+        without a class name), so one FSDP config serves every backbone family."""
+        return list(getattr(self.transformer, "_no_split_modules", None) or [])
 
     def forward(self, latents, prompt_embeds, teacher, generator) -> Any:
         return stage2_loss(
             self.spec, self.transformer, self.aligner, latents, prompt_embeds, teacher, generator
         )
+
+
+def _cast_inputs(dtype: torch.dtype):
+    def hook(module, args, kwargs):
+        cast = {k: kwargs[k].to(dtype) for k in ("hidden_states", "encoder_hidden_states") if k in kwargs}
+        return args, {**kwargs, **cast}
+
+    return hook
 
 
 def _split(state: dict[str, torch.Tensor], names: list[str] | None = None) -> tuple[dict, dict]:
@@ -201,10 +226,28 @@ def train_stage2(
         f"{len(ids)} clips\n[stage2] {format_parameter_counts(counts)}"
     )
 
-    model = Stage2Model(spec, transformer, aligner)
+    accum = cfg.gradient_accumulation_steps
+    if accelerator.gradient_accumulation_steps != accum:
+        raise MoalignError(
+            f"the accelerate launch asks for {accelerator.gradient_accumulation_steps} gradient accumulation steps, "
+            f"the stage-2 config for {accum}: set it once, with --set gradient_accumulation_steps=N, and leave "
+            "it out of the accelerate / DeepSpeed config (or set it to 'auto' there)"
+        )
+    if cfg.batch_size % (accelerator.num_processes * accum):
+        raise MoalignError(
+            f"batch_size {cfg.batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
+            f"process(es) x {accum} accumulation step(s); use a multiple of {accelerator.num_processes * accum} "
+            "(--set batch_size=... or --set gradient_accumulation_steps=...)"
+        )
+    micro = cfg.batch_size // (accelerator.num_processes * accum)  # clips per process and micro-batch
+    launch = launch_record(accelerator, micro, accum)
+    accelerator.print(f"[stage2] {describe_launch(launch)}")
+
+    model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     start_step = 0
     ckpt = resolve_resume(out_dir, resume)
@@ -223,7 +266,9 @@ def train_stage2(
         start_step = restore_training_state(ckpt, optimizer, scheduler)
     # The LR schedule stays ours: one step per global step. (accelerate's wrapper would step it once per process,
     # so a run's schedule would depend on how many processes share the global batch.)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, params = prepare_training(
+        accelerator, model, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
+    )
     # DeepSpeed ZeRO and FSDP shard the optimizer state (ZeRO-3 and FSDP the weights too): their checkpoints go
     # through accelerate's save_state / load_state, which every process joins
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
@@ -242,29 +287,17 @@ def train_stage2(
             "the checkpoints instead (--set validate_every=0)"
         )
     device = accelerator.device
-    accum = cfg.gradient_accumulation_steps
-    if accelerator.gradient_accumulation_steps != accum:
-        raise MoalignError(
-            f"the accelerate launch asks for {accelerator.gradient_accumulation_steps} gradient accumulation steps, "
-            f"the stage-2 config for {accum}: set it once, with --set gradient_accumulation_steps=N, and leave "
-            "it out of the accelerate / DeepSpeed config (or set it to 'auto' there)"
-        )
-    if cfg.batch_size % (accelerator.num_processes * accum):
-        raise MoalignError(
-            f"batch_size {cfg.batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
-            f"process(es) x {accum} accumulation step(s); use a multiple of {accelerator.num_processes * accum} "
-            "(--set batch_size=... or --set gradient_accumulation_steps=...)"
-        )
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(out_dir, to_dict(cfg), command)
+        write_run_config(out_dir, to_dict(cfg), command, launch=launch)
     logger = RunLogger(
         out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
     )
     meta = {"stage2": to_dict(cfg), "token_grid": list(grid)}
     model.train()
     t0 = time.time()
+    seen = 0  # clips this process trained on in this launch: its share of every global batch
     bar = tqdm(
         range(start_step, cfg.steps),
         desc=f"stage2 ({cfg.align.mode})",
@@ -275,7 +308,7 @@ def train_stage2(
         # this process's share of the global batch, in `accum` micro-batches; a sample's position j in the global
         # batch keys its noise, so the step's gradient is the same however the batch is split
         share = list(range(accelerator.process_index, len(batch), accelerator.num_processes))
-        micro = len(share) // accum
+        seen += len(share)
         sums: dict[str, float] = {}
         for a in range(accum):
             positions = share[a * micro : (a + 1) * micro]
@@ -296,7 +329,7 @@ def train_stage2(
             for k, v in parts.scalars().items():
                 sums[k] = sums.get(k, 0.0) + v / accum
         # the last micro-batch synchronised the gradients: one optimizer step per global batch
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0:  # (DeepSpeed clips inside its step, from the config prepare_training set)
             accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -315,12 +348,13 @@ def train_stage2(
             validate(spec, unwrap(model).transformer, cfg, out_dir / "validation" / f"step-{done}", device)
             model.train()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            t_state, a_state = _split(accelerator.get_state_dict(model), trainable)  # every process joins
+            full = full_state_dict(accelerator, model)  # every process joins; None except on the main one
             partial = out_dir / f".checkpoint-{done}.partial"
             if sharded:
                 accelerator.save_state(str(partial / ACCELERATE_STATE))  # every process writes its shard
                 accelerator.wait_for_everyone()  # all shards are on disk before the folder is renamed
             if accelerator.is_main_process:
+                t_state, a_state = _split(full, trainable)
                 save_training_checkpoint(
                     out_dir,
                     done,
@@ -339,10 +373,12 @@ def train_stage2(
         k: sum(r[k] for r in rows) / len(rows) for k in rows[-1] if k not in ("step", "time_s", "lr")
     } if rows else {}  # fmt: skip
     logger.close()
+    per_process = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
     metrics.update(
-        steps=cfg.steps, train_seconds=round(time.time() - t0, 1), clips=len(ids), align_mode=cfg.align.mode
-    )
-    full_state = accelerator.get_state_dict(model)  # every process joins (ZeRO-3 / FSDP gather here)
+        steps=cfg.steps, train_seconds=round(time.time() - t0, 1), clips=len(ids), align_mode=cfg.align.mode,
+        num_processes=accelerator.num_processes, engine=launch["engine"], clips_per_process=per_process,
+    )  # fmt: skip
+    full_state = full_state_dict(accelerator, model)  # every process joins (ZeRO-3 / FSDP gather here)
     if accelerator.is_main_process:
         t_state, a_state = _split(full_state)
         base = unwrap(model).transformer
