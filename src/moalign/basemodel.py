@@ -209,6 +209,8 @@ def train_vae(
 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
+    if accelerator.num_processes > 1:  # encode/decode are not forward(): they would bypass DDP's gradient sync
+        raise MoalignError("the demo's base-model VAE trains in one process: run `moalign demo` without a launcher")
     set_seed(cfg.seed)
     data = DataConfig(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     dataset = VideoClipDataset(data_dir, data, load_flow=False)
@@ -233,7 +235,6 @@ def train_vae(
         x = _clips([dataset[train_ids[i]]["frames"] for i in idx.tolist()], device)
         x = x[:, :, start : start + cfg.vae_window]  # (B, 3, T, H, W)
         with accelerator.autocast():
-            # encode/decode are not forward(): they bypass a DDP wrapper (see the issue note: single process only)
             posterior = model.encode(x).latent_dist
             z = posterior.sample(generator=None)
             y = model.decode(z).sample

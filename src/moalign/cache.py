@@ -219,6 +219,7 @@ class CacheWriter:
         shard: int,
         items: dict[int, dict[str, torch.Tensor]],
         skipped: dict[int, str] | None = None,
+        written_by: tuple[int, int] = (0, 1),
     ) -> Path:
         """Write one shard atomically.
 
@@ -227,6 +228,8 @@ class CacheWriter:
             items: ``{index: {name: tensor}}`` for the computed items of this shard. Names may not contain "/".
             skipped: ``{index: reason}`` for items that could not be computed. ``items`` and ``skipped``
                 together must cover `items_of(shard)` exactly.
+            written_by: (rank, world size) of the process writing it, kept in the shard's metadata as
+                "process" = "rank/world_size" (provenance of multi-process builds).
 
         Returns:
             The shard file's path.
@@ -253,6 +256,7 @@ class CacheWriter:
             "kind": self.kind,
             "fingerprint": self.digest,
             "shard": str(shard),
+            "process": f"{written_by[0]}/{written_by[1]}",
             "skipped": json.dumps({str(k): str(v) for k, v in sorted(skipped.items())}),
         }
         path = self.shard_path(shard)
@@ -511,7 +515,7 @@ def fill_cache(
                     continue
                 items[index] = compute(sample)
                 bar.update(1)
-            writer.write_shard(shard, items, skipped)
+            writer.write_shard(shard, items, skipped, written_by=(rank, world_size))
             if skipped:
                 bar.write(
                     f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"

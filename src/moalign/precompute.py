@@ -38,20 +38,21 @@ class Share:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            from accelerate import PartialState
+            from moalign.training import launch_state
 
-            PartialState().wait_for_everyone()
+            launch_state().wait_for_everyone()
 
 
 def process_share(device: str | None = None) -> Share:
-    """The share of this process as accelerate sees it (one process, rank 0, outside a launch).
+    """The share of this process in its launch (`moalign.training.launch_state`: torchrun / accelerate launch
+    honoured on GPUs and on CPU; one process, rank 0, outside a launch).
 
     Args:
         device: force a device ("cpu"); default: accelerate's device for this process (cuda:LOCAL_RANK on GPUs).
     """
-    from accelerate import PartialState
+    from moalign.training import launch_state
 
-    state = PartialState()
+    state = launch_state()
     return Share(state.process_index, state.num_processes, device or str(state.device))
 
 
@@ -135,6 +136,8 @@ def precompute(
             ))
         )  # fmt: skip
 
+    if share.is_main and progress and share.world_size > 1:
+        print(f"[precompute] {share.world_size} processes: process r writes the shards s with s % {share.world_size} == r")
     built = {}
     for name, job in jobs:
         path = Path(where[name])

@@ -22,7 +22,19 @@ from moalign.data import VideoClipDataset
 from moalign.encoder import EncoderConfig, preprocess_frames
 from moalign.errors import MoalignError
 from moalign.plots import plot_curves
-from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup, make_accelerator
+from moalign.training import (
+    RunLogger,
+    batch_indices,
+    check_finite,
+    cosine_with_warmup,
+    describe_launch,
+    launch_record,
+    make_accelerator,
+    per_process_batch,
+    prepare_training,
+    reduce_scalars,
+    refuse_sharding,
+)
 
 
 def build_videomae_config(cfg: PretrainEncoderConfig, num_frames: int):
@@ -91,6 +103,9 @@ def pretrain_encoder(
     if (out_dir / "config.json").exists():
         raise MoalignError(f"{out_dir} already holds an encoder; choose a new --out or delete it first")
     accelerator = make_accelerator(cfg.mixed_precision)
+    refuse_sharding(accelerator, "pretrain-encoder")
+    micro = per_process_batch(accelerator, cfg.batch_size)
+    launch = launch_record(accelerator, micro)
     set_seed(cfg.seed)
     dataset = VideoClipDataset(data_dir, cfg.data, load_flow=False)
     enc_cfg = EncoderConfig(input_size=cfg.input_size, drop_first_frame=True)
@@ -119,7 +134,8 @@ def pretrain_encoder(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the LR schedule steps once per global step
+    # the LR schedule stays ours: one step per global step
+    model, optimizer, params = prepare_training(accelerator, model, optimizer, micro_batch=micro, grad_clip=1.0)
     model.train()
 
     logger = RunLogger(out_dir, enabled=False)  # written into the folder at the end, atomically
@@ -128,7 +144,8 @@ def pretrain_encoder(
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(
         f"[pretrain-encoder] {len(dataset)} clips, input {num_frames}x{h}x{w}, token grid {grid}, "
-        f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps"
+        f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps\n"
+        f"[pretrain-encoder] {describe_launch(launch)}"
     )
     start = time.time()
     bar = tqdm(
@@ -148,13 +165,14 @@ def pretrain_encoder(
             ).loss
         check_finite(step, {"mse": loss})
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            logger.log(step, mse=float(loss.detach()), lr=scheduler.get_last_lr()[0])
-            bar.set_postfix(mse=f"{float(loss.detach()):.3f}")
+            scalars = reduce_scalars(accelerator, {"mse": float(loss.detach())})  # the global batch's mean
+            logger.log(step, **scalars, lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(mse=f"{scalars['mse']:.3f}")
 
     steps, mse = logger.series("mse")
     metrics = {
@@ -172,7 +190,10 @@ def pretrain_encoder(
             write_jsonl(tmp / "log.jsonl", logger.history)
             write_json(
                 tmp / "pretrain.json",
-                {"config": to_dict(cfg), "metrics": metrics, "git_commit": git_commit(), "command": command},
+                {
+                    "config": to_dict(cfg), "metrics": metrics, "git_commit": git_commit(), "command": command,
+                    "launch": launch,
+                },
             )
             plot_curves(
                 tmp / "loss_curve.png",

@@ -45,9 +45,15 @@ from moalign.training import (
     batch_indices,
     check_finite,
     cosine_with_warmup,
+    describe_launch,
     format_parameter_counts,
+    launch_record,
     make_accelerator,
     parameter_counts,
+    per_process_batch,
+    prepare_training,
+    reduce_scalars,
+    refuse_sharding,
 )
 
 
@@ -139,6 +145,9 @@ def train_stage1(
     if done_metrics is not None:
         return done_metrics
     accelerator = make_accelerator(cfg.mixed_precision)
+    refuse_sharding(accelerator, "stage 1")
+    micro = per_process_batch(accelerator, cfg.batch_size)
+    launch = launch_record(accelerator, micro)
     device = accelerator.device
     set_seed(cfg.seed)
 
@@ -174,7 +183,7 @@ def train_stage1(
         f"[stage1] encoder {cfg.encoder.path} block {encoder.layer_index} (0-based) of {encoder.num_layers}, "
         f"token grid {grid}, width {encoder.width}; flow targets {getattr(flow_source, 'name', 'cache')} at "
         f"{flow_size[0]}x{flow_size[1]}; {len(train_ids)} train / {len(val_ids)} val clips\n"
-        f"[stage1] {format_parameter_counts(counts)}"
+        f"[stage1] {format_parameter_counts(counts)}\n[stage1] {describe_launch(launch)}"
     )
 
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -189,7 +198,10 @@ def train_stage1(
         heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
         start_step = restore_training_state(ckpt, optimizer, scheduler)
         accelerator.print(f"[stage1] resumed from {ckpt} at step {start_step}")
-    heads, optimizer = accelerator.prepare(heads, optimizer)  # the LR schedule steps once per global step
+    # the LR schedule stays ours: one step per global step
+    heads, optimizer, params = prepare_training(
+        accelerator, heads, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
+    )
 
     prep = ClipPreparer(dataset, encoder, flow_source, flow_size, device, memo=cfg.feature_cache == "memory")
     if cfg.feature_cache == "memory":
@@ -203,7 +215,7 @@ def train_stage1(
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(out_dir, to_dict(cfg), command)
+        write_run_config(out_dir, to_dict(cfg), command, launch=launch)
     logger = RunLogger(
         out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
     )
@@ -236,6 +248,7 @@ def train_stage1(
         return float(torch.stack(epes).mean()), float(torch.stack(zeros).mean())
 
     t0 = time.time()
+    seen = 0  # clips this process trained on in this launch: its share of every global batch
     heads.train()
     bar = tqdm(
         range(start_step, cfg.steps), desc="stage1", disable=not (progress and accelerator.is_main_process)
@@ -243,6 +256,7 @@ def train_stage1(
     for step in bar:
         idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
+        seen += len(idx)
         items = [prep(train_ids[j]) for j in idx]
         tokens = torch.stack([it["tokens"] for it in items]).to(device)  # (b, F'', H'', W'', D_v)
         target = torch.stack([it["flow"] for it in items]).to(device)  # (b, T-1, h, w, 2)
@@ -252,17 +266,16 @@ def train_stage1(
         check_finite(step, parts)
         accelerator.backward(parts.total)
         if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(heads.parameters(), cfg.grad_clip)
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
-            logger.log(
-                step, **{f"train_{k}": v for k, v in parts.scalars().items()}, lr=scheduler.get_last_lr()[0]
-            )
-            bar.set_postfix(l1=f"{float(parts.l1.detach()):.3f}", epe=f"{float(parts.epe.detach()):.3f}")
+            scalars = reduce_scalars(accelerator, parts.scalars())  # the global batch's mean
+            logger.log(step, **{f"train_{k}": v for k, v in scalars.items()}, lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(l1=f"{scalars['l1']:.3f}", epe=f"{scalars['epe']:.3f}")
         if done % cfg.val_every == 0 or done == cfg.steps:
             val_epe, zero_epe = validate()
             logger.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
@@ -292,6 +305,9 @@ def train_stage1(
         "train_seconds": round(time.time() - t0, 1),
         "val_clips": len(val_ids),
         "train_clips": len(train_ids),
+        "num_processes": accelerator.num_processes,
+        "engine": launch["engine"],
+        "clips_per_process": accelerator.gather(torch.tensor([seen], device=device)).tolist(),
         "flow_resolution": list(flow_size),
         "token_grid": list(grid),
     }

@@ -55,7 +55,9 @@ from moalign.training import (
     launch_record,
     make_accelerator,
     parameter_counts,
+    per_process_batch,
     prepare_training,
+    reduce_scalars,
 )
 
 
@@ -227,19 +229,7 @@ def train_stage2(
     )
 
     accum = cfg.gradient_accumulation_steps
-    if accelerator.gradient_accumulation_steps != accum:
-        raise MoalignError(
-            f"the accelerate launch asks for {accelerator.gradient_accumulation_steps} gradient accumulation steps, "
-            f"the stage-2 config for {accum}: set it once, with --set gradient_accumulation_steps=N, and leave "
-            "it out of the accelerate / DeepSpeed config (or set it to 'auto' there)"
-        )
-    if cfg.batch_size % (accelerator.num_processes * accum):
-        raise MoalignError(
-            f"batch_size {cfg.batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
-            f"process(es) x {accum} accumulation step(s); use a multiple of {accelerator.num_processes * accum} "
-            "(--set batch_size=... or --set gradient_accumulation_steps=...)"
-        )
-    micro = cfg.batch_size // (accelerator.num_processes * accum)  # clips per process and micro-batch
+    micro = per_process_batch(accelerator, cfg.batch_size, accum)  # clips per process and micro-batch
     launch = launch_record(accelerator, micro, accum)
     accelerator.print(f"[stage2] {describe_launch(launch)}")
 
@@ -336,12 +326,7 @@ def train_stage2(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
-            scalars = sums
-            if accelerator.num_processes > 1:
-                # the global batch's mean, not rank 0's share (every rank takes part in the reduce)
-                names = sorted(scalars)
-                mean = accelerator.reduce(torch.tensor([scalars[k] for k in names], device=device), "mean")
-                scalars = dict(zip(names, mean.tolist(), strict=True))
+            scalars = reduce_scalars(accelerator, sums)  # the global batch's mean, not rank 0's share
             logger.log(step, **scalars, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
         if cfg.validate_every and done % cfg.validate_every == 0 and accelerator.is_main_process:

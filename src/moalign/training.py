@@ -112,13 +112,14 @@ def launch_state():
         return PartialState()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = not _has_accelerator() or _env_flag("ACCELERATE_USE_CPU")
+    if not _has_accelerator():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
     if launched and cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
         if _env_flag("ACCELERATE_USE_CPU"):
             raise MoalignError(
                 "the launch asks for DeepSpeed and for ACCELERATE_USE_CPU, which turns DeepSpeed off: unset "
                 "ACCELERATE_USE_CPU (DeepSpeed runs on its CPU accelerator when the machine has no GPU)"
             )
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return PartialState(backend="gloo")
     return PartialState(cpu=cpu)
 
@@ -130,6 +131,9 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     accelerate maps an FSDP config to plain multi-CPU DDP; here it is mapped to FSDP, as on GPUs (FSDP2 runs on
     CPU over gloo: the tests and CPU debugging use it).
 
+    Mixed precision is the run config's; a launch asking for another one (`accelerate launch --mixed_precision`,
+    or `mixed_precision` in its config file) is refused.
+
     accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision. In a
     single process (the demo, a notebook, tests) each stage may bring its own, so the state is reset between
     stages; in a launched multi-process run the launch fixes it, as accelerate intends.
@@ -138,6 +142,13 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", mixed_precision):
+        raise MoalignError(
+            f"the accelerate launch asks for mixed precision {launched}, the run config for {mixed_precision}: set "
+            f"it once, in the run config (--set mixed_precision={launched}; the real-model presets use bf16), and "
+            "leave it out of the launch"
+        )
     state = launch_state()
     if state.num_processes == 1:
         AcceleratorState._reset_state()  # accelerate's own reset (its test utilities use it); keeps PartialState
@@ -223,12 +234,59 @@ def deepspeed_dtype(accelerator) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_deepspeed_precision(accelerator))
 
 
+def per_process_batch(accelerator, batch_size: int, gradient_accumulation_steps: int = 1) -> int:
+    """The micro-batch of each process: the global `batch_size` split over the processes, then into
+    `gradient_accumulation_steps` micro-batches.
+
+    Raises:
+        MoalignError: the batch does not split evenly, or the launch asks for another accumulation.
+    """
+    if accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
+        raise MoalignError(
+            f"the accelerate launch asks for {accelerator.gradient_accumulation_steps} gradient accumulation steps, "
+            f"the run config for {gradient_accumulation_steps}: set it once, with --set "
+            "gradient_accumulation_steps=N, and leave it out of the accelerate / DeepSpeed config (or set it to "
+            "'auto' there)"
+        )
+    parts = accelerator.num_processes * gradient_accumulation_steps
+    if batch_size % parts:
+        raise MoalignError(
+            f"batch_size {batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
+            f"process(es) x {gradient_accumulation_steps} accumulation step(s); use a multiple of {parts} "
+            "(--set batch_size=... or --set gradient_accumulation_steps=...)"
+        )
+    return batch_size // parts
+
+
+def reduce_scalars(accelerator, scalars: dict[str, float]) -> dict[str, float]:
+    """The mean of each logged scalar over the processes: the global batch's value, not rank 0's share.
+    Every process must call it."""
+    if accelerator.num_processes == 1:
+        return scalars
+    names = sorted(scalars)
+    mean = accelerator.reduce(torch.tensor([scalars[k] for k in names], device=accelerator.device), "mean")
+    return dict(zip(names, mean.tolist(), strict=True))
+
+
+def refuse_sharding(accelerator, stage: str) -> None:
+    """Stages that train small modules every process holds whole (stage 1's heads, the playground's encoder)
+    run single-process or DDP; a DeepSpeed / FSDP launch is refused rather than silently run as DDP."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise MoalignError(
+            f"{stage} trains small modules that every process holds whole: launch it with DDP "
+            "(accelerate launch --config_file configs/accelerate/ddp.yaml, or torchrun), not "
+            f"{engine_name(accelerator)}; DeepSpeed and FSDP are for stage 2"
+        )
+
+
 def prepare_training(accelerator, model: nn.Module, optimizer, *, micro_batch: int, grad_clip: float):
     """`accelerator.prepare(model, optimizer)` for any engine; returns (model, optimizer, trainable parameters).
 
     DeepSpeed is told the per-process micro-batch, the accumulation and the gradient clipping of the run
     config (it cannot infer them without a dataloader); an accelerate / DeepSpeed config that fixes another
-    value is refused. The parameter list is taken after `prepare`, which may replace the parameters (FSDP2:
+    value is refused. Under ZeRO-3 the weights are gathered for saving (stage3_gather_16bit_weights_on_model_save). The parameter list is taken after `prepare`, which may replace the parameters (FSDP2:
     DTensors), so gradient clipping sees what the optimizer steps.
 
     Raises:
@@ -253,6 +311,8 @@ def prepare_training(accelerator, model: nn.Module, optimizer, *, micro_batch: i
                 "(or set them to 'auto' there)"
             )
         ds.update(ours)
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:  # saving needs the gathered weights
+            ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
         ds["train_batch_size"] = micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,41 @@
+"""Launch `moalign` in fresh processes as users do: one plain process, or `accelerate launch` with one of the
+repository's accelerate configs (configs/accelerate/*.yaml) and 2 CPU processes, optionally SIGKILLed at a chosen
+call (tests/run_cli.py)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_CLI = Path(__file__).with_name("run_cli.py")
+# one thread per process: the processes and the one-process references then add in the same order, and two
+# processes do not fight over the two cores; no GPU, and none of the CPU flags a user might have exported
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DS_", "FSDP_"))},
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_moalign(
+    argv: list[str], engine: str | None = None, kill: tuple[str, int] | None = None, processes: int = 2
+) -> subprocess.CompletedProcess:
+    """`moalign ARGV` in one process (engine None) or under `accelerate launch --config_file
+    configs/accelerate/ENGINE.yaml --num_processes PROCESSES`, from the repository root (the configs name their
+    DeepSpeed JSONs relative to it); with kill=(MODULE.ATTR, N) every process is SIGKILLed at that call."""
+    script = [str(RUN_CLI), *(["--kill", kill[0], str(kill[1])] if kill else []), "moalign", *argv]
+    if engine is None:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(free_port()), *script]  # fmt: skip
+    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)

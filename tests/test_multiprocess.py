@@ -1,0 +1,113 @@
+"""Stage 2 under every engine a user launches it with, 2 CPU processes each: DDP, DeepSpeed ZeRO-2 and ZeRO-3,
+FSDP2, through `accelerate launch --config_file configs/accelerate/ENGINE.yaml --num_processes 2`.
+
+For each engine: the run records 2 processes and the engine, each process trained on its half of every global
+batch only, the trained weights equal a one-process run with the same global batch (and differ, by far more,
+from a one-process run on half the batch: what each process alone would train), and a run SIGKILLed after its
+first checkpoint and launched again with the same `--resume latest` command ends with the uninterrupted weights.
+"""
+
+import json
+
+import pytest
+import torch
+from launcher import run_moalign
+from safetensors.torch import load_file
+
+from moalign.cache import CacheWriter
+
+N = 8
+STEPS = 3
+ENGINES = {  # config file -> engine the run must record
+    "ddp": "ddp",
+    "deepspeed_zero2": "deepspeed-zero2",
+    "deepspeed_zero3": "deepspeed-zero3",
+    "fsdp": "fsdp2",
+}
+# the engines that also split each process's share into 2 micro-batches (accumulation through DDP's no_sync and
+# DeepSpeed's own boundary); the others take their share in one micro-batch
+ACCUMULATING = {"ddp", "deepspeed_zero2"}
+EQUAL = 1e-4  # "the same weights": float summation order differs between engines
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    g = torch.Generator().manual_seed(0)
+    ident = {"manifest_sha256": "abc", "num_clips": N}
+    w = CacheWriter(root / "latents", "latents", ident, N, shard_size=4)
+    for s in w.shards_todo():
+        w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),  # CogVideoX (F, C, H, W)
+                              "prompt_embeds": torch.randn(226, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
+    w.finalize()
+    t = CacheWriter(root / "targets", "teacher_targets", ident, N, shard_size=4)
+    for s in t.shards_todo():
+        t.write_shard(s, {i: {"motion": torch.randn(4, 2, 2, 8, generator=g).half()} for i in t.items_of(s)})
+    t.finalize()
+    return root
+
+
+def _args(caches, out, *extra):
+    return ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"), "--out", str(out),
+            "--align", "moalign", "--layers", "1", "--steps", str(STEPS), "--set", "batch_size=4", "--set", "lr=1e-3",
+            "--set", "warmup_steps=1", "--set", "align.projector.hidden_dim=8", "--set", "checkpoint_every=2",
+            "--set", "log_every=1", "--set", "report_to=none", "--resume", "latest", "--quiet", *extra]  # fmt: skip
+
+
+def _weights(run):
+    return {
+        **load_file(run / "transformer" / "diffusion_pytorch_model.safetensors"),
+        **{f"aligner.{k}": v for k, v in load_file(run / "align_projector.safetensors").items()},
+    }
+
+
+def _gap(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _ok(done):
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def one_process(caches, tmp_path_factory):
+    """One process with the global batch of 4, and one with a batch of 2 (what each of two processes would
+    train alone, were the launch ignored)."""
+    root = tmp_path_factory.mktemp("one")
+    _ok(run_moalign(_args(caches, root / "whole")))
+    _ok(run_moalign(_args(caches, root / "half", "--set", "batch_size=2")))
+    return _weights(root / "whole"), _weights(root / "half")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_two_processes_train_like_one_and_resume_exactly(engine, caches, one_process, tmp_path):
+    accum = ["--set", "gradient_accumulation_steps=2"] if engine in ACCUMULATING else []
+    whole = _ok(run_moalign(_args(caches, tmp_path / "whole", *accum), engine))
+    launch = json.loads((tmp_path / "whole" / "config.json").read_text())["launch"]
+    assert launch["num_processes"] == 2 and launch["engine"] == ENGINES[engine], launch
+    assert launch["per_process_batch"] == 2 and launch["micro_batch"] == (1 if accum else 2)
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["clips_per_process"] == [2 * STEPS, 2 * STEPS]  # each process its half of every batch
+
+    reference, half = one_process
+    trained = _weights(tmp_path / "whole")
+    gap, half_gap = _gap(trained, reference), _gap(half, reference)
+    assert gap < EQUAL and half_gap > 10 * EQUAL, (gap, half_gap)
+    logged = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(STEPS))
+    assert "2 processes (" + ENGINES[engine] in whole.stdout
+
+    # SIGKILLed in step 3 (after checkpoint-2: one loss call per micro-batch), then the same command again
+    run = tmp_path / "run"
+    calls = 2 * launch["gradient_accumulation_steps"] + 1
+    killed = run_moalign(_args(caches, run, *accum), engine, kill=("moalign.stage2.stage2_loss", calls))
+    assert killed.returncode != 0 and (run / "checkpoint-2").is_dir() and not (run / "metrics.json").exists()
+    if engine != "ddp":  # DeepSpeed / FSDP: the sharded optimizer state is in the checkpoint
+        assert (run / "checkpoint-2" / "accelerate_state").is_dir()
+    again = _ok(run_moalign(_args(caches, run, *accum), engine))
+    assert "resumed from" in again.stdout
+    resumed = _weights(run)
+    assert all(torch.equal(resumed[k], trained[k]) for k in trained)
