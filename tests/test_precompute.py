@@ -1,14 +1,14 @@
-"""`moalign precompute`: every cache in one command; two processes (torchrun, gloo) build what one builds; a
-SIGKILLed run, started again with the same command, ends equal to an uninterrupted one."""
+"""`moalign precompute`: every cache in one command; two processes (`accelerate launch`, gloo) build what one
+builds, each writing only its own shards; a SIGKILLed run, started again with the same command, ends equal to an
+uninterrupted one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launcher import run_moalign
+from safetensors import safe_open
 from tiny_parts import save_tiny_videomae, tiny_pipeline
 
 from moalign.cache import Cache
@@ -21,10 +21,6 @@ from moalign.flow_decoder import FlowDecoderConfig
 from moalign.motion_projector import MotionProjectorConfig
 from moalign.playground import SynthConfig, write_playground
 from moalign.stage1 import train_stage1
-
-HERE = Path(__file__).parent
-# one thread: the subprocesses and this process then add in the same order (bit-equal caches)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +47,10 @@ def _args(world, out):
             "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
 
 
-def _run(argv, killer=None):
-    """`moalign ARGV` in a fresh process; with killer=(FUNCTION, N) it is SIGKILLed at that call."""
-    cmd = [sys.executable, "-m", "moalign.cli"] if killer is None else [sys.executable, str(HERE / "killer.py"),
-                                                                        killer[0], str(killer[1]), "--"]  # fmt: skip
-    return subprocess.run([*cmd, *argv], env=ENV, capture_output=True, text=True)
+def _run(argv, killer=None, engine=None):
+    """`moalign ARGV` in a fresh process (under `accelerate launch` with 2 processes when `engine` names a
+    configs/accelerate file); with killer=(FUNCTION, N) it is SIGKILLed at that call."""
+    return run_moalign(argv, engine=engine, kill=killer)
 
 
 def _same_caches(a: Path, b: Path, names=("flow", "targets", "latents")) -> None:
@@ -94,13 +89,17 @@ def test_one_command_builds_every_cache(world, uninterrupted):
 
 
 def test_two_processes_build_the_same_caches(world, uninterrupted):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run([*torchrun, "-m", "moalign.cli", *_args(world, world / "two")], env=ENV,
-                          capture_output=True, text=True)  # fmt: skip
+    done = _run(_args(world, world / "two"), engine="ddp")
     assert done.returncode == 0, done.stderr
     _same_caches(uninterrupted, world / "two")
     manifest = json.loads((world / "two" / "latents" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["shards"] == [f"shard-0000{s}.safetensors" for s in range(3)]
+    for name in ("flow", "targets", "latents"):  # process r wrote exactly the shards s with s % 2 == r
+        for s in range(3):
+            with safe_open(str(world / "two" / name / f"shard-0000{s}.safetensors"), "pt") as f:
+                assert f.metadata()["process"] == f"{s % 2}/2", (name, s)
+    with safe_open(str(uninterrupted / "latents" / "shard-00001.safetensors"), "pt") as f:
+        assert f.metadata()["process"] == "0/1"
 
 
 def test_killed_precompute_resumes_with_the_same_command(world, uninterrupted):
@@ -155,3 +154,32 @@ def test_killed_training_resumes_with_the_same_command(world, uninterrupted, tmp
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logged == [0, 1, 2, 3]  # the killed step's line, if any, was dropped and logged once again
+
+
+def test_stage1_two_processes_train_like_one(world, uninterrupted, tmp_path):
+    """Stage 1 under `accelerate launch` (DDP, 2 CPU processes): 2 processes recorded, each trained on its half of
+    every batch, and the heads equal a one-process run's (a one-process run on half the batch differs)."""
+
+    def argv(out, batch=2):
+        return ["stage1", "--data", str(world / "data"), "--encoder", str(world / "encoder"), "--flow-cache",
+                str(uninterrupted / "flow"), "--out", str(out), "--num-frames", "9", "--height", "32", "--width",
+                "32", "--set", "encoder.input_size=32,32", "--set", "projector.hidden_dim=16", "--set",
+                "decoder.hidden_dim=8", "--set", "val_clips=2", "--set", "steps=3", "--set", f"batch_size={batch}",
+                "--set", "lr=1e-3", "--set", "warmup_steps=1", "--set", "report_to=none", "--quiet"]  # fmt: skip
+
+    two = _run(argv(tmp_path / "two"), engine="ddp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(argv(tmp_path / "one")) == 0 and main(argv(tmp_path / "half", batch=1)) == 0
+    launch = json.loads((tmp_path / "two" / "config.json").read_text())["launch"]
+    assert launch["num_processes"] == 2 and launch["engine"] == "ddp" and launch["per_process_batch"] == 1
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["clips_per_process"] == [3, 3]
+    from safetensors.torch import load_file
+
+    def heads(run):
+        return {f"{n}.{k}": v for n in ("motion_projector", "flow_decoder")
+                for k, v in load_file(run / f"{n}.safetensors").items()}  # fmt: skip
+
+    one, two_w, half = heads(tmp_path / "one"), heads(tmp_path / "two"), heads(tmp_path / "half")
+    gap = max(float((two_w[k] - one[k]).abs().max()) for k in one)
+    half_gap = max(float((half[k] - one[k]).abs().max()) for k in one)
+    assert gap < 1e-4 and half_gap > 1e-3, (gap, half_gap)

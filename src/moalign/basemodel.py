@@ -209,8 +209,11 @@ def train_vae(
 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg.mixed_precision)
-    if accelerator.num_processes > 1:  # encode/decode are not forward(): they would bypass DDP's gradient sync
-        raise MoalignError("the demo's base-model VAE trains in one process: run `moalign demo` without a launcher")
+    # encode/decode are not forward(): under DDP they would bypass the gradient sync
+    if accelerator.num_processes > 1:
+        raise MoalignError(
+            "the demo's base-model VAE trains in one process: run `moalign demo` without a launcher"
+        )
     set_seed(cfg.seed)
     data = DataConfig(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     dataset = VideoClipDataset(data_dir, data, load_flow=False)

@@ -82,7 +82,12 @@ def write_run_config(
     """Write RUN/config.json: the resolved config plus version, git commit, the command that made the run and
     the launch it runs under (`moalign.training.launch_record`: processes, engine, per-process batch; the
     latest launch, when a run is resumed under another one)."""
-    record = {"command": command, "moalign_version": __version__, "git_commit": git_commit(), "config": config}
+    record = {
+        "command": command,
+        "moalign_version": __version__,
+        "git_commit": git_commit(),
+        "config": config,
+    }
     if launch is not None:
         record["launch"] = launch
     write_json(run_dir / "config.json", record)

@@ -137,7 +137,9 @@ def precompute(
         )  # fmt: skip
 
     if share.is_main and progress and share.world_size > 1:
-        print(f"[precompute] {share.world_size} processes: process r writes the shards s with s % {share.world_size} == r")
+        print(
+            f"[precompute] {share.world_size} processes: process r writes the shards s with s % {share.world_size} == r"
+        )
     built = {}
     for name, job in jobs:
         path = Path(where[name])

@@ -135,7 +135,9 @@ def pretrain_encoder(
     )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     # the LR schedule stays ours: one step per global step
-    model, optimizer, params = prepare_training(accelerator, model, optimizer, micro_batch=micro, grad_clip=1.0)
+    model, optimizer, params = prepare_training(
+        accelerator, model, optimizer, micro_batch=micro, grad_clip=1.0
+    )
     model.train()
 
     logger = RunLogger(out_dir, enabled=False)  # written into the folder at the end, atomically
@@ -191,7 +193,10 @@ def pretrain_encoder(
             write_json(
                 tmp / "pretrain.json",
                 {
-                    "config": to_dict(cfg), "metrics": metrics, "git_commit": git_commit(), "command": command,
+                    "config": to_dict(cfg),
+                    "metrics": metrics,
+                    "git_commit": git_commit(),
+                    "command": command,
                     "launch": launch,
                 },
             )

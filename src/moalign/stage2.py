@@ -84,7 +84,11 @@ class Stage2Model(torch.nn.Module):
     """
 
     def __init__(
-        self, spec: Any, transformer: torch.nn.Module, aligner: Aligner, input_dtype: torch.dtype | None = None
+        self,
+        spec: Any,
+        transformer: torch.nn.Module,
+        aligner: Aligner,
+        input_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.spec = spec

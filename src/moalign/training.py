@@ -313,7 +313,9 @@ def prepare_training(accelerator, model: nn.Module, optimizer, *, micro_batch: i
         ds.update(ours)
         if accelerator.state.deepspeed_plugin.zero_stage == 3:  # saving needs the gathered weights
             ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-        ds["train_batch_size"] = micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        ds["train_batch_size"] = (
+            micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, optimizer, params
