@@ -13,8 +13,7 @@ import pytest
 import torch
 from launcher import run_moalign
 from safetensors.torch import load_file
-
-from moalign.cache import CacheWriter
+from tiny_parts import tiny_pipeline, write_stage2_caches
 
 N = 8
 STEPS = 3
@@ -33,17 +32,7 @@ EQUAL = 1e-4  # "the same weights": float summation order differs between engine
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    g = torch.Generator().manual_seed(0)
-    ident = {"manifest_sha256": "abc", "num_clips": N}
-    w = CacheWriter(root / "latents", "latents", ident, N, shard_size=4)
-    for s in w.shards_todo():
-        w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),  # CogVideoX (F, C, H, W)
-                              "prompt_embeds": torch.randn(226, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
-    w.finalize()
-    t = CacheWriter(root / "targets", "teacher_targets", ident, N, shard_size=4)
-    for s in t.shards_todo():
-        t.write_shard(s, {i: {"motion": torch.randn(4, 2, 2, 8, generator=g).half()} for i in t.items_of(s)})
-    t.finalize()
+    write_stage2_caches(root, N)
     return root
 
 
@@ -115,8 +104,6 @@ def test_two_processes_train_like_one_and_resume_exactly(engine, caches, one_pro
 
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
-    from tiny_parts import tiny_pipeline
-
     path = tmp_path_factory.mktemp("pipe") / "cogvideox"
     tiny_pipeline("cogvideox").save_pretrained(path)
     return path

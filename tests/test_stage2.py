@@ -6,12 +6,12 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_parts import write_stage2_caches
 
 import moalign.stage2 as stage2_mod
 from moalign.align_projector import AlignProjectorConfig
 from moalign.alignment import AlignConfig
 from moalign.backbones import get_backbone
-from moalign.cache import CacheWriter
 from moalign.errors import MoalignError
 from moalign.stage2 import Stage2Config, train_stage2
 
@@ -21,18 +21,7 @@ N = 6
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("s2")
-    g = torch.Generator().manual_seed(0)
-    ident = {"manifest_sha256": "abc", "num_clips": N}
-    w = CacheWriter(root / "latents", "latents", ident, N, shard_size=4)
-    for s in w.shards_todo():
-        w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),  # CogVideoX (F, C, H, W)
-                              "prompt_embeds": torch.randn(226, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
-    w.finalize()
-    t = CacheWriter(root / "targets", "teacher_targets", ident, N, shard_size=4)
-    for s in t.shards_todo():
-        t.write_shard(s, {i: {"motion": torch.randn(4, 2, 2, 8, generator=g).half(),
-                              "encoder": torch.randn(4, 2, 2, 12, generator=g).half()} for i in t.items_of(s)})  # fmt: skip
-    t.finalize()
+    write_stage2_caches(root, N)
     return root
 
 

@@ -5,6 +5,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from moalign.backbones import get_backbone
+from moalign.cache import CacheWriter
 
 WORDS = "a an the red green blue yellow purple orange cyan white ball balls falls bounces once twice on floor and".split()
 
@@ -95,3 +96,21 @@ def save_tiny_videomae(path) -> None:
             num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
         )
     ).save_pretrained(path)  # fmt: skip
+
+
+def write_stage2_caches(root, num_clips: int) -> None:
+    """Random stage-2 caches of `num_clips` clips for the tiny CogVideoX transformer: root/latents (latents
+    (3, 4, 8, 8) in (F, C, H, W), prompt_embeds (226, 32)) and root/targets (motion (4, 2, 2, 8) and raw
+    encoder (4, 2, 2, 12) tokens, float16), seeded."""
+    g = torch.Generator().manual_seed(0)
+    ident = {"manifest_sha256": "abc", "num_clips": num_clips}
+    w = CacheWriter(root / "latents", "latents", ident, num_clips, shard_size=4)
+    for s in w.shards_todo():
+        w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),
+                              "prompt_embeds": torch.randn(226, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip
+    w.finalize()
+    t = CacheWriter(root / "targets", "teacher_targets", ident, num_clips, shard_size=4)
+    for s in t.shards_todo():
+        t.write_shard(s, {i: {"motion": torch.randn(4, 2, 2, 8, generator=g).half(),
+                              "encoder": torch.randn(4, 2, 2, 12, generator=g).half()} for i in t.items_of(s)})  # fmt: skip
+    t.finalize()
