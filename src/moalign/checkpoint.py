@@ -80,7 +80,7 @@ def write_run_config(
     run_dir: Path, config: dict[str, Any], command: str, launch: dict[str, Any] | None = None
 ) -> None:
     """Write RUN/config.json: the resolved config plus version, git commit, the command that made the run and
-    the launch it runs under (`moalign.training.launch_record`: processes, engine, per-process batch; the
+    the launch it runs under (`moalign.launch.launch_record`: processes, engine, per-process batch; the
     latest launch, when a run is resumed under another one)."""
     record = {
         "command": command,

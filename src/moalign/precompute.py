@@ -38,19 +38,19 @@ class Share:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            from moalign.training import launch_state
+            from moalign.launch import launch_state
 
             launch_state().wait_for_everyone()
 
 
 def process_share(device: str | None = None) -> Share:
-    """The share of this process in its launch (`moalign.training.launch_state`: torchrun / accelerate launch
+    """The share of this process in its launch (`moalign.launch.launch_state`: torchrun / accelerate launch
     honoured on GPUs and on CPU; one process, rank 0, outside a launch).
 
     Args:
         device: force a device ("cpu"); default: accelerate's device for this process (cuda:LOCAL_RANK on GPUs).
     """
-    from moalign.training import launch_state
+    from moalign.launch import launch_state
 
     state = launch_state()
     return Share(state.process_index, state.num_processes, device or str(state.device))

@@ -21,12 +21,7 @@ from moalign.config import PretrainEncoderConfig, to_dict
 from moalign.data import VideoClipDataset
 from moalign.encoder import EncoderConfig, preprocess_frames
 from moalign.errors import MoalignError
-from moalign.plots import plot_curves
-from moalign.training import (
-    RunLogger,
-    batch_indices,
-    check_finite,
-    cosine_with_warmup,
+from moalign.launch import (
     describe_launch,
     launch_record,
     make_accelerator,
@@ -35,6 +30,8 @@ from moalign.training import (
     reduce_scalars,
     refuse_sharding,
 )
+from moalign.plots import plot_curves
+from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
 
 
 def build_videomae_config(cfg: PretrainEncoderConfig, num_frames: int):

@@ -37,6 +37,15 @@ from moalign.encoder import VideoEncoder
 from moalign.errors import MoalignError
 from moalign.flow import build_flow_estimator, load_flow_cache
 from moalign.flow_decoder import FlowDecoder
+from moalign.launch import (
+    describe_launch,
+    launch_record,
+    make_accelerator,
+    per_process_batch,
+    prepare_training,
+    reduce_scalars,
+    refuse_sharding,
+)
 from moalign.losses import end_point_error, flow_loss
 from moalign.motion_projector import MotionProjector
 from moalign.plots import plot_curves
@@ -45,15 +54,8 @@ from moalign.training import (
     batch_indices,
     check_finite,
     cosine_with_warmup,
-    describe_launch,
     format_parameter_counts,
-    launch_record,
-    make_accelerator,
     parameter_counts,
-    per_process_batch,
-    prepare_training,
-    reduce_scalars,
-    refuse_sharding,
 )
 
 

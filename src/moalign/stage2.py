@@ -40,6 +40,16 @@ from moalign.checkpoint import (
 from moalign.config import Stage2Config, to_dict
 from moalign.errors import MoalignError
 from moalign.latents import LATENTS_KIND
+from moalign.launch import (
+    deepspeed_dtype,
+    describe_launch,
+    full_state_dict,
+    launch_record,
+    make_accelerator,
+    per_process_batch,
+    prepare_training,
+    reduce_scalars,
+)
 from moalign.lora import add_lora, save_lora
 from moalign.modelcard import write_model_card
 from moalign.plots import plot_curves
@@ -48,16 +58,8 @@ from moalign.training import (
     batch_indices,
     check_finite,
     cosine_with_warmup,
-    deepspeed_dtype,
-    describe_launch,
     format_parameter_counts,
-    full_state_dict,
-    launch_record,
-    make_accelerator,
     parameter_counts,
-    per_process_batch,
-    prepare_training,
-    reduce_scalars,
 )
 
 
