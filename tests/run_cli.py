@@ -8,7 +8,7 @@ before it runs: no exception handler, no `finally`, no atexit. For a cache write
 temporary file beside the shard it was about to write, which is what a kill in the middle of a write leaves.
 
 Under a DeepSpeed launch on CPU, DeepSpeed's shared-memory all-reduce is not built: its first use compiles a C++
-module (about 2 minutes, once per machine), and the gloo all-reduce it replaces gives the same results.
+module (30 s to 2 minutes, once per machine and environment), and the gloo all-reduce it replaces gives the same results.
 """
 
 import importlib
@@ -48,9 +48,8 @@ def main() -> None:
     elif options:
         raise SystemExit("usage: run_cli.py [--kill MODULE.ATTR N] moalign ARGUMENTS...")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        import deepspeed.comm.torch
-
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        # the module itself: the attribute `deepspeed.comm.torch` is the torch package, imported in deepspeed.comm
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     from moalign.cli import main as cli_main
 
     sys.exit(cli_main(argv))

@@ -186,12 +186,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def finished_run(run_dir: Path, resume: str | None, stage: str) -> dict[str, Any] | None:
+def finished_run(
+    run_dir: Path, resume: str | None, stage: str, steps: int | None = None
+) -> dict[str, Any] | None:
     """The metrics of a finished run in `run_dir` when `--resume latest` finds one (nothing left to do), else None.
 
     A run folder is never overwritten without being asked: a finished run, or an unfinished one with
     checkpoints, is an error without --resume. So one launch command with `--resume latest` can be repeated
-    after a kill, and after the end, safely.
+    after a kill, and after the end, safely. A finished run asked for another number of `steps` is an error
+    too (it is not silently left as it is): train further from one of its checkpoints, explicitly.
     """
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
@@ -209,7 +212,21 @@ def finished_run(run_dir: Path, resume: str | None, stage: str) -> dict[str, Any
     if resume != "latest":  # an explicit checkpoint-N: train again from there, as asked
         return None
     metrics = json.loads(path.read_text())
-    print(f"[{stage.replace('-', '')}] {run_dir} is finished ({metrics.get('steps')} steps); nothing to do")
+    if steps is not None and metrics.get("steps") != steps:
+        ckpts = list_checkpoints(run_dir)
+        further = (
+            f"continue from its last checkpoint with --resume {ckpts[-1]} (its outputs are rewritten), or "
+            if ckpts
+            else ""
+        )
+        raise MoalignError(
+            f"{run_dir} is a finished {stage} run of {metrics.get('steps')} steps and this command asks for "
+            f"{steps}: --resume latest does not extend a finished run; {further}choose a new --out"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:  # once per launch, not once per process
+        print(
+            f"[{stage.replace('-', '')}] {run_dir} is finished ({metrics.get('steps')} steps); nothing to do"
+        )
     return metrics
 
 

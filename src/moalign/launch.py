@@ -145,7 +145,7 @@ def describe_launch(record: dict[str, Any]) -> str:
     return (
         f"{n} process{'es' if n > 1 else ''} ({record['engine']}, {record['device']}), "
         f"{record['per_process_batch']} clip(s) per process and step "
-        f"({record['gradient_accumulation_steps']} x {record['micro_batch']}), "
+        f"({record['gradient_accumulation_steps']} micro-batch(es) of {record['micro_batch']}), "
         f"mixed precision {record['mixed_precision']}"
     )
 

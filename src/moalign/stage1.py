@@ -143,7 +143,7 @@ def train_stage1(
         raise MoalignError(
             "stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)"
         )
-    done_metrics = finished_run(out_dir, resume, "stage-1")
+    done_metrics = finished_run(out_dir, resume, "stage-1", cfg.steps)
     if done_metrics is not None:
         return done_metrics
     accelerator = make_accelerator(cfg.mixed_precision)

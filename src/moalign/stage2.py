@@ -166,7 +166,7 @@ def train_stage2(
     from accelerate.utils import DistributedType, set_seed
 
     out_dir = Path(out_dir)
-    done_metrics = finished_run(out_dir, resume, "stage-2")
+    done_metrics = finished_run(out_dir, resume, "stage-2", cfg.steps)
     if done_metrics is not None:
         return done_metrics
     spec = get_backbone(cfg.backbone)
