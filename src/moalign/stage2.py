@@ -114,6 +114,8 @@ class Stage2Model(torch.nn.Module):
 
 
 def _cast_inputs(dtype: torch.dtype):
+    """A forward pre-hook casting a transformer's latent and text inputs (keywords) to `dtype`."""
+
     def hook(module, args, kwargs):
         cast = {k: kwargs[k].to(dtype) for k in ("hidden_states", "encoder_hidden_states") if k in kwargs}
         return args, {**kwargs, **cast}
