@@ -106,7 +106,9 @@ def test_resume_latest_is_safe_to_repeat(caches, tmp_path):
     with pytest.raises(MoalignError, match="finished stage-2 run"):
         train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
     # more steps for a finished run: said, not silently ignored; its last checkpoint takes it further
-    with pytest.raises(MoalignError, match=r"run of 4 steps and this command asks for 6.*--resume .*checkpoint-2"):
+    with pytest.raises(
+        MoalignError, match=r"run of 4 steps and this command asks for 6.*--resume .*checkpoint-2"
+    ):
         train_stage2(caches / "latents", run, replace(cfg, steps=6), caches / "targets", resume="latest")
     longer = train_stage2(
         caches / "latents", run, replace(cfg, steps=6), caches / "targets", resume=str(run / "checkpoint-2")

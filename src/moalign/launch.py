@@ -47,8 +47,9 @@ def launch_state():
     if PartialState._shared_state:  # created before, by us or by a caller with its own settings
         return PartialState()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = not _has_accelerator() or _env_flag("ACCELERATE_USE_CPU")
-    if not _has_accelerator():
+    accelerated = _has_accelerator()
+    cpu = not accelerated or _env_flag("ACCELERATE_USE_CPU")
+    if not accelerated:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
     if launched and cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
         if _env_flag("ACCELERATE_USE_CPU"):
@@ -102,6 +103,33 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
+
+
+def start_launch(
+    stage: str,
+    mixed_precision: str,
+    batch_size: int,
+    gradient_accumulation_steps: int = 1,
+    *,
+    shardable: bool = False,
+):
+    """The Accelerator of one training stage, checked against its launch, and the start-up line saying how it runs.
+
+    Args:
+        stage: the stage's name in the log ("stage1", "stage2", "pretrain-encoder").
+        batch_size: the global batch of one step (`per_process_batch` splits it).
+        shardable: whether the stage may run under DeepSpeed / FSDP (else `refuse_sharding`).
+
+    Returns:
+        (accelerator, micro-batch per process, launch record for RUN/config.json).
+    """
+    accelerator = make_accelerator(mixed_precision, gradient_accumulation_steps)
+    if not shardable:
+        refuse_sharding(accelerator, stage)
+    micro = per_process_batch(accelerator, batch_size, gradient_accumulation_steps)
+    record = launch_record(accelerator, micro, gradient_accumulation_steps)
+    accelerator.print(f"[{stage}] {describe_launch(record)}")
+    return accelerator, micro, record
 
 
 def engine_name(accelerator) -> str:

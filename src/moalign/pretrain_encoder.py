@@ -21,15 +21,7 @@ from moalign.config import PretrainEncoderConfig, to_dict
 from moalign.data import VideoClipDataset
 from moalign.encoder import EncoderConfig, preprocess_frames
 from moalign.errors import MoalignError
-from moalign.launch import (
-    describe_launch,
-    launch_record,
-    make_accelerator,
-    per_process_batch,
-    prepare_training,
-    reduce_scalars,
-    refuse_sharding,
-)
+from moalign.launch import prepare_training, reduce_scalars, start_launch
 from moalign.plots import plot_curves
 from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
 
@@ -99,10 +91,7 @@ def pretrain_encoder(
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         raise MoalignError(f"{out_dir} already holds an encoder; choose a new --out or delete it first")
-    accelerator = make_accelerator(cfg.mixed_precision)
-    refuse_sharding(accelerator, "pretrain-encoder")
-    micro = per_process_batch(accelerator, cfg.batch_size)
-    launch = launch_record(accelerator, micro)
+    accelerator, micro, launch = start_launch("pretrain-encoder", cfg.mixed_precision, cfg.batch_size)
     set_seed(cfg.seed)
     dataset = VideoClipDataset(data_dir, cfg.data, load_flow=False)
     enc_cfg = EncoderConfig(input_size=cfg.input_size, drop_first_frame=True)
@@ -143,8 +132,7 @@ def pretrain_encoder(
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(
         f"[pretrain-encoder] {len(dataset)} clips, input {num_frames}x{h}x{w}, token grid {grid}, "
-        f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps\n"
-        f"[pretrain-encoder] {describe_launch(launch)}"
+        f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps"
     )
     start = time.time()
     bar = tqdm(

@@ -37,15 +37,7 @@ from moalign.encoder import VideoEncoder
 from moalign.errors import MoalignError
 from moalign.flow import build_flow_estimator, load_flow_cache
 from moalign.flow_decoder import FlowDecoder
-from moalign.launch import (
-    describe_launch,
-    launch_record,
-    make_accelerator,
-    per_process_batch,
-    prepare_training,
-    reduce_scalars,
-    refuse_sharding,
-)
+from moalign.launch import prepare_training, reduce_scalars, start_launch
 from moalign.losses import end_point_error, flow_loss
 from moalign.motion_projector import MotionProjector
 from moalign.plots import plot_curves
@@ -146,10 +138,7 @@ def train_stage1(
     done_metrics = finished_run(out_dir, resume, "stage-1", cfg.steps)
     if done_metrics is not None:
         return done_metrics
-    accelerator = make_accelerator(cfg.mixed_precision)
-    refuse_sharding(accelerator, "stage 1")
-    micro = per_process_batch(accelerator, cfg.batch_size)
-    launch = launch_record(accelerator, micro)
+    accelerator, micro, launch = start_launch("stage1", cfg.mixed_precision, cfg.batch_size)
     device = accelerator.device
     set_seed(cfg.seed)
 
@@ -185,7 +174,7 @@ def train_stage1(
         f"[stage1] encoder {cfg.encoder.path} block {encoder.layer_index} (0-based) of {encoder.num_layers}, "
         f"token grid {grid}, width {encoder.width}; flow targets {getattr(flow_source, 'name', 'cache')} at "
         f"{flow_size[0]}x{flow_size[1]}; {len(train_ids)} train / {len(val_ids)} val clips\n"
-        f"[stage1] {format_parameter_counts(counts)}\n[stage1] {describe_launch(launch)}"
+        f"[stage1] {format_parameter_counts(counts)}"
     )
 
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -40,16 +40,7 @@ from moalign.checkpoint import (
 from moalign.config import Stage2Config, to_dict
 from moalign.errors import MoalignError
 from moalign.latents import LATENTS_KIND
-from moalign.launch import (
-    deepspeed_dtype,
-    describe_launch,
-    full_state_dict,
-    launch_record,
-    make_accelerator,
-    per_process_batch,
-    prepare_training,
-    reduce_scalars,
-)
+from moalign.launch import deepspeed_dtype, full_state_dict, prepare_training, reduce_scalars, start_launch
 from moalign.lora import add_lora, save_lora
 from moalign.modelcard import write_model_card
 from moalign.plots import plot_curves
@@ -174,7 +165,11 @@ def train_stage2(
     spec = get_backbone(cfg.backbone)
     if cfg.model:
         spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps)
+    accum = cfg.gradient_accumulation_steps
+    # micro: clips per process and micro-batch
+    accelerator, micro, launch = start_launch(
+        "stage2", cfg.mixed_precision, cfg.batch_size, accum, shardable=True
+    )
     set_seed(cfg.seed)
     latents = Cache(latents_cache, kind=LATENTS_KIND)
     targets = None
@@ -235,11 +230,6 @@ def train_stage2(
         f"[stage2] {cfg.backbone}: {n_blocks} blocks, token grid {grid}, align {cfg.align.mode}{where}; "
         f"{len(ids)} clips\n[stage2] {format_parameter_counts(counts)}"
     )
-
-    accum = cfg.gradient_accumulation_steps
-    micro = per_process_batch(accelerator, cfg.batch_size, accum)  # clips per process and micro-batch
-    launch = launch_record(accelerator, micro, accum)
-    accelerator.print(f"[stage2] {describe_launch(launch)}")
 
     model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
