@@ -45,7 +45,7 @@ def test_real_presets_fit_their_architectures(preset):
     """Each real preset's layer exists, and P_zeta maps the hooked block's tokens (B, N, D) at the preset's
     geometry onto a grid the teacher's tokens can be compared on."""
     from moalign.align_projector import AlignProjector, resample_teacher
-    from moalign.config import get_preset
+    from moalign.presets import get_preset
 
     recipe = get_preset(preset)
     s2, data, enc = recipe.stage2, recipe.stage1.data, recipe.stage1.encoder

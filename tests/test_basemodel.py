@@ -7,7 +7,10 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
 
 from moalign.backbones import get_backbone
-from moalign.basemodel import (
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.sampling import DataConfig
+from moalign.errors import MoalignError
+from moalign.playground.basemodel import (
     BaseModelConfig,
     build_pipeline,
     build_transformer,
@@ -16,10 +19,9 @@ from moalign.basemodel import (
     text_encoder_folder,
     train_vae,
 )
-from moalign.data import DataConfig, VideoClipDataset
-from moalign.demo import link_tree
-from moalign.errors import MoalignError
-from moalign.playground import SynthConfig, write_playground
+from moalign.playground.demo import link_tree
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.synth import write_playground
 
 MICRO = BaseModelConfig(
     num_frames=9, height=32, width=32, vae_channels=(8, 8, 8), latent_channels=4, vae_steps=2, vae_window=9,

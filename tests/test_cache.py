@@ -10,7 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from moalign.cache import Cache, CacheWriter
+from moalign.data.cache import Cache
+from moalign.data.cache_writer import CacheWriter
 from moalign.errors import MoalignError
 
 FP = {"method": {"name": "dis", "preset": "medium"}, "data": {"num_frames": 5, "height": 8}, "num_clips": 10}

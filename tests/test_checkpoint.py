@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from moalign.checkpoint import (
+from moalign.errors import MoalignError
+from moalign.motion_projector import MotionProjector, MotionProjectorConfig
+from moalign.run.checkpoint import (
     list_checkpoints,
     load_module_file,
     load_training_state,
@@ -11,8 +13,6 @@ from moalign.checkpoint import (
     save_module,
     save_training_checkpoint,
 )
-from moalign.errors import MoalignError
-from moalign.motion_projector import MotionProjector, MotionProjectorConfig
 
 
 def test_module_round_trip(tmp_path):

@@ -63,7 +63,8 @@ def test_input_errors_exit_2_with_message(argv, match, capsys):
 
 
 def test_judge_command_on_playground_clips(tmp_path, capsys):
-    from moalign.playground import SynthConfig, write_playground
+    from moalign.playground.scenes import SynthConfig
+    from moalign.playground.synth import write_playground
 
     write_playground(tmp_path / "v", SynthConfig(num_clips=4), progress=False)
     assert main(["judge", "--videos", str(tmp_path / "v")]) == 0

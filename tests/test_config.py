@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from moalign.config import PRESETS, Recipe, Stage1Config, apply_overrides, from_dict, get_preset, to_dict
 from moalign.errors import MoalignError
+from moalign.presets import PRESETS, Recipe, get_preset
+from moalign.run.serialize import apply_overrides, from_dict, to_dict
+from moalign.stage1 import Stage1Config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -54,7 +56,7 @@ def test_from_dict_rejects_unknown_fields():
 
 def test_overrides_apply_together_in_any_order():
     """Configs check themselves once, after every override: validate_every may come before its prompts."""
-    from moalign.config import Stage2Config
+    from moalign.stage2 import Stage2Config
 
     a = apply_overrides(Stage2Config(model="m"), ["validate_every=5", "validation_prompts=a ball"])
     b = apply_overrides(Stage2Config(model="m"), ["validation_prompts=a ball", "validate_every=5"])

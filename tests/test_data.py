@@ -12,20 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moalign.data import (
-    ClipRecord,
-    DataConfig,
-    VideoClipDataset,
-    cover_geometry,
-    read_clip,
-    read_manifest,
-    resize_center_crop,
-    resize_flow,
-    sample_indices,
-    transform_flow,
-)
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.geometry import cover_geometry, resize_center_crop, resize_flow, transform_flow
+from moalign.data.manifest import ClipRecord, read_manifest
+from moalign.data.sampling import DataConfig, read_clip, sample_indices
+from moalign.data.video_io import read_video, write_video
 from moalign.errors import MoalignError
-from moalign.video_io import read_video, write_video
 
 
 def texture(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from moalign.cache import finalize_cache
+from moalign.data.cache_writer import finalize_cache
+from moalign.data.flow import FLOW_METHODS, DISFlow, RAFTFlow, build_flow_estimator
+from moalign.data.flow_cache import compute_flow_cache, load_flow_cache
 from moalign.errors import MoalignError
-from moalign.flow import (
-    FLOW_METHODS,
-    DISFlow,
-    RAFTFlow,
-    build_flow_estimator,
-    compute_flow_cache,
-    load_flow_cache,
-)
 
 TOL = {"dis": 0.1, "farneback": 0.2}
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_parts import tiny_pipeline
 
+from moalign.data.video_io import read_video
 from moalign.errors import MoalignError
 from moalign.generate import contact_sheet, generate, load_pipeline, read_prompts
-from moalign.lora import add_lora, save_lora
-from moalign.video_io import read_video
+from moalign.run.lora import add_lora, save_lora
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])

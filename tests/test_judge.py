@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from moalign.errors import MoalignError
-from moalign.judge import JOINT_THRESHOLD, estimate_floor_y, judge_folder, judge_video, parse_caption
-from moalign.playground import COLOURS, SynthConfig, make_clip, write_playground
+from moalign.playground.captions import COLOURS, parse_caption
+from moalign.playground.judge import JOINT_THRESHOLD, judge_folder, judge_video
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.synth import make_clip, write_playground
+from moalign.playground.tracking import estimate_floor_y
 
 CONFIGS = {"default": SynthConfig(), "big": SynthConfig(radius=(7.0, 12.0))}
 CLIPS = range(16)  # seed 0, indices 0..15: static, throw, roll, collide and bounce scenes, 1 to 3 balls

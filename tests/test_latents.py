@@ -6,12 +6,13 @@ from tiny_parts import tiny_pipeline
 
 from moalign.alignment import AlignConfig
 from moalign.backbones import get_backbone
-from moalign.cache import Cache
-from moalign.config import Stage2Config
-from moalign.data import DataConfig, VideoClipDataset
+from moalign.data.cache import Cache
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.sampling import DataConfig
 from moalign.latents import compute_latents
-from moalign.playground import SynthConfig, write_playground
-from moalign.stage2 import train_stage2
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.synth import write_playground
+from moalign.stage2 import Stage2Config, train_stage2
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])

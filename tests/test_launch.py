@@ -12,14 +12,14 @@ from torch.distributed.utils import _apply_to_tensors
 
 from moalign.backbones import get_backbone
 from moalign.errors import MoalignError
-from moalign.launch import (
+from moalign.losses import LossParts
+from moalign.run.launch import (
     launch_state,
     make_accelerator,
     per_process_batch,
     prepare_training,
     refuse_sharding,
 )
-from moalign.losses import LossParts
 
 
 def _fake(kind=DistributedType.MULTI_CPU, processes=2, accum=1, ds_config=None, stage=2):

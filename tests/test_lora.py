@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from moalign.backbones import get_backbone
-from moalign.lora import LORA_FILE, add_lora, save_lora
+from moalign.run.lora import LORA_FILE, add_lora, save_lora
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])

@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from moalign.data.video_io import read_video, write_video
 from moalign.errors import MoalignError
-from moalign.playground import (
-    COLOURS,
-    MOTIONS,
-    Ball,
-    Physics,
-    SynthConfig,
-    exact_flow,
-    make_clip,
-    render_scene,
-    run_physics,
-    simulate_scene,
-    write_playground,
-)
-from moalign.video_io import read_video, write_video
+from moalign.playground.captions import COLOURS
+from moalign.playground.physics import Ball, Physics, run_physics
+from moalign.playground.render import exact_flow, render_scene
+from moalign.playground.scenes import MOTIONS, SynthConfig, simulate_scene
+from moalign.playground.synth import make_clip, write_playground
 
 SIZES = [(9, 32, 48), (17, 64, 64), (33, 96, 128)]
 BALL_RE = re.compile(r"\ban? (\w+) ball\b")

@@ -11,16 +11,16 @@ from launcher import run_moalign
 from safetensors import safe_open
 from tiny_parts import save_tiny_videomae, tiny_pipeline
 
-from moalign.cache import Cache
 from moalign.cli import main
-from moalign.config import Stage1Config
-from moalign.data import DataConfig
+from moalign.data.cache import Cache
+from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig
 from moalign.errors import MoalignError
 from moalign.flow_decoder import FlowDecoderConfig
 from moalign.motion_projector import MotionProjectorConfig
-from moalign.playground import SynthConfig, write_playground
-from moalign.stage1 import train_stage1
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.synth import write_playground
+from moalign.stage1 import Stage1Config, train_stage1
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_two_processes_build_the_same_caches(world, uninterrupted):
 def test_killed_precompute_resumes_with_the_same_command(world, uninterrupted):
     out = world / "killed"
     # killed while writing the latents cache's second shard (flow and targets are complete by then)
-    killed = _run(_args(world, out), killer=("moalign.cache.save_safetensors", 3 + 3 + 2))
+    killed = _run(_args(world, out), killer=("moalign.data.cache_writer.save_safetensors", 3 + 3 + 2))
     assert killed.returncode == -9, killed.stderr
     assert (out / "latents" / "shard-00000.safetensors").is_file()
     assert not (out / "latents" / "shard-00001.safetensors").exists()

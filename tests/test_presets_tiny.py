@@ -20,11 +20,12 @@ from tiny_parts import save_tiny_videomae, tiny_pipeline_like
 import moalign.stage2 as stage2_mod
 from moalign.alignment import MODE_TITLES
 from moalign.backbones import cogvideox, get_backbone, wan
-from moalign.cache import Cache
 from moalign.cli import main
-from moalign.config import get_preset, to_dict
-from moalign.lora import LORA_TARGETS
-from moalign.video_io import read_video
+from moalign.data.cache import Cache
+from moalign.data.video_io import read_video
+from moalign.presets import get_preset
+from moalign.run.lora import LORA_TARGETS
+from moalign.run.serialize import to_dict
 
 # Wan's RMSNorm under CPU bf16 autocast: torch falls back from its fused kernel and says so, harmlessly
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")

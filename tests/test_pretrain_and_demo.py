@@ -7,15 +7,21 @@ import pytest
 import torch
 from transformers import VideoMAEModel
 
-import moalign.demo as demo_mod
+import moalign.playground.demo as demo_mod
 from moalign.alignment import MODE_TITLES
-from moalign.basemodel import BaseModelConfig
-from moalign.config import MAEModelConfig, PretrainEncoderConfig, get_preset
-from moalign.data import DataConfig
+from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig, VideoEncoder
 from moalign.errors import MoalignError
-from moalign.playground import SynthConfig, write_playground
-from moalign.pretrain_encoder import pretrain_encoder, tube_mask
+from moalign.playground.basemodel import BaseModelConfig
+from moalign.playground.pretrain_encoder import (
+    MAEModelConfig,
+    PretrainEncoderConfig,
+    pretrain_encoder,
+    tube_mask,
+)
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.synth import write_playground
+from moalign.presets import get_preset
 
 MICRO_MODEL = MAEModelConfig(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
@@ -76,7 +82,7 @@ def _micro_recipe():
 
 
 def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_mod, "get_preset", lambda name: _micro_recipe())
+    monkeypatch.setattr("moalign.presets.get_preset", lambda name: _micro_recipe())
     summary = demo_mod.run_demo(tmp_path / "demo", progress=False)
     out = tmp_path / "demo"
     assert summary["stage1"]["steps"] == 4 and summary["stage1"]["zero_flow_epe"] > 0
@@ -105,9 +111,9 @@ def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
-    monkeypatch.setattr("moalign.pretrain_encoder.pretrain_encoder", must_not_run)
+    monkeypatch.setattr("moalign.playground.pretrain_encoder.pretrain_encoder", must_not_run)
     monkeypatch.setattr("moalign.stage1.train_stage1", must_not_run)
-    monkeypatch.setattr("moalign.basemodel.train_vae", must_not_run)
+    monkeypatch.setattr("moalign.playground.basemodel.train_vae", must_not_run)
     monkeypatch.setattr("moalign.stage2.train_stage2", must_not_run)
     monkeypatch.setattr("moalign.generate.generate", must_not_run)
     again = demo_mod.run_demo(tmp_path / "demo", progress=False)

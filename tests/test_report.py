@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moalign.report import arm_table, bootstrap_ci
+from moalign.playground.report import arm_table, bootstrap_ci
 
 
 def test_bootstrap_ci_contains_the_mean_and_shrinks_with_more_prompts():

@@ -8,14 +8,15 @@ from safetensors.torch import load_file
 from tiny_parts import save_tiny_videomae
 
 import moalign.stage1 as stage1_mod
-from moalign.checkpoint import load_motion_teacher
-from moalign.config import Stage1Config
-from moalign.data import DataConfig
+from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig, VideoEncoder
 from moalign.errors import MoalignError
 from moalign.flow_decoder import FlowDecoder, FlowDecoderConfig
 from moalign.motion_projector import MotionProjectorConfig
-from moalign.playground import SynthConfig, write_playground
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.synth import write_playground
+from moalign.stage1 import Stage1Config
+from moalign.teacher import load_motion_teacher
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(world, monkeypatch)
 
 def test_teacher_targets_cache_equals_direct_computation_and_resumes(world, tmp_path):
     from moalign.cli import main
-    from moalign.data import VideoClipDataset
-    from moalign.targets import load_targets
+    from moalign.data.dataset import VideoClipDataset
+    from moalign.teacher import load_targets
 
     root, cfg = world
     run = root / "run"

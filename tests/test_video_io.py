@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from moalign.data.video_io import read_video, rgb_to_yuv, write_video
 from moalign.errors import MoalignError
-from moalign.video_io import read_video, rgb_to_yuv, write_video
 
 
 def _clip(seed=0, t=9, h=32, w=48):

@@ -5,7 +5,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from moalign.backbones import get_backbone
-from moalign.cache import CacheWriter
+from moalign.data.cache_writer import CacheWriter
 
 WORDS = "a an the red green blue yellow purple orange cyan white ball balls falls bounces once twice on floor and".split()
 

@@ -59,7 +59,7 @@ def _stage_config(args: argparse.Namespace, part: str, extra: list[str] | None =
 
 def _overridden(cfg, overrides: list[str]):
     """`cfg` with `--set KEY=VALUE` overrides applied; a bad key or value is a user error."""
-    from moalign.config import apply_overrides
+    from moalign.run.serialize import apply_overrides
 
     try:
         return apply_overrides(cfg, overrides)
@@ -71,7 +71,8 @@ def _overridden(cfg, overrides: list[str]):
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from moalign.config import PRESETS, to_dict
+    from moalign.presets import PRESETS
+    from moalign.run.serialize import to_dict
 
     if args.list:
         for name, fn in PRESETS.items():
@@ -81,7 +82,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def _recipe(args: argparse.Namespace):
-    from moalign.config import get_preset
+    from moalign.presets import get_preset
 
     try:
         return get_preset(args.preset)
@@ -90,7 +91,7 @@ def _recipe(args: argparse.Namespace):
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from moalign.playground import write_playground
+    from moalign.playground.synth import write_playground
 
     extra = []
     for name in ("num_clips", "seed", "num_frames", "height", "width", "fps"):
@@ -147,7 +148,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
-    from moalign.pretrain_encoder import pretrain_encoder
+    from moalign.playground.pretrain_encoder import pretrain_encoder
 
     extra = _data_overrides(args) + ([f"steps={args.steps}"] if args.steps else [])
     cfg = _stage_config(args, "pretrain", extra)
@@ -206,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> None:
-    from moalign.judge import judge_folder
+    from moalign.playground.judge import judge_folder
 
     result = judge_folder(args.videos, args.out)
     agg = result["aggregate"]
@@ -232,7 +233,7 @@ def cmd_targets(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from moalign.demo import run_demo
+    from moalign.playground.demo import run_demo
 
     recipe = _overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
     run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from moalign.atomic import atomic_path
 from moalign.encoder import sinusoid_table
 from moalign.errors import MoalignError
+from moalign.run.atomic import atomic_path
 
 # Official model names -> attention heads (VideoMAEv2 models/modeling_{finetune,pretrain}.py).
 HEADS_BY_NAME = {"small": 6, "base": 12, "large": 16, "huge": 16, "giant": 16}

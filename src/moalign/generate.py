@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from moalign.atomic import atomic_path, write_jsonl
 from moalign.backbones import get_backbone
 from moalign.backbones.spec import dtype_kwargs, parse_dtype
+from moalign.data.video_io import write_video
 from moalign.errors import MoalignError
-from moalign.video_io import write_video
+from moalign.run.atomic import atomic_path, write_jsonl
 
 
 def family(pipeline_class_name: str) -> str:

@@ -16,8 +16,10 @@ import torch
 
 from moalign.backbones import get_backbone
 from moalign.backbones.spec import dtype_kwargs
-from moalign.cache import CacheWriter, dataset_identity, fill_cache
-from moalign.data import DataConfig, VideoClipDataset
+from moalign.data.cache import dataset_identity
+from moalign.data.cache_writer import CacheWriter, fill_cache
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.sampling import DataConfig
 
 LATENTS_KIND = "latents"
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from moalign.backbones.spec import parse_dtype
-from moalign.cache import finalize_cache, remove_cache
-from moalign.data import DataConfig, VideoClipDataset
+from moalign.data.cache_writer import finalize_cache, remove_cache
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.sampling import DataConfig
 from moalign.errors import MoalignError
 
 
@@ -38,19 +39,19 @@ class Share:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            from moalign.launch import launch_state
+            from moalign.run.launch import launch_state
 
             launch_state().wait_for_everyone()
 
 
 def process_share(device: str | None = None) -> Share:
-    """The share of this process in its launch (`moalign.launch.launch_state`: torchrun / accelerate launch
+    """The share of this process in its launch (`moalign.run.launch.launch_state`: torchrun / accelerate launch
     honoured on GPUs and on CPU; one process, rank 0, outside a launch).
 
     Args:
         device: force a device ("cpu"); default: accelerate's device for this process (cuda:LOCAL_RANK on GPUs).
     """
-    from moalign.launch import launch_state
+    from moalign.run.launch import launch_state
 
     state = launch_state()
     return Share(state.process_index, state.num_processes, device or str(state.device))
@@ -94,9 +95,10 @@ def precompute(
     Returns:
         name -> cache folder, for the caches built.
     """
-    from moalign.flow import build_flow_estimator, compute_flow_cache
+    from moalign.data.flow import build_flow_estimator
+    from moalign.data.flow_cache import compute_flow_cache
     from moalign.latents import compute_latents
-    from moalign.targets import compute_targets
+    from moalign.teacher import compute_targets
 
     share = share or process_share()
     if flow is None and teacher is None and model is None:

@@ -13,18 +13,21 @@ the text encoder is in memory. Outputs: pytorch_lora_weights.safetensors (LoRA, 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from moalign.alignment import Aligner, stage2_loss
-from moalign.atomic import write_json
+from moalign.alignment import AlignConfig, Aligner, stage2_loss
 from moalign.backbones import get_backbone
 from moalign.backbones.spec import unwrap
-from moalign.cache import Cache
-from moalign.checkpoint import (
+from moalign.data.cache import Cache
+from moalign.errors import MoalignError
+from moalign.latents import LATENTS_KIND
+from moalign.run.atomic import write_json
+from moalign.run.checkpoint import (
     ACCELERATE_STATE,
     check_resume_config,
     finished_run,
@@ -37,21 +40,73 @@ from moalign.checkpoint import (
     training_state,
     write_run_config,
 )
-from moalign.config import Stage2Config, to_dict
-from moalign.errors import MoalignError
-from moalign.latents import LATENTS_KIND
-from moalign.launch import deepspeed_dtype, full_state_dict, prepare_training, reduce_scalars, start_launch
-from moalign.lora import add_lora, save_lora
-from moalign.modelcard import write_model_card
-from moalign.plots import plot_curves
-from moalign.training import (
+from moalign.run.launch import (
+    deepspeed_dtype,
+    full_state_dict,
+    prepare_training,
+    reduce_scalars,
+    start_launch,
+)
+from moalign.run.lora import add_lora, save_lora
+from moalign.run.modelcard import write_model_card
+from moalign.run.plots import plot_curves
+from moalign.run.serialize import to_dict
+from moalign.run.training import (
     RunLogger,
     batch_indices,
     check_finite,
+    check_report_to,
     cosine_with_warmup,
     format_parameter_counts,
     parameter_counts,
 )
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: which backbone, which alignment, how to train."""
+
+    backbone: str = "cogvideox"
+    # pipeline folder / transformer folder / hub id; None: the spec's tiny transformer
+    model: str | None = None
+    align: AlignConfig = field(default_factory=AlignConfig)
+    lora_rank: int = 0  # 0: full fine-tune
+    lora_alpha: float | None = None  # None: equal to the rank
+    steps: int = 200  # optimizer steps
+    batch_size: int = 4  # the global batch: split over processes, then into gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1  # micro-batches per process and step (same result, less memory)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 10
+    report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
+    checkpoint_every: int = 100
+    checkpoint_limit: int = 2
+    # validation videos: every `validate_every` steps (0: never), through the base pipeline with the
+    # transformer being trained, one seeded video per prompt into RUN/validation/step-N/
+    validation_prompts: tuple[str, ...] = ()
+    validate_every: int = 0
+    validation_pipeline: str | None = None  # default: `model`
+    validation_frames: int = 17
+    validation_size: tuple[int, int] = (64, 64)
+    validation_steps: int = 25
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
+            )
+        check_report_to(self.report_to)
+        if self.validate_every and not (self.validation_prompts and (self.validation_pipeline or self.model)):
+            raise ValueError(
+                "validate_every needs validation_prompts and a pipeline folder (validation_pipeline or model)"
+            )
 
 
 def validate(spec, transformer: torch.nn.Module, cfg: Stage2Config, out: Path, device: torch.device) -> None:

@@ -1,5 +1,5 @@
 """Checkpoint and run-folder I/O: module weights as safetensors tagged with their kind and config, training
-state (optimizer, step, RNG) for resuming, and the stage-1 teacher loader used by stage 2.
+state (optimizer, step, RNG) for resuming.
 
 Every write is atomic (temporary name, then rename): a killed run leaves the previous checkpoint intact.
 """
@@ -12,7 +12,6 @@ import random
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,15 @@ import torch
 from torch import nn
 
 from moalign import __version__
-from moalign.atomic import atomic_path, save_safetensors, write_json
 from moalign.errors import MoalignError
+from moalign.run.atomic import atomic_path, save_safetensors, write_json
 
 ACCELERATE_STATE = "accelerate_state"  # in checkpoint-N/ of DeepSpeed / FSDP runs: accelerate's sharded state
+
+
 KIND_KEY = "moalign_kind"
+
+
 CONFIG_KEY = "moalign_config"
 
 
@@ -80,7 +83,7 @@ def write_run_config(
     run_dir: Path, config: dict[str, Any], command: str, launch: dict[str, Any] | None = None
 ) -> None:
     """Write RUN/config.json: the resolved config plus version, git commit, the command that made the run and
-    the launch it runs under (`moalign.launch.launch_record`: processes, engine, per-process batch; the
+    the launch it runs under (`moalign.run.launch.launch_record`: processes, engine, per-process batch; the
     latest launch, when a run is resumed under another one)."""
     record = {
         "command": command,
@@ -91,9 +94,6 @@ def write_run_config(
     if launch is not None:
         record["launch"] = launch
     write_json(run_dir / "config.json", record)
-
-
-# ---- resumable training checkpoints (checkpoint-N folders) --------------------------------------------------
 
 
 def rng_state() -> dict[str, Any]:
@@ -243,7 +243,7 @@ def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
     Only the fields in RESUMABLE_CHANGES may differ; anything else (learning rate, batch, layers, data) would
     make the resumed run a different experiment than its folder says.
     """
-    from moalign.cache import diff_fingerprints
+    from moalign.data.cache import diff_fingerprints
 
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -303,39 +303,3 @@ def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer | None, 
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"]
-
-
-# ---- the stage-1 teacher ------------------------------------------------------------------------------------
-
-
-@dataclass
-class MotionTeacher:
-    """The frozen stage-1 result stage 2 needs: M_psi plus the encoder settings it was trained on."""
-
-    projector: nn.Module  # MotionProjector, frozen, eval mode
-    encoder: Any  # EncoderConfig (path, layer, input geometry)
-    data: Any  # DataConfig the projector was trained with
-    source: Path
-
-
-def load_motion_teacher(path: str | os.PathLike) -> MotionTeacher:
-    """Load the motion projector M_psi from a stage-1 run folder (or its motion_projector.safetensors).
-
-    The returned projector is frozen (no parameter requires grad) and in eval mode.
-    """
-    from moalign.config import Stage1Config, from_dict
-    from moalign.motion_projector import MotionProjector, MotionProjectorConfig
-
-    path = Path(path)
-    file = path / "motion_projector.safetensors" if path.is_dir() else path
-    if path.is_dir() and not file.is_file():
-        raise MoalignError(
-            f"{path} has no motion_projector.safetensors: it is not a finished stage-1 run. "
-            "Run `moalign stage1 --out RUN` to completion, or pass a checkpoint-N folder of one."
-        )
-    state, config = load_module_file(file, kind="motion_projector")
-    stage1 = from_dict(Stage1Config, config["stage1"])
-    projector = MotionProjector(from_dict(MotionProjectorConfig, config["projector"]))
-    projector.load_state_dict(state)
-    projector.requires_grad_(False).eval()
-    return MotionTeacher(projector=projector, encoder=stage1.encoder, data=stage1.data, source=file)

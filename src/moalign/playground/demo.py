@@ -23,15 +23,57 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moalign.alignment import MODE_TITLES
-from moalign.atomic import atomic_path, write_json, write_text
-from moalign.config import DemoConfig, Recipe, get_preset
+from moalign.alignment import MODE_TITLES, AlignConfig
+from moalign.playground.basemodel import BaseModelConfig
+from moalign.run.atomic import atomic_path, write_json, write_text
+from moalign.stage2 import Stage2Config
+
+if TYPE_CHECKING:
+    from moalign.presets import Recipe
+
+DEMO_ARMS = (
+    "none",
+    "trd",
+    "moalign",
+)  # SPEC Sec. 3 names: no alignment, VideoREPA TRD on raw features, MoAlign
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What `moalign demo` does after stage 1: a base model from scratch, fine-tuning arms, judging.
+
+    Every arm starts from the same base transformer and trains with `arm_training` (same seed, so the same
+    clips in the same order and the same noise draws); only `align.mode` differs, and with it the teacher
+    (raw encoder tokens for trd, the motion subspace for moalign).
+    """
+
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    base_training: Stage2Config = field(
+        default_factory=lambda: Stage2Config(align=AlignConfig(mode="none"), steps=800, batch_size=8, lr=1e-3)
+    )
+    arms: tuple[str, ...] = DEMO_ARMS
+    arm_training: Stage2Config = field(
+        default_factory=lambda: Stage2Config(
+            align=AlignConfig(mode="moalign", layers=(1,)), steps=200, batch_size=8
+        )
+    )
+    eval_clips: int = 24  # held-out playground scenes (another seed); their captions are the prompts
+    eval_seed: int = 1_000_003
+    generation_steps: int = 25
+    guidance_scale: float = 1.0  # the base model never saw empty prompts: no classifier-free guidance
+    gif_prompts: int = 4  # rows of the side-by-side GIF
+
+    def __post_init__(self) -> None:
+        if isinstance(self.arms, str):
+            object.__setattr__(self, "arms", tuple(a.strip() for a in self.arms.split(",") if a.strip()))
+        if isinstance(self.arms, list):
+            object.__setattr__(self, "arms", tuple(self.arms))
 
 
 class _Steps:
@@ -83,19 +125,21 @@ def run_demo(
     """Run (or resume) the demo in `out` with a named preset (or a given recipe); returns the collected metrics."""
     import torch
 
-    from moalign.basemodel import build_pipeline, save_pipeline, train_vae
-    from moalign.data import read_manifest
+    from moalign.data.manifest import read_manifest
     from moalign.generate import generate
-    from moalign.judge import judge_folder
     from moalign.latents import compute_latents
-    from moalign.playground import write_playground
-    from moalign.pretrain_encoder import pretrain_encoder
+    from moalign.playground.basemodel import build_pipeline, save_pipeline, train_vae
+    from moalign.playground.judge import judge_folder
+    from moalign.playground.pretrain_encoder import pretrain_encoder
+    from moalign.playground.synth import write_playground
     from moalign.stage1 import train_stage1
     from moalign.stage2 import train_stage2
-    from moalign.targets import compute_targets
+    from moalign.teacher import compute_targets
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainings pick theirs through accelerate
     out = Path(out).resolve()  # run configs record the base pipeline's path: make it cwd-independent
+    from moalign.presets import get_preset
+
     recipe = recipe or get_preset(preset)
     demo = recipe.demo
     d = {
@@ -226,9 +270,9 @@ def write_report(
     out: Path, d: dict[str, Path], arms: dict[str, Path], recipe: Recipe, prompts: list[str]
 ) -> dict:
     """report.md, side_by_side.gif and arms_loss.png from the finished runs; returns the figures it reports."""
-    from moalign.plots import plot_curves
-    from moalign.report import arm_table
-    from moalign.training import read_log, series
+    from moalign.playground.report import arm_table
+    from moalign.run.plots import plot_curves
+    from moalign.run.training import read_log, series
 
     demo: DemoConfig = recipe.demo
     judged = {"playground clips (reference)": _json(d["eval"] / "judge.json")}
@@ -307,7 +351,7 @@ Files: `side_by_side.gif` (rows: prompts; columns: the held-out clip, then {", "
 
 
 def recipe_name(recipe: Recipe) -> str:
-    from moalign.config import PRESETS
+    from moalign.presets import PRESETS
 
     for name, make in PRESETS.items():
         if make() == recipe:
@@ -321,8 +365,8 @@ def write_side_by_side(
     """An animated GIF: one row per prompt (the first `rows`), the reference clip then one column per folder."""
     from PIL import Image
 
-    from moalign.data import read_manifest
-    from moalign.video_io import read_video
+    from moalign.data.manifest import read_manifest
+    from moalign.data.video_io import read_video
 
     def videos(folder: Path) -> list[np.ndarray]:
         return [read_video(r.video)[0] for r in read_manifest(folder)[:rows]]

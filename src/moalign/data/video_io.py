@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moalign.atomic import atomic_path
 from moalign.errors import MoalignError
+from moalign.run.atomic import atomic_path
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:

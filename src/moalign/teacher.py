@@ -10,17 +10,56 @@ default.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from moalign.cache import Cache, CacheWriter, dataset_identity, file_digest, fill_cache
-from moalign.checkpoint import load_motion_teacher
-from moalign.config import to_dict
-from moalign.data import VideoClipDataset
+from moalign.data.cache import Cache, dataset_identity, file_digest
+from moalign.data.cache_writer import CacheWriter, fill_cache
+from moalign.data.dataset import VideoClipDataset
 from moalign.encoder import VideoEncoder
+from moalign.errors import MoalignError
+from moalign.run.checkpoint import load_module_file
+from moalign.run.serialize import to_dict
 
 TARGETS_KIND = "teacher_targets"
+
+
+@dataclass
+class MotionTeacher:
+    """The frozen stage-1 result stage 2 needs: M_psi plus the encoder settings it was trained on."""
+
+    projector: nn.Module  # MotionProjector, frozen, eval mode
+    encoder: Any  # EncoderConfig (path, layer, input geometry)
+    data: Any  # DataConfig the projector was trained with
+    source: Path
+
+
+def load_motion_teacher(path: str | os.PathLike) -> MotionTeacher:
+    """Load the motion projector M_psi from a stage-1 run folder (or its motion_projector.safetensors).
+
+    The returned projector is frozen (no parameter requires grad) and in eval mode.
+    """
+    from moalign.motion_projector import MotionProjector, MotionProjectorConfig
+    from moalign.run.serialize import from_dict
+    from moalign.stage1 import Stage1Config
+
+    path = Path(path)
+    file = path / "motion_projector.safetensors" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise MoalignError(
+            f"{path} has no motion_projector.safetensors: it is not a finished stage-1 run. "
+            "Run `moalign stage1 --out RUN` to completion, or pass a checkpoint-N folder of one."
+        )
+    state, config = load_module_file(file, kind="motion_projector")
+    stage1 = from_dict(Stage1Config, config["stage1"])
+    projector = MotionProjector(from_dict(MotionProjectorConfig, config["projector"]))
+    projector.load_state_dict(state)
+    projector.requires_grad_(False).eval()
+    return MotionTeacher(projector=projector, encoder=stage1.encoder, data=stage1.data, source=file)
 
 
 def compute_targets(

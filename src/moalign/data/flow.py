@@ -11,14 +11,12 @@ Backends (`FLOW_METHODS`), one interface:
 - ``raft``: torchvision RAFT (the paper's choice), weights from a local file; GPU machines only.
 - ``exact``: the synthetic playground's ground-truth flow, read from the dataset item.
 
-`compute_flow_cache` runs a backend over a dataset into a sharded, resumable `moalign.cache` folder;
-`load_flow_cache` opens it and checks it matches the dataset.
+The flow cache (`moalign/data/flow_cache.py`) stores a backend's flow for a whole dataset.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +24,8 @@ import cv2
 import numpy as np
 import torch
 
-from moalign.cache import (
-    Cache,
-    CacheWriter,
-    dataset_identity,
-    diff_fingerprints,
-    file_digest,
-    fill_cache,
-    manifest_digest,
-)
+from moalign.data.cache import file_digest
 from moalign.errors import MoalignError
-
-FLOW_KIND = "flow"
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
@@ -410,117 +398,3 @@ def build_flow_estimator(
     if method == "raft":
         return RAFTFlow(raft_weights, device=device, **options)
     return FLOW_METHODS[method](**options)
-
-
-def flow_fingerprint(dataset: Any, estimator: FlowEstimator, dtype: torch.dtype) -> dict[str, Any]:
-    """Everything that determines a flow cache's content (see `compute_flow_cache`)."""
-    return {
-        "method": estimator.config(),
-        "dtype": str(dtype).removeprefix("torch."),
-        **dataset_identity(dataset),
-    }
-
-
-def compute_flow_cache(
-    dataset: Any,
-    method: str | FlowEstimator,
-    out: str | os.PathLike,
-    *,
-    shard_size: int = 64,
-    dtype: torch.dtype = torch.float16,
-    overwrite: bool = False,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Path:
-    """Estimate the flow of every clip of a dataset into a sharded, resumable cache folder.
-
-    Killed and restarted with the same arguments it computes only the missing shards. Several processes can
-    share the work: process ``rank`` of ``world_size`` takes shards ``s % world_size == rank``; once all are done,
-    one of them calls `moalign.cache.finalize_cache` (`moalign precompute` does both under accelerate).
-
-    Args:
-        dataset: a `moalign.data.VideoClipDataset` (map-style; items hold "frames" uint8 (T, H, W, 3), and
-            for the synthetic playground "flow" and "flow_valid"); needs ``cfg`` and ``records``.
-        method: a `FLOW_METHODS` key (built with default options) or a built `FlowEstimator`.
-        out: cache folder.
-        shard_size: clips per shard file.
-        dtype: storage dtype of the flow. float16 (default) costs < 0.05 px at |flow| < 64 px (its spacing
-            there is at most 2**-5 = 0.03 px, rounding error half that) and halves the size.
-        overwrite: delete an existing cache in ``out`` first (with one process only).
-        progress: show a tqdm bar over clips.
-        rank, world_size: this process's share of the shards.
-
-    Returns:
-        The cache folder. Open it with `load_flow_cache`; item i holds "flow" (T-1, H, W, 2) in ``dtype``
-        and, for method "exact" when the dataset has it, "valid" bool (T-1, H, W).
-
-    The fingerprint (checked on resume, mismatch -> MoalignError) is: the method and its effective options,
-    the storage dtype, the dataset's DataConfig (without ``skip_bad_videos``), the clip count and a hash of
-    the manifest's video paths and captions. An unreadable video raises, or with
-    ``dataset.cfg.skip_bad_videos`` is recorded as skipped with its reason.
-    """
-    if overwrite and world_size > 1:
-        raise MoalignError(
-            f"--overwrite with {world_size} processes would let them delete each other's shards. "
-            f"Delete {out} once (or run the overwrite with one process), then launch without --overwrite."
-        )
-    estimator = build_flow_estimator(method) if isinstance(method, str) else method
-    fingerprint = flow_fingerprint(dataset, estimator, dtype)
-    writer = CacheWriter(
-        out, FLOW_KIND, fingerprint, len(dataset), shard_size=shard_size, overwrite=overwrite
-    )
-
-    def compute(sample: dict) -> dict[str, torch.Tensor]:
-        flow = estimator.estimate(sample)  # (T-1, H, W, 2)
-        t, h, w = np.shape(sample["frames"])[:3]
-        if tuple(flow.shape) != (t - 1, h, w, 2):
-            raise ValueError(f"{estimator!r} returned flow {tuple(flow.shape)} for frames {(t, h, w)}")
-        return {"flow": flow.to(dtype), **estimator.extras(sample)}
-
-    return fill_cache(
-        writer,
-        dataset,
-        compute,
-        desc=f"flow ({estimator.name})",
-        progress=progress,
-        rank=rank,
-        world_size=world_size,
-    )
-
-
-def load_flow_cache(path: str | os.PathLike, dataset: Any = None) -> Cache:
-    """Open a complete flow cache written by `compute_flow_cache`.
-
-    Args:
-        path: the cache folder.
-        dataset: optional dataset the flows will be paired with; its DataConfig (frames, size, fps, window)
-            and clip count must match the cache's. A different manifest (video paths or captions) only warns,
-            as moving a dataset folder changes the paths but not the clips.
-
-    Returns:
-        A `moalign.cache.Cache`: ``cache[i]["flow"]`` is (T-1, H, W, 2) for clip i.
-
-    Raises:
-        MoalignError: missing or incomplete cache, not a flow cache, or a cache made for other data settings.
-    """
-    cache = Cache(path, kind=FLOW_KIND)
-    if dataset is None:
-        return cache
-    fp = cache.fingerprint
-    ours = {k: v for k, v in dataset_identity(dataset).items() if k != "manifest_sha256"}
-    diffs = diff_fingerprints({"data": fp.get("data"), "num_clips": fp.get("num_clips")}, ours)
-    if diffs:
-        listing = "\n  ".join(diffs)
-        raise MoalignError(
-            f"the flow cache in {cache.root} does not match the dataset (cache -> dataset):\n  {listing}\n"
-            "Recompute the flow with the same data settings (compute_flow_cache / the flow command with a new "
-            "--out), or load the dataset with the settings the cache was made for."
-        )
-    if fp.get("manifest_sha256") != manifest_digest(dataset):
-        warnings.warn(
-            f"the flow cache in {cache.root} was computed for a manifest with other video paths or captions. "
-            "Fine if you only moved the dataset; otherwise recompute the flow.",
-            stacklevel=2,
-        )
-    return cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from moalign.atomic import atomic_path
+from moalign.run.atomic import atomic_path
 
 
 def plot_curves(

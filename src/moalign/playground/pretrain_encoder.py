@@ -9,21 +9,66 @@ patches), then frozen. The output folder holds a `VideoMAEModel` that `VideoMAEM
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from moalign.atomic import atomic_path, write_json, write_jsonl
-from moalign.checkpoint import git_commit
-from moalign.config import PretrainEncoderConfig, to_dict
-from moalign.data import VideoClipDataset
+from moalign.data.dataset import VideoClipDataset
+from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig, preprocess_frames
 from moalign.errors import MoalignError
-from moalign.launch import prepare_training, reduce_scalars, start_launch
-from moalign.plots import plot_curves
-from moalign.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+from moalign.run.atomic import atomic_path, write_json, write_jsonl
+from moalign.run.checkpoint import git_commit
+from moalign.run.launch import prepare_training, reduce_scalars, start_launch
+from moalign.run.plots import plot_curves
+from moalign.run.serialize import to_dict
+from moalign.run.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+
+
+@dataclass(frozen=True)
+class MAEModelConfig:
+    """Architecture of a VideoMAE trained from scratch by `moalign pretrain-encoder` (transformers VideoMAEConfig)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    patch_size: int = 8
+    tubelet_size: int = 2
+    decoder_hidden_size: int = 96
+    decoder_num_hidden_layers: int = 2
+    decoder_num_attention_heads: int = 4
+    decoder_intermediate_size: int = 384
+    layer_norm_eps: float = 1e-6  # VideoMAEv2's value, so trained and converted encoders behave alike
+    # VideoMAE normalises each target patch by its own mean/std. On the playground most patches are flat
+    # colour, whose normalised targets are amplified compression noise, so the default predicts plain pixels.
+    norm_pix_loss: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainEncoderConfig:
+    """Masked-autoencoder pretraining of a small VideoMAE on a dataset (the playground has no pretrained encoder)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    input_size: tuple[int, int] = (64, 64)  # encoder input (H, W); frames are resized to it
+    mask_ratio: float = 0.75  # tube masking (VideoMAE): the same spatial patches are hidden in every tubelet
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 40
+    hflip: bool = True  # random horizontal flips (appearance pretraining; flow is not involved here)
+    seed: int = 0
+    log_every: int = 25
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16", applied by accelerate
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
 
 def build_videomae_config(cfg: PretrainEncoderConfig, num_frames: int):

@@ -1,0 +1,214 @@
+"""Video clip datasets: manifests, deterministic frame sampling, resize + centre crop, ground-truth flow.
+
+One loader serves real data and the synthetic playground. A dataset is a folder with a manifest, found in
+this order:
+
+1. ``metadata.jsonl``: one JSON object a line (the format the playground writes);
+2. ``metadata.csv``: the same columns, with a header row;
+3. ``prompts.txt`` + ``videos.txt``: line-aligned captions and video paths (the diffusers / finetrainers
+   convention).
+
+Every clip is a deterministic window of ``num_frames`` frames (no random crops in time or space), so
+cached teacher targets and flow fields stay aligned with the frames they were computed from. Frames are
+resized so they cover the target size, then centre-cropped; ground-truth flow gets exactly the same
+geometric transform (vectors scaled by the resize factor of each axis, then cropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moalign.data.geometry import resize_center_crop, transform_flow, transform_valid
+from moalign.data.manifest import ClipRecord, read_manifest
+from moalign.data.sampling import _SKIP_HINT, DataConfig, _probe, is_consecutive, read_clip, sample_indices
+from moalign.errors import MoalignError
+
+logger = logging.getLogger(__name__)
+
+
+def _load_flow(
+    path: Path, indices: np.ndarray, src_hw: tuple[int, int], cfg: DataConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flow (and validity) of the window's frame pairs, transformed to the target size."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise MoalignError(
+            f"flow file not found: {path}. Fix the 'flow' column of the manifest, or load the dataset "
+            "with load_flow=False and compute flow with a flow method such as dis."
+        )
+    lo, hi = int(indices[0]), int(indices[-1])  # consecutive window: pairs lo..hi-1
+    try:
+        with safe_open(str(path), framework="np") as f:
+            keys = list(f.keys())
+            if "flow" not in keys:
+                raise MoalignError(
+                    f"{path} has no tensor named 'flow' (it has: {', '.join(keys) or 'none'}). Ground-truth "
+                    "flow files hold 'flow' float32 (T-1, H, W, 2) and optionally 'valid' uint8 (T-1, H, W)."
+                )
+            sl = f.get_slice("flow")
+            shape = tuple(sl.get_shape())
+            if len(shape) != 4 or shape[-1] != 2 or tuple(shape[1:3]) != tuple(src_hw) or shape[0] < hi:
+                raise MoalignError(
+                    f"{path}: 'flow' has shape {shape}, but the video is {src_hw[0]}x{src_hw[1]} and the clip "
+                    f"needs pairs {lo}..{hi - 1}, i.e. a (>= {hi}, {src_hw[0]}, {src_hw[1]}, 2) tensor. "
+                    "Regenerate the flow file for this video."
+                )
+            flow = np.asarray(sl[lo:hi], dtype=np.float32)
+            valid = None
+            if "valid" in keys:
+                vs = f.get_slice("valid")
+                if tuple(vs.get_shape()) != shape[:3]:
+                    raise MoalignError(
+                        f"{path}: 'valid' has shape {tuple(vs.get_shape())}, expected {shape[:3]}. Regenerate it."
+                    )
+                valid = np.asarray(vs[lo:hi]) != 0
+    except MoalignError:
+        raise
+    except Exception as err:
+        raise MoalignError(
+            f"cannot read flow file {path}: {type(err).__name__}: {err}. It must be a safetensors file "
+            "with a 'flow' tensor; regenerate it."
+        ) from err
+    flow = transform_flow(flow, src_hw, cfg)
+    if valid is not None:
+        valid = transform_valid(valid, src_hw, cfg)
+    return flow, valid
+
+
+class VideoClipDataset(torch.utils.data.Dataset):
+    """Deterministic video clips from a manifest folder.
+
+    Items are dicts:
+        index: int, the record's manifest row;
+        frames: uint8 tensor (T, H, W, 3), RGB, T = cfg.num_frames, (H, W) = (cfg.height, cfg.width);
+        caption: str; video: str (absolute path);
+        frame_indices: int64 tensor (T,), the source frames of the clip;
+        fps: float, the clip's frame rate (cfg.fps, or the native rate);
+        flow: float32 tensor (T-1, H, W, 2), forward flow t -> t+1 in target pixels, when the record has a
+            flow file and load_flow is True; flow_valid: bool tensor (T-1, H, W) when the file has `valid`.
+
+    With cfg.skip_bad_videos, every video is probed at construction (header frame count and rate, first
+    frame decoded) and missing, unreadable or too-short ones are dropped and listed in `skipped` as
+    (video path, reason). A video that still fails to decode later raises; it is never substituted.
+
+    Args:
+        root: the dataset folder (see `read_manifest`).
+        cfg: the data config.
+        records: use these records instead of reading the manifest (e.g. a train/validation split).
+        load_flow: load the ground-truth flow of records that have a flow file.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        cfg: DataConfig,
+        records: list[ClipRecord] | None = None,
+        load_flow: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.cfg = cfg
+        self.load_flow = load_flow
+        self.skipped: list[tuple[str, str]] = []
+        records = read_manifest(root) if records is None else list(records)
+        if not records:
+            raise MoalignError(f"no clips to load from {root}: the record list is empty.")
+        if load_flow:
+            self._check_flow_records(records)
+        if cfg.skip_bad_videos:
+            records = self._drop_bad(records)
+        else:
+            missing = [r for r in records if not r.video.is_file()]
+            if missing:
+                shown = "; ".join(f"{r.video} ({r.source or f'row {r.index}'})" for r in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise MoalignError(
+                    f"{len(missing)} of {len(records)} video files not found: {shown}{more}. Fix the paths "
+                    f"in the manifest, {_SKIP_HINT}."
+                )
+        self.records = records
+
+    def _check_flow_records(self, records: list[ClipRecord]) -> None:
+        """Fail early on missing flow files, and on fps subsampling when the manifest states the rate."""
+        for r in records:
+            if r.flow is None:
+                continue
+            if not r.flow.is_file():
+                raise MoalignError(
+                    f"flow file not found: {r.flow} ({r.source or f'row {r.index}'}). Fix the 'flow' column, "
+                    "or load the dataset with load_flow=False."
+                )
+            native = r.extra.get("fps")
+            if isinstance(native, int | float) and native > 0 and not is_consecutive(float(native), self.cfg):
+                raise MoalignError(_flow_needs_native(r.flow, float(native), self.cfg))
+
+    def _drop_bad(self, records: list[ClipRecord]) -> list[ClipRecord]:
+        def check(r: ClipRecord) -> str | None:
+            try:
+                count, fps = _probe(r.video)
+                sample_indices(count, fps, self.cfg, video=r.video)
+            except MoalignError as err:
+                return str(err)
+            return None
+
+        workers = min(8, os.cpu_count() or 1, len(records))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(check, records))
+        kept = []
+        for r, reason in zip(records, reasons, strict=True):
+            if reason is None:
+                kept.append(r)
+            else:
+                self.skipped.append((str(r.video), reason))
+        if self.skipped:
+            logger.warning(
+                "skipped %d of %d videos (unreadable or too short); first: %s",
+                len(self.skipped),
+                len(records),
+                self.skipped[0][1],
+            )
+        if not kept:
+            raise MoalignError(
+                f"all {len(records)} videos of {self.root} were skipped; the first because: {self.skipped[0][1]}"
+            )
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        cfg = self.cfg
+        frames, indices, fps = read_clip(rec.video, cfg)
+        src_hw = (frames.shape[1], frames.shape[2])
+        item = {
+            "index": rec.index,
+            "frames": torch.from_numpy(resize_center_crop(frames, cfg.height, cfg.width)),
+            "caption": rec.caption,
+            "video": str(rec.video),
+            "frame_indices": torch.from_numpy(indices),
+            "fps": float(cfg.fps if cfg.fps is not None else fps),
+        }
+        if rec.flow is not None and self.load_flow:
+            if not is_consecutive(fps, cfg):
+                raise MoalignError(_flow_needs_native(rec.flow, fps, cfg))
+            flow, valid = _load_flow(rec.flow, indices, src_hw, cfg)
+            item["flow"] = torch.from_numpy(flow)
+            if valid is not None:
+                item["flow_valid"] = torch.from_numpy(valid)
+        return item
+
+
+def _flow_needs_native(flow: Path, native_fps: float, cfg: DataConfig) -> str:
+    return (
+        f"{flow}: exact ground-truth flow is between consecutive native frames, but fps={cfg.fps:g} "
+        f"subsamples this {native_fps:g} fps video (every {native_fps / cfg.fps:.3g} frames). Leave --fps "
+        "unset (native rate, fps=None), or compute flow on the sampled frames with a flow method such as dis "
+        "(load the dataset with load_flow=False)."
+    )

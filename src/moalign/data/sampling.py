@@ -1,0 +1,263 @@
+"""Deterministic clip sampling and decoding: which frames of a video make a clip, read with PyAV.
+
+Every clip is a deterministic window of ``num_frames`` frames (no random crops in time), so cached teacher
+targets and flow fields stay aligned with the frames they were computed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.errors import MoalignError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How clips are cut from videos.
+
+    Args:
+        num_frames: frames per clip; must be 4k+1 (what the CogVideoX / Wan VAEs accept).
+        height, width: clip size after resize + centre crop; multiples of 16.
+        fps: sample the window at this frame rate (nearest frames, fractional strides allowed);
+            None takes consecutive frames at the video's native rate.
+        window: "start" (first frames of the video) or "center" (middle of the video).
+        skip_bad_videos: False: an unreadable or too-short video raises MoalignError naming the file;
+            True: such videos are probed at dataset construction, dropped and recorded in `skipped`.
+    """
+
+    num_frames: int = 17
+    height: int = 64
+    width: int = 64
+    fps: float | None = None
+    window: str = "start"
+    skip_bad_videos: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.num_frames
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or (n - 1) % 4:
+            lo = max(1, (int(n) - 1) // 4 * 4 + 1) if isinstance(n, int | float) and n >= 1 else 1
+            raise MoalignError(
+                f"num_frames={n!r} is not of the form 4k+1, which the video VAEs need. "
+                f"Use --num-frames {lo} or {lo + 4} (e.g. 17, 49 or 81)."
+            )
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 or v % 16:
+                near = max(16, int(round(v / 16)) * 16) if isinstance(v, int | float) and v > 0 else 64
+                raise MoalignError(
+                    f"{name}={v!r} is not a positive multiple of 16 (VAE downsampling x patch size). "
+                    f"Use --{name} {near}."
+                )
+        if self.fps is not None and not (isinstance(self.fps, int | float) and math.isfinite(self.fps)):
+            raise MoalignError(f"fps={self.fps!r} is not a number. Pass a positive --fps or leave it unset.")
+        if self.fps is not None and self.fps <= 0:
+            raise MoalignError(
+                f"fps={self.fps!r} must be positive. Pass a positive --fps, or leave it unset for the "
+                "native frame rate."
+            )
+        if self.window not in WINDOWS:
+            raise MoalignError(
+                f"window={self.window!r} is not one of {', '.join(WINDOWS)}. Pick one of those."
+            )
+
+
+WINDOWS = ("start", "center")
+
+
+_SKIP_HINT = "or pass --skip-bad-videos (DataConfig.skip_bad_videos=True) to skip such videos and count them"
+
+
+def _offsets(native_fps: float, cfg: DataConfig, video: Any = None) -> np.ndarray:
+    """Frame offsets of the window from its first frame: int64 (num_frames,)."""
+    n = cfg.num_frames
+    if cfg.fps is None:
+        return np.arange(n, dtype=np.int64)
+    where = f"{video}: " if video is not None else ""
+    if not (native_fps > 0 and math.isfinite(native_fps)):
+        raise MoalignError(
+            f"{where}the video has no usable frame rate ({native_fps!r}), so it cannot be sampled at "
+            f"fps={cfg.fps:g}. Leave --fps unset (native rate) or re-encode it with a frame rate."
+        )
+    stride = native_fps / cfg.fps
+    # nearest frame, ties rounded up; the epsilon keeps k * stride = x.4999999 from flipping
+    offsets = np.floor(np.arange(n) * stride + 0.5 + 1e-9).astype(np.int64)
+    if n > 1 and np.any(np.diff(offsets) == 0):
+        raise MoalignError(
+            f"{where}fps={cfg.fps:g} is above the video's native {native_fps:g} fps: frames would repeat. "
+            f"Use --fps {native_fps:g} or lower, or leave --fps unset for the native rate, {_SKIP_HINT}."
+        )
+    return offsets
+
+
+def is_consecutive(native_fps: float, cfg: DataConfig) -> bool:
+    """Whether `cfg` samples consecutive native frames (what exact ground-truth flow needs)."""
+    return cfg.fps is None or bool(np.array_equal(_offsets(native_fps, cfg), np.arange(cfg.num_frames)))
+
+
+def sample_indices(
+    num_available: int, native_fps: float, cfg: DataConfig, *, video: str | os.PathLike | None = None
+) -> np.ndarray:
+    """Frame indices of the deterministic clip window of a video.
+
+    With ``cfg.fps=None`` the window is ``num_frames`` consecutive frames; otherwise it strides through
+    time by ``native_fps / cfg.fps`` frames (nearest frame, fractional strides allowed). ``cfg.window``
+    places it at the start or the centre of the video.
+
+    Args:
+        num_available: frames in the video.
+        native_fps: the video's frame rate.
+        cfg: the data config (num_frames, fps, window).
+        video: the video's path, only for error messages.
+
+    Returns:
+        int64 array (cfg.num_frames,), strictly increasing, all in [0, num_available).
+
+    Raises:
+        MoalignError: the video is too short for the window, or cfg.fps is above the native rate.
+    """
+    offsets = _offsets(native_fps, cfg, video)
+    span = int(offsets[-1]) + 1
+    if num_available < span:
+        raise MoalignError(_too_short(video, num_available, native_fps, cfg, span))
+    start = 0 if cfg.window == "start" else (num_available - span) // 2
+    return start + offsets
+
+
+def _too_short(video: Any, num_available: int, native_fps: float, cfg: DataConfig, span: int) -> str:
+    name = video if video is not None else "the video"
+    if cfg.fps is None:
+        how = "at the native rate"
+    else:
+        how = f"sampled at {cfg.fps:g} fps (every {native_fps / cfg.fps:.3g} frames)"
+    fits = [k for k in range(cfg.num_frames, 0, -4) if _span(native_fps, cfg, k) <= num_available]
+    lower = f"--num-frames {fits[0]}" if fits else "a lower --num-frames (4k+1)"
+    fps_hint = " or a lower --fps" if cfg.fps is not None else " or a lower --fps (subsampling in time)"
+    return (
+        f"{name} has {num_available} frames at {native_fps:g} fps, but a clip of {cfg.num_frames} frames "
+        f"{how} needs {span}. Use {lower}{fps_hint}, {_SKIP_HINT}."
+    )
+
+
+def _span(native_fps: float, cfg: DataConfig, n: int) -> int:
+    if cfg.fps is None:
+        return n
+    return int(math.floor((n - 1) * native_fps / cfg.fps + 0.5 + 1e-9)) + 1
+
+
+@contextlib.contextmanager
+def _decode_errors(path: Path) -> Iterator[None]:
+    """Turn PyAV's many error types into one MoalignError that names the file and the fix."""
+    try:
+        yield
+    except MoalignError:
+        raise
+    except Exception as err:  # PyAV raises many error types for corrupt data
+        raise MoalignError(
+            f"cannot decode video {path}: {type(err).__name__}: {err}. The file is corrupt or not a video: "
+            f"re-encode it (e.g. to H.264 mp4) or remove it from the dataset, {_SKIP_HINT}."
+        ) from err
+
+
+def _open_stream(container: Any, path: Path) -> tuple[Any, int, float]:
+    """The first video stream, its header frame count (0 when unknown) and frame rate (0.0 when unknown)."""
+    if not container.streams.video:
+        raise MoalignError(
+            f"{path} has no video stream. Remove it from the dataset or re-encode it, {_SKIP_HINT}."
+        )
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return stream, int(stream.frames or 0), float(rate) if rate else 0.0
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise MoalignError(
+            f"video file not found: {path}. Fix the path in the dataset manifest, {_SKIP_HINT}."
+        )
+
+
+def _probe(path: Path) -> tuple[int, float]:
+    """(num_frames, fps) cheaply: the header's frame count plus one decoded frame; a full decode only when
+    the header has no count."""
+    import av
+
+    _check_file(path)
+    with _decode_errors(path), av.open(str(path)) as container:
+        stream, count, fps = _open_stream(container, path)
+        frames = container.decode(stream)
+        if next(frames, None) is None:
+            raise MoalignError(f"{path} decoded to zero frames. Re-encode it or remove it, {_SKIP_HINT}.")
+        if count <= 0:
+            count = 1 + sum(1 for _ in frames)
+    return count, fps
+
+
+def _take(path: Path, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+    """Decode up to the last wanted frame; return the wanted frames and how many frames were seen."""
+    import av
+
+    wanted, last, kept, seen = set(indices.tolist()), int(indices[-1]), {}, 0
+    with av.open(str(path)) as container:
+        stream, _, _ = _open_stream(container, path)
+        for i, frame in enumerate(container.decode(stream)):
+            seen = i + 1
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    return kept, seen
+
+
+def read_clip(path: str | os.PathLike, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """Decode the clip window of one video at its source resolution.
+
+    Decodes only up to the last frame of the window when the header gives the frame count (or the window
+    sits at the start); otherwise counts the frames first.
+
+    Args:
+        path: the video file.
+        cfg: the data config (num_frames, fps, window).
+
+    Returns:
+        frames: uint8 (num_frames, H, W, 3) RGB at the video's own size.
+        indices: int64 (num_frames,) frame indices of the window.
+        fps: the video's native frame rate (0.0 when the file has none).
+
+    Raises:
+        MoalignError: missing, unreadable or too-short video; the message names the file and the fix.
+    """
+    import av
+
+    path = Path(path)
+    _check_file(path)
+    with _decode_errors(path):
+        with av.open(str(path)) as container:
+            _, count, fps = _open_stream(container, path)
+        if count <= 0 and cfg.window != "start":
+            count, fps = _probe(path)  # the centre needs the length: count by decoding
+        if count > 0:
+            indices = sample_indices(count, fps, cfg, video=path)
+        else:
+            indices = _offsets(fps, cfg, path)  # start window: the length only matters if it is too short
+        kept, seen = _take(path, indices)
+        if len(kept) < len(indices):  # the stream ended early: the header over-counted, or there was none
+            if seen == 0:
+                raise MoalignError(f"{path} decoded to zero frames. Re-encode it or remove it, {_SKIP_HINT}.")
+            indices = sample_indices(seen, fps, cfg, video=path)  # raises when too short
+            if not set(indices.tolist()) <= kept.keys():
+                kept, seen = _take(path, indices)
+            if not set(indices.tolist()) <= kept.keys():
+                raise MoalignError(
+                    f"{path} decodes to a different number of frames each time. Re-encode it, {_SKIP_HINT}."
+                )
+    frames = np.stack([kept[i] for i in indices.tolist()])
+    return frames, indices, fps
