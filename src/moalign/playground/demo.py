@@ -31,17 +31,17 @@ import numpy as np
 
 from moalign.alignment import MODE_TITLES, AlignConfig
 from moalign.playground.basemodel import BaseModelConfig
+from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json, write_text
 from moalign.stage2 import Stage2Config
 
 if TYPE_CHECKING:
     from moalign.presets import Recipe
 
-DEMO_ARMS = (
-    "none",
-    "trd",
-    "moalign",
-)  # SPEC Sec. 3 names: no alignment, VideoREPA TRD on raw features, MoAlign
+logger = console.get_logger(__name__)
+
+# the paper's ablation rows (Sec. 3.2) the demo compares: no alignment, VideoREPA's TRD on raw features, MoAlign
+DEMO_ARMS = ("none", "trd", "moalign")
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,6 @@ class DemoConfig:
     guidance_scale: float = 1.0  # the base model never saw empty prompts: no classifier-free guidance
     gif_prompts: int = 4  # rows of the side-by-side GIF
 
-    def __post_init__(self) -> None:
-        if isinstance(self.arms, str):
-            object.__setattr__(self, "arms", tuple(a.strip() for a in self.arms.split(",") if a.strip()))
-        if isinstance(self.arms, list):
-            object.__setattr__(self, "arms", tuple(self.arms))
-
 
 class _Steps:
     """Runs named steps in order, skipping finished ones, and records their wall times."""
@@ -86,13 +80,13 @@ class _Steps:
         self.n += 1
         label = f"[demo {self.n}/{self.total}] {name}"
         if done:
-            print(f"{label}: already done, skipped", flush=True)
+            logger.info(f"{label}: already done, skipped")
             return
-        print(f"{label} ...", flush=True)
+        logger.info(f"{label} ...")
         start = time.time()
         fn()
         self.seconds[name] = round(time.time() - start, 1)
-        print(f"{label}: {self.seconds[name]} s", flush=True)
+        logger.info(f"{label}: {self.seconds[name]} s")
 
 
 def link_tree(src: Path, dst: Path, replace_dirs: dict[str, Path]) -> None:
@@ -119,47 +113,53 @@ def _done(path: Path) -> bool:
     return path.is_file()
 
 
-def run_demo(
-    out: str | Path, preset: str = "tiny", progress: bool = True, recipe: Recipe | None = None
-) -> dict:
-    """Run (or resume) the demo in `out` with a named preset (or a given recipe); returns the collected metrics."""
-    import torch
+@dataclass
+class _Demo:
+    """One demo folder: its recipe, where each step writes, and how the steps run."""
 
-    from moalign.data.manifest import read_manifest
-    from moalign.generate import generate
-    from moalign.latents import compute_latents
-    from moalign.playground.basemodel import build_pipeline, save_pipeline, train_vae
-    from moalign.playground.judge import judge_folder
+    out: Path
+    recipe: Recipe
+    progress: bool
+    device: str
+    cmd: str = "moalign demo"
+
+    @property
+    def d(self) -> dict[str, Path]:
+        out = self.out
+        return {
+            "data": out / "data",
+            "eval": out / "eval_data",
+            "encoder": out / "encoder",
+            "stage1": out / "stage1",
+            "vae": out / "base" / "vae_run",
+            "init": out / "base" / "init",
+            "latents": out / "caches" / "latents",
+            "targets": out / "caches" / "targets",
+            "base": out / "base" / "run",
+            "pipeline": out / "base" / "pipeline",
+            "arms": out / "arms",
+        }
+
+    @property
+    def arms(self) -> dict[str, Path]:
+        """Run folders judged in the report: the base, then one per arm."""
+        return {"base": self.d["base"], **{a: self.d["arms"] / a for a in self.recipe.demo.arms}}
+
+    @property
+    def stage1(self):
+        """Stage 1's config with the demo's own encoder."""
+        s1 = self.recipe.stage1
+        return replace(s1, encoder=replace(s1.encoder, path=str(self.d["encoder"])))
+
+
+def _teacher_steps(demo: _Demo, step: _Steps) -> None:
+    """Steps 1-3: the playground data, the encoder, stage 1 (the teacher)."""
     from moalign.playground.pretrain_encoder import pretrain_encoder
     from moalign.playground.synth import write_playground
     from moalign.stage1 import train_stage1
-    from moalign.stage2 import train_stage2
-    from moalign.teacher import compute_targets
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainings pick theirs through accelerate
-    out = Path(out).resolve()  # run configs record the base pipeline's path: make it cwd-independent
-    from moalign.presets import get_preset
-
-    recipe = recipe or get_preset(preset)
-    demo = recipe.demo
-    d = {
-        "data": out / "data",
-        "eval": out / "eval_data",
-        "encoder": out / "encoder",
-        "stage1": out / "stage1",
-        "vae": out / "base" / "vae_run",
-        "init": out / "base" / "init",
-        "latents": out / "caches" / "latents",
-        "targets": out / "caches" / "targets",
-        "base": out / "base" / "run",
-        "pipeline": out / "base" / "pipeline",
-        "arms": out / "arms",
-    }
-    arms = {"base": d["base"], **{a: d["arms"] / a for a in demo.arms}}
-    cmd = "moalign demo"
-    t0 = time.time()
-    step = _Steps(total=10)
-    eval_cfg = replace(recipe.synth, num_clips=demo.eval_clips, seed=demo.eval_seed)
+    d, recipe, progress, cmd = demo.d, demo.recipe, demo.progress, demo.cmd
+    eval_cfg = replace(recipe.synth, num_clips=recipe.demo.eval_clips, seed=recipe.demo.eval_seed)
 
     def synth() -> None:
         write_playground(d["data"], recipe.synth, progress=progress)
@@ -171,94 +171,125 @@ def run_demo(
         _done(d["encoder"] / "config.json"),
         lambda: pretrain_encoder(d["data"], d["encoder"], recipe.pretrain, progress=progress, command=cmd),
     )
-    s1_cfg = replace(recipe.stage1, encoder=replace(recipe.stage1.encoder, path=str(d["encoder"])))
     step(
         "stage1",
         _done(d["stage1"] / "metrics.json"),
-        lambda: train_stage1(d["data"], d["stage1"], s1_cfg, resume="latest", progress=progress, command=cmd),
+        lambda: train_stage1(
+            d["data"], d["stage1"], demo.stage1, resume="latest", progress=progress, command=cmd
+        ),
     )
+
+
+def _base_model_steps(demo: _Demo, step: _Steps) -> None:
+    """Steps 4-7: the base model's VAE and pipeline, the caches, the base transformer from scratch."""
+    from moalign.latents import compute_latents
+    from moalign.playground.basemodel import build_pipeline, save_pipeline, train_vae
+    from moalign.stage2 import train_stage2
+    from moalign.teacher import compute_targets
+
+    d, base_cfg, progress, cmd = demo.d, demo.recipe.demo.base, demo.progress, demo.cmd
     step(
         "vae",
         _done(d["vae"] / "vae" / "config.json") and _done(d["vae"] / "metrics.json"),
-        lambda: train_vae(d["data"], d["vae"], demo.base, progress=progress, command=cmd),
+        lambda: train_vae(d["data"], d["vae"], base_cfg, progress=progress, command=cmd),
     )
     step(
         "base pipeline (random transformer)",
         _done(d["init"] / "model_index.json"),
-        lambda: save_pipeline(build_pipeline(demo.base, d["vae"] / "vae"), d["init"]),
+        lambda: save_pipeline(build_pipeline(base_cfg, d["vae"] / "vae"), d["init"]),
     )
 
     def caches() -> None:
-        b = demo.base
-        data_cfg = replace(s1_cfg.data, num_frames=b.num_frames, height=b.height, width=b.width)
+        b = base_cfg
+        data_cfg = replace(demo.stage1.data, num_frames=b.num_frames, height=b.height, width=b.width)
         compute_latents(
-            d["data"],
-            str(d["init"]),
-            d["latents"],
-            backbone="cogvideox",
-            data=data_cfg,
-            progress=progress,
-            device=device,
-        )
-        compute_targets(d["data"], d["stage1"], d["targets"], raw=True, progress=progress, device=device)
+            d["data"], str(d["init"]), d["latents"], backbone="cogvideox", data=data_cfg, progress=progress,
+            device=demo.device,
+        )  # fmt: skip
+        compute_targets(d["data"], d["stage1"], d["targets"], raw=True, progress=progress, device=demo.device)
 
     step("latents + teacher targets", False, caches)  # resumable caches; cheap when complete
-
-    base_cfg = replace(demo.base_training, model=str(d["init"]))
+    training = replace(demo.recipe.demo.base_training, model=str(d["init"]))
 
     def base() -> None:
-        train_stage2(d["latents"], d["base"], base_cfg, resume="latest", progress=progress, command=cmd)
+        train_stage2(d["latents"], d["base"], training, resume="latest", progress=progress, command=cmd)
         link_tree(d["init"], d["pipeline"], {"transformer": d["base"] / "transformer"})
 
     step("base model (from scratch, no alignment)", _done(d["pipeline"] / "model_index.json"), base)
 
-    def train_arms() -> None:
-        for arm in demo.arms:
-            if _done(arms[arm] / "metrics.json"):
-                continue
-            cfg = replace(
-                demo.arm_training, model=str(d["pipeline"]), align=replace(demo.arm_training.align, mode=arm)
-            )
-            print(f"[demo] arm {arm}: {MODE_TITLES[arm]}", flush=True)
-            train_stage2(
-                d["latents"], arms[arm], cfg, targets_cache=d["targets"], resume="latest", progress=progress,
-                command=cmd,
+
+def _train_arms(demo: _Demo) -> None:
+    """Step 8: every arm fine-tuned from the same base with the same clips, order, noise and steps."""
+    from moalign.stage2 import train_stage2
+
+    d, cfg = demo.d, demo.recipe.demo
+    for arm in cfg.arms:
+        if _done(demo.arms[arm] / "metrics.json"):
+            continue
+        training = replace(
+            cfg.arm_training, model=str(d["pipeline"]), align=replace(cfg.arm_training.align, mode=arm)
+        )
+        logger.info(f"[demo] arm {arm}: {MODE_TITLES[arm]}")
+        train_stage2(
+            d["latents"], demo.arms[arm], training, targets_cache=d["targets"], resume="latest",
+            progress=demo.progress, command=demo.cmd,
+        )  # fmt: skip
+
+
+def _generate_and_judge(demo: _Demo, prompts: list[str]) -> None:
+    """Step 9: one video per held-out prompt for the base and every arm, all judged, and the clips themselves."""
+    from moalign.generate import generate
+    from moalign.playground.judge import judge_folder
+
+    cfg = demo.recipe.demo
+    for name, run in demo.arms.items():
+        videos = run / "videos"
+        if not _done(videos / "metadata.jsonl"):
+            logger.info(f"[demo] generating {len(prompts)} videos: {name}")
+            generate(
+                run, prompts, videos, num_frames=cfg.base.num_frames, height=cfg.base.height,
+                width=cfg.base.width, steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
+                seed=cfg.eval_seed, progress=False, device=demo.device,
             )  # fmt: skip
+        if not _done(videos / "judge.json"):
+            judge_folder(videos)
+    if not _done(demo.d["eval"] / "judge.json"):
+        judge_folder(demo.d["eval"])
 
+
+def run_demo(
+    out: str | Path, preset: str = "tiny", progress: bool = True, recipe: Recipe | None = None
+) -> dict:
+    """Run (or resume) the demo in `out` with a named preset (or a given recipe); returns the collected metrics."""
+    import torch
+
+    from moalign.data.manifest import read_manifest
+    from moalign.presets import get_preset
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainings pick theirs through accelerate
+    # run configs record the base pipeline's path: make it cwd-independent
+    demo = _Demo(Path(out).resolve(), recipe or get_preset(preset), progress, device)
+    d, arms, t0 = demo.d, demo.arms, time.time()
+    step = _Steps(total=10)
+    _teacher_steps(demo, step)
+    _base_model_steps(demo, step)
     step(
-        f"fine-tuning arms ({', '.join(demo.arms)})",
-        all(_done(arms[a] / "metrics.json") for a in demo.arms),
-        train_arms,
+        f"fine-tuning arms ({', '.join(demo.recipe.demo.arms)})",
+        all(_done(arms[a] / "metrics.json") for a in demo.recipe.demo.arms),
+        lambda: _train_arms(demo),
     )
-
     prompts = [r.caption for r in read_manifest(d["eval"])]
-
-    def generate_and_judge() -> None:
-        for name, run in arms.items():
-            videos = run / "videos"
-            if not _done(videos / "metadata.jsonl"):
-                print(f"[demo] generating {len(prompts)} videos: {name}", flush=True)
-                generate(
-                    run, prompts, videos, num_frames=demo.base.num_frames, height=demo.base.height,
-                    width=demo.base.width, steps=demo.generation_steps, guidance_scale=demo.guidance_scale,
-                    seed=demo.eval_seed, progress=False, device=device,
-                )  # fmt: skip
-            if not _done(videos / "judge.json"):
-                judge_folder(videos)
-        if not _done(d["eval"] / "judge.json"):
-            judge_folder(d["eval"])
-
     step(
         "generate + judge",
         all(_done(r / "videos" / "judge.json") for r in arms.values()) and _done(d["eval"] / "judge.json"),
-        generate_and_judge,
+        lambda: _generate_and_judge(demo, prompts),
     )
     summary = {"preset": preset, "seconds_this_run": None, "step_seconds": step.seconds}
-    step("report", False, lambda: summary.update(write_report(out, d, arms, recipe, prompts)))
+    step("report", False, lambda: summary.update(write_report(demo.out, d, arms, demo.recipe, prompts)))
     summary["seconds_this_run"] = round(time.time() - t0, 1)
-    write_json(out / "summary.json", summary)
-    print((out / "report.md").read_text())
-    print(f"[demo] finished in {summary['seconds_this_run']} s; report: {out / 'report.md'}")
+    write_json(demo.out / "summary.json", summary)
+    logger.info((demo.out / "report.md").read_text())
+    logger.info(f"[demo] finished in {summary['seconds_this_run']} s; report: {demo.out / 'report.md'}")
     return summary
 
 
@@ -280,7 +311,7 @@ def write_report(
     for arm in demo.arms:
         judged[f"{arm}: {MODE_TITLES[arm]}"] = _json(arms[arm] / "videos" / "judge.json")
     table = arm_table(judged)
-    pre = _json(d["encoder"] / "pretrain.json")["metrics"]
+    pre = _json(d["encoder"] / "metrics.json")
     s1 = _json(d["stage1"] / "metrics.json")
     vae = _json(d["vae"] / "metrics.json")
     base = _json(d["base"] / "metrics.json")

@@ -14,18 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig, preprocess_frames
 from moalign.errors import MoalignError
+from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json, write_jsonl
-from moalign.run.checkpoint import git_commit
+from moalign.run.checkpoint import write_run_config
 from moalign.run.launch import prepare_training, reduce_scalars, start_launch
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
-from moalign.run.training import RunLogger, batch_indices, check_finite, cosine_with_warmup
+from moalign.run.training import RunLogger, batch_indices, check_finite, cosine_with_warmup, optimizer_step
+
+logger = console.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class PretrainEncoderConfig:
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 40
+    grad_clip: float = 1.0  # max gradient norm (0: no clipping)
     hflip: bool = True  # random horizontal flips (appearance pretraining; flow is not involved here)
     seed: int = 0
     log_every: int = 25
@@ -112,6 +115,32 @@ def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, gen: torch.G
     )  # frame-major, like the tokens
 
 
+def _decode_clips(
+    dataset: VideoClipDataset, enc_cfg: EncoderConfig, progress: bool
+) -> tuple[torch.Tensor, float]:
+    """Every clip decoded and preprocessed once: (N, T', 3, h, w) normalised pixels (pretraining is for small
+    sets), and the MSE of predicting one constant colour per channel (the data's mean) in [0, 1] pixels."""
+    clips = [
+        preprocess_frames(dataset[i]["frames"][None], enc_cfg)[0]
+        for i in console.progress(range(len(dataset)), enabled=progress, desc="decode clips")
+    ]
+    pixels = torch.stack(clips)
+    mean = torch.tensor(enc_cfg.mean).view(1, 1, 3, 1, 1)
+    std = torch.tensor(enc_cfg.std).view(1, 1, 3, 1, 1)
+    raw = pixels * std + mean
+    return pixels, float((raw - raw.mean(dim=(0, 1, 3, 4), keepdim=True)).square().mean())
+
+
+def _token_grid(cfg: PretrainEncoderConfig, pixels: torch.Tensor) -> tuple[int, int, int]:
+    num_frames, _, h, w = pixels.shape[1:]
+    if num_frames % cfg.model.tubelet_size or h % cfg.model.patch_size or w % cfg.model.patch_size:
+        raise MoalignError(
+            f"encoder input {num_frames}x{h}x{w} does not divide into tubelet {cfg.model.tubelet_size} and "
+            f"patch {cfg.model.patch_size}: choose --set input_size / data.num_frames accordingly"
+        )
+    return num_frames // cfg.model.tubelet_size, h // cfg.model.patch_size, w // cfg.model.patch_size
+
+
 def pretrain_encoder(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -123,7 +152,9 @@ def pretrain_encoder(
 
     Args:
         data_dir: a dataset folder (playground output, metadata.jsonl/csv, or prompts.txt + videos.txt).
-        out_dir: the encoder folder to write (atomically; an existing folder is refused).
+        out_dir: the encoder folder to write (atomically; an existing folder is refused). Besides the model
+            (config.json, model.safetensors) it holds run_config.json (the run record every stage writes, named
+            so because config.json is the model's), metrics.json, log.jsonl and loss_curve.png.
         cfg: the resolved config.
 
     Returns:
@@ -139,50 +170,30 @@ def pretrain_encoder(
     accelerator, micro, launch = start_launch("pretrain-encoder", cfg.mixed_precision, cfg.batch_size)
     set_seed(cfg.seed)
     dataset = VideoClipDataset(data_dir, cfg.data, load_flow=False)
-    enc_cfg = EncoderConfig(input_size=cfg.input_size, drop_first_frame=True)
-
-    # Decode and preprocess every clip once: (N, T', 3, h, w) normalised pixels. Pretraining is for small sets.
-    clips = [
-        preprocess_frames(dataset[i]["frames"][None], enc_cfg)[0]
-        for i in tqdm(range(len(dataset)), desc="decode clips", disable=not progress)
-    ]
-    pixels = torch.stack(clips)
-    num_frames, _, h, w = pixels.shape[1:]
-    # reference: the MSE of predicting one constant colour per channel (the data's mean), in [0, 1] pixels
-    mean = torch.tensor(enc_cfg.mean).view(1, 1, 3, 1, 1)
-    std = torch.tensor(enc_cfg.std).view(1, 1, 3, 1, 1)
-    raw = pixels * std + mean
-    constant_mse = float((raw - raw.mean(dim=(0, 1, 3, 4), keepdim=True)).square().mean())
-    vm_cfg = build_videomae_config(cfg, num_frames)
-    grid = (num_frames // cfg.model.tubelet_size, h // cfg.model.patch_size, w // cfg.model.patch_size)
-    if num_frames % cfg.model.tubelet_size or h % cfg.model.patch_size or w % cfg.model.patch_size:
-        raise MoalignError(
-            f"encoder input {num_frames}x{h}x{w} does not divide into tubelet {cfg.model.tubelet_size} and "
-            f"patch {cfg.model.patch_size}: choose --set input_size / data.num_frames accordingly"
-        )
-    model = VideoMAEForPreTraining(vm_cfg)
+    pixels, constant_mse = _decode_clips(
+        dataset, EncoderConfig(input_size=cfg.input_size, drop_first_frame=True), progress
+    )
+    grid = _token_grid(cfg, pixels)
+    model = VideoMAEForPreTraining(build_videomae_config(cfg, pixels.shape[1]))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    # the LR schedule stays ours: one step per global step
     model, optimizer, params = prepare_training(
-        accelerator, model, optimizer, micro_batch=micro, grad_clip=1.0
+        accelerator, model, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
     )
-    model.train()
-
-    logger = RunLogger(out_dir, enabled=False)  # written into the folder at the end, atomically
+    log = RunLogger(out_dir, enabled=False)  # written into the folder at the end, atomically
     mask_gen = torch.Generator().manual_seed(cfg.seed + 17 * accelerator.process_index)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 31 * accelerator.process_index)
     n_params = sum(p.numel() for p in model.parameters())
-    accelerator.print(
-        f"[pretrain-encoder] {len(dataset)} clips, input {num_frames}x{h}x{w}, token grid {grid}, "
-        f"{n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps"
+    logger.info(
+        f"[pretrain-encoder] {len(dataset)} clips, input {'x'.join(map(str, (pixels.shape[1], *pixels.shape[3:])))}, "
+        f"token grid {grid}, {n_params:,} parameters (encoder + MAE decoder), {cfg.steps} steps"
     )
+
+    model.train()
     start = time.time()
-    bar = tqdm(
-        range(cfg.steps), desc="pretrain-encoder", disable=not (progress and accelerator.is_main_process)
-    )
+    bar = console.progress(range(cfg.steps), enabled=progress, desc="pretrain-encoder")
     for step in bar:
         idx = batch_indices(len(dataset), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]
@@ -197,16 +208,13 @@ def pretrain_encoder(
             ).loss
         check_finite(step, {"mse": loss})
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             scalars = reduce_scalars(accelerator, {"mse": float(loss.detach())})  # the global batch's mean
-            logger.log(step, **scalars, lr=scheduler.get_last_lr()[0])
+            log.log(step, **scalars, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(mse=f"{scalars['mse']:.3f}")
 
-    steps, mse = logger.series("mse")
+    steps, mse = log.series("mse")
     metrics = {
         "first_mse": mse[0],
         "final_mse": sum(mse[-4:]) / len(mse[-4:]),
@@ -216,31 +224,25 @@ def pretrain_encoder(
         "token_grid": list(grid),
     }
     if accelerator.is_main_process:
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir()
-            accelerator.unwrap_model(model).videomae.save_pretrained(tmp, safe_serialization=True)
-            write_jsonl(tmp / "log.jsonl", logger.history)
-            write_json(
-                tmp / "pretrain.json",
-                {
-                    "config": to_dict(cfg),
-                    "metrics": metrics,
-                    "git_commit": git_commit(),
-                    "command": command,
-                    "launch": launch,
-                },
-            )
-            plot_curves(
-                tmp / "loss_curve.png",
-                {"masked-patch MSE (normalised pixels)": (steps, mse)},
-                title="VideoMAE pretraining on " + Path(data_dir).name,
-                ylabel="MSE",
-                hlines={
-                    "constant colour" if not cfg.model.norm_pix_loss else "patch mean": metrics[
-                        "constant_colour_mse"
-                    ]
-                },
-            )
+        _write_encoder(out_dir, accelerator.unwrap_model(model), cfg, metrics, log, command, launch, data_dir)
     accelerator.wait_for_everyone()
-    accelerator.print(f"[pretrain-encoder] wrote {out_dir}: final MSE {metrics['final_mse']:.3f}")
+    logger.info(f"[pretrain-encoder] wrote {out_dir}: final MSE {metrics['final_mse']:.3f}")
     return metrics
+
+
+def _write_encoder(out_dir: Path, model, cfg: PretrainEncoderConfig, metrics, log, command, launch, data_dir):
+    """The encoder folder, atomically: VideoMAEModel weights and config, run record, metrics, log, loss curve."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        model.videomae.save_pretrained(tmp, safe_serialization=True)
+        write_run_config(tmp, to_dict(cfg), command, launch=launch, name="run_config.json")
+        write_json(tmp / "metrics.json", metrics)
+        write_jsonl(tmp / "log.jsonl", log.history)
+        reference = "constant colour" if not cfg.model.norm_pix_loss else "patch mean"
+        plot_curves(
+            tmp / "loss_curve.png",
+            {"masked-patch MSE (normalised pixels)": log.series("mse")},
+            title="VideoMAE pretraining on " + Path(data_dir).name,
+            ylabel="MSE",
+            hlines={reference: metrics["constant_colour_mse"]},
+        )

@@ -20,7 +20,10 @@ from torch import nn
 
 from moalign import __version__
 from moalign.errors import MoalignError
+from moalign.run import console
 from moalign.run.atomic import atomic_path, save_safetensors, write_json
+
+logger = console.get_logger(__name__)  # messages once per launch (the main process)
 
 ACCELERATE_STATE = "accelerate_state"  # in checkpoint-N/ of DeepSpeed / FSDP runs: accelerate's sharded state
 
@@ -80,9 +83,13 @@ def git_commit() -> str | None:
 
 
 def write_run_config(
-    run_dir: Path, config: dict[str, Any], command: str, launch: dict[str, Any] | None = None
+    run_dir: Path,
+    config: dict[str, Any],
+    command: str,
+    launch: dict[str, Any] | None = None,
+    name: str = "config.json",
 ) -> None:
-    """Write RUN/config.json: the resolved config plus version, git commit, the command that made the run and
+    """Write RUN/config.json (`name`; an encoder folder, whose config.json is the model's, uses run_config.json): the resolved config plus version, git commit, the command that made the run and
     the launch it runs under (`moalign.run.launch.launch_record`: processes, engine, per-process batch; the
     latest launch, when a run is resumed under another one)."""
     record = {
@@ -93,7 +100,7 @@ def write_run_config(
     }
     if launch is not None:
         record["launch"] = launch
-    write_json(run_dir / "config.json", record)
+    write_json(run_dir / name, record)
 
 
 def rng_state() -> dict[str, Any]:
@@ -223,10 +230,9 @@ def finished_run(
             f"{run_dir} is a finished {stage} run of {metrics.get('steps')} steps and this command asks for "
             f"{steps}: --resume latest does not extend a finished run; {further}choose a new --out"
         )
-    if int(os.environ.get("RANK", "0")) == 0:  # once per launch, not once per process
-        print(
-            f"[{stage.replace('-', '')}] {run_dir} is finished ({metrics.get('steps')} steps); nothing to do"
-        )
+    logger.info(
+        f"[{stage.replace('-', '')}] {run_dir} is finished ({metrics.get('steps')} steps); nothing to do"
+    )
     return metrics
 
 

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 from moalign.errors import MoalignError
+from moalign.run import console
+
+logger = console.get_logger(__name__)
 
 
 def _env_flag(name: str) -> bool:
@@ -128,7 +131,7 @@ def start_launch(
         refuse_sharding(accelerator, stage)
     micro = per_process_batch(accelerator, batch_size, gradient_accumulation_steps)
     record = launch_record(accelerator, micro, gradient_accumulation_steps)
-    accelerator.print(f"[{stage}] {describe_launch(record)}")
+    logger.info(f"[{stage}] {describe_launch(record)}")
     return accelerator, micro, record
 
 

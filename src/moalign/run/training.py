@@ -1,6 +1,14 @@
-"""Plumbing shared by the training loops: run logs, the LR schedule, deterministic batch order, checks.
+"""Plumbing shared by the training loops: starting a run, one optimizer step, run logs, the LR schedule,
+deterministic batch order, checks.
 
-Plain functions and one small logger class; each stage's loop stays readable top to bottom in its own file.
+Plain functions and one small logger class, no Trainer class: every loop (stage 1, stage 2, encoder
+pretraining, the demo's VAE) reads data -> forward -> backward -> `optimizer_step` -> log -> checkpoint in its
+own file, and starts with the same calls:
+
+    finished_run(out, resume, stage, steps)        # a finished run asked again: its metrics, nothing to do
+    ckpt = resume_checkpoint(out, resume, config)  # the checkpoint to continue from, settings checked
+    ...build the model, optimizer, scheduler; load ckpt...
+    logger = open_run(accelerator, out, config, command, launch, start_step, report_to)
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 from torch import nn
 
 from moalign.errors import MoalignError
+from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
 
 REPORT_TO = ("none", "tensorboard")
 
@@ -146,3 +155,47 @@ def parameter_counts(**modules: nn.Module) -> dict[str, tuple[int, int]]:
 
 def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
     return "; ".join(f"{k}: {t:,} trainable, {f:,} frozen" for k, (t, f) in counts.items())
+
+
+def resume_checkpoint(run_dir: Path, resume: str | None, config: dict[str, Any]) -> Path | None:
+    """The checkpoint-N folder a run continues from (None: a fresh start), after checking that the run folder
+    was started with the same settings (`check_resume_config`)."""
+    ckpt = resolve_resume(run_dir, resume)
+    if ckpt is not None:
+        check_resume_config(run_dir, config)
+    return ckpt
+
+
+def open_run(
+    accelerator: Any,
+    run_dir: Path,
+    config: dict[str, Any],
+    command: str,
+    launch: dict[str, Any] | None,
+    start_step: int,
+    report_to: str = "none",
+) -> RunLogger:
+    """Create the run folder and its RUN/config.json on the main process; the run's logger, continuing after
+    `start_step` (what a killed run logged later is dropped)."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, config, command, launch=launch)
+    return RunLogger(
+        run_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=report_to
+    )
+
+
+def optimizer_step(
+    accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any, params: Any, grad_clip: float
+) -> None:
+    """Clip the gradient norm (when `grad_clip` > 0), step the optimizer and the LR schedule, clear gradients.
+
+    The schedule steps once per global step, not once per process (accelerate's scheduler wrapper would make a
+    run's schedule depend on its number of processes). Under DeepSpeed the clip happens inside its step, from
+    the value `launch.prepare_training` put into its config.
+    """
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
