@@ -265,6 +265,14 @@ def _build_aligner(
     return aligner, grid
 
 
+def _optimizer(model: torch.nn.Module, cfg: Stage2Config) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and the warm-up + cosine LR schedule."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    return optimizer, cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+
+
 def _resume_weights(ckpt: Path | None, model: Stage2Model, optimizer, scheduler) -> int:
     """Load a (non-sharded) checkpoint's trainable weights, optimizer and schedule; the step to continue from."""
     if ckpt is None or (ckpt / ACCELERATE_STATE).is_dir():
@@ -368,10 +376,7 @@ def train_stage2(
     aligner, grid = _build_aligner(spec, cfg, transformer, latents, targets, ids)
     model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    optimizer, scheduler = _optimizer(model, cfg)
     ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg))
     start_step = _resume_weights(ckpt, model, optimizer, scheduler)
     model, optimizer, params = prepare_training(
