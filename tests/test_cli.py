@@ -15,7 +15,12 @@ SUBCOMMANDS = [
     "convert-videomaev2",
     "pretrain-encoder",
     "stage1",
+    "stage2",
+    "generate",
+    "judge",
+    "latents",
     "targets",
+    "precompute",
 ]
 
 

@@ -19,6 +19,25 @@ def test_every_preset_builds_and_round_trips(name):
     assert recipe.stage1.data.num_frames % 4 == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "geometry", "sampler"),
+    [
+        ("tiny", (17, 64, 64), (25, 1.0, 8.0)),  # the demo's videos (its base model, generation settings)
+        ("small", (17, 128, 128), (25, 1.0, 8.0)),
+        ("cogvideox-2b", (49, 480, 720), (50, 6.0, 8.0)),  # GenerateConfig's defaults
+        ("cogvideox-5b", (49, 480, 720), (50, 6.0, 8.0)),
+        ("wan2.1-1.3b", (81, 480, 832), (50, 5.0, 16.0)),
+        ("wan2.1-14b", (81, 480, 832), (50, 5.0, 16.0)),
+    ],
+)
+def test_presets_generate_settings(name, geometry, sampler):
+    g = get_preset(name).generate
+    assert (g.num_frames, g.height, g.width) == geometry and (g.steps, g.guidance_scale, g.fps) == sampler
+    if name in ("tiny", "small"):
+        demo = get_preset(name).demo
+        assert geometry == (demo.base.num_frames, demo.base.height, demo.base.width)
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match="tiny"):
         get_preset("huge")

@@ -1,6 +1,8 @@
 """Generation through tiny real pipelines: files, determinism per seed, LoRA runs change the output."""
 
+import inspect
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from tiny_parts import tiny_pipeline
 
 from moalign.data.video_io import read_video
 from moalign.errors import MoalignError
-from moalign.generate import contact_sheet, generate, load_pipeline, read_prompts
+from moalign.generate import GenerateConfig, contact_sheet, generate, load_pipeline, read_prompts
 from moalign.run.lora import add_lora, save_lora
 
 
@@ -60,3 +62,12 @@ def test_contact_sheet_and_errors(tmp_path):
     )
     with pytest.raises(MoalignError, match="--base"):
         load_pipeline(tmp_path / "run")
+
+
+def test_generate_config_fields_are_generate_keywords():
+    """`moalign generate` passes a GenerateConfig to generate() as keywords (src/moalign/cli.py)."""
+    keywords = inspect.signature(generate).parameters
+    assert all(keywords[f.name].kind is inspect.Parameter.KEYWORD_ONLY for f in fields(GenerateConfig))
+    for bad in (dict(num_frames=0), dict(steps=0), dict(height=-16), dict(fps=0.0)):
+        with pytest.raises(ValueError, match="must be"):
+            GenerateConfig(**bad)

@@ -1,7 +1,11 @@
 """The `moalign` command: one subcommand per stage. Thin: pick a preset, apply a few overrides, call the stage.
 
 Every stage takes `--preset NAME` (see `moalign config --list`) and `--set key=value` overrides on its
-part of the recipe (e.g. `moalign stage1 --set lr=3e-4 --set encoder.layer=5`).
+part of the recipe (e.g. `moalign stage1 --set lr=3e-4 --set encoder.layer=5`). A flag that sets a config
+field (`--steps`, `--lambda`, `--num-frames`, ...) is declared with `_bind` and is a shorthand for the
+matching `--set`: the bound flags are applied first, then `--set`, so `--set` wins. Choices come from the
+registries (align modes, backbones, flow methods, dtypes, presets). Each subcommand's parser is built by
+`_add_<name>_parser`, next to the `cmd_<name>` that runs it.
 """
 
 from __future__ import annotations
@@ -10,51 +14,94 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+from moalign.alignment import ALIGN_MODES
+from moalign.backbones import BACKBONES
+from moalign.backbones.spec import DTYPES
+from moalign.data.flow import FLOW_METHODS
 from moalign.errors import MoalignError
+from moalign.generate import GenerateConfig
+from moalign.playground.scenes import MOTIONS
+from moalign.presets import PRESETS, Recipe, get_preset
+
+_RESUMABLE = "cache folder (resumable: re-run the same command after a stop)"
 
 
 def _command_line() -> str:
     return "moalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+# ---- flags bound to config fields -------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help when it has a default and the help does not name one already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return text
+        return text if "default" in text else f"{text} (default: %(default)s)".strip()
+
+
+def _command(sub, name: str, fn, help: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`, which `fn(args)` runs; its --help shows the defaults."""
+    p = sub.add_parser(name, help=help, formatter_class=_HelpFormatter, **kwargs)
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _bind(p, flag: str, path: str, **kwargs) -> None:
+    """Add `flag` to a parser or argument group as a shorthand for `--set PATH=VALUE`.
+
+    `path` is a field of the command's part of the recipe (e.g. "align.lam" of stage2). Not given, the
+    preset's value stands; given, `_flag_overrides` turns it into the override `PATH=VALUE`.
+    """
+    text = kwargs.pop("help", "")
+    if "default" not in text:
+        text = f"{text} (default: the preset's)".strip()
+    action = p.add_argument(flag, default=None, help=text, **kwargs)
+    p.set_defaults(bound={**(p.get_default("bound") or {}), action.dest: path})  # groups share the defaults
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """`PATH=VALUE`, in `--set`'s form, for every bound flag given on the command line (see `_bind`)."""
+    bound = getattr(args, "bound", {})
+    return [
+        f"{path}={getattr(args, dest)}" for dest, path in bound.items() if getattr(args, dest) is not None
+    ]
+
+
 def _add_preset(
     p: argparse.ArgumentParser,
+    default: str | None = "tiny",
     preset_help: str = "named recipe (default: tiny; `moalign config --list`)",
     set_help: str = "override a config field of this stage, e.g. --set steps=200 --set data.fps=8 (repeatable)",
 ) -> None:
-    p.add_argument("--preset", default="tiny", help=preset_help)
+    p.add_argument("--preset", default=default, choices=list(PRESETS), help=preset_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clip sampling (overrides the preset's data config)")
-    g.add_argument("--num-frames", type=int, help="frames per clip window, 4k+1 (e.g. 17, 49)")
-    g.add_argument("--height", type=int, help="target height after resize + centre crop (divisible by 16)")
-    g.add_argument("--width", type=int, help="target width after resize + centre crop (divisible by 16)")
-    g.add_argument("--fps", type=float, help="sample the window at this frame rate (default: native)")
-    g.add_argument(
-        "--skip-bad-videos",
-        action="store_true",
+    _bind(g, "--num-frames", "data.num_frames", type=int, help="frames per clip window, 4k+1 (e.g. 17, 49)")
+    _bind(g, "--height", "data.height", type=int, help="height after resize + centre crop (divisible by 16)")
+    _bind(g, "--width", "data.width", type=int, help="width after resize + centre crop (divisible by 16)")
+    _bind(
+        g, "--fps", "data.fps", type=float,
+        help="sample the window at this frame rate (default: the preset's; none: the video's native rate)",
+    )  # fmt: skip
+    _bind(
+        g, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
         help="skip unreadable or too-short videos (counted in the log) instead of stopping with an error",
-    )
+    )  # fmt: skip
 
 
-def _data_overrides(args: argparse.Namespace) -> list[str]:
-    out = []
-    for name in ("num_frames", "height", "width", "fps"):
-        value = getattr(args, name, None)
-        if value is not None:
-            out.append(f"data.{name}={value}")
-    if getattr(args, "skip_bad_videos", False):
-        out.append("data.skip_bad_videos=True")
-    return out
-
-
-def _stage_config(args: argparse.Namespace, part: str, extra: list[str] | None = None):
-    return _overridden(getattr(_recipe(args), part), (extra or []) + args.overrides)
+def _stage_config(args: argparse.Namespace, part: str):
+    """The command's part of the recipe: the preset's, then the bound flags, then `--set` (the last wins)."""
+    return _overridden(getattr(_recipe(args), part), _flag_overrides(args) + args.overrides)
 
 
 def _overridden(cfg, overrides: list[str]):
@@ -67,11 +114,40 @@ def _overridden(cfg, overrides: list[str]):
         raise MoalignError(f"bad configuration: {err}") from err
 
 
-# ---- subcommands ------------------------------------------------------------------------------------------
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The `--preset` recipe; without one (generate's default) every field keeps its default."""
+    return get_preset(args.preset) if args.preset is not None else Recipe()
+
+
+# ---- subcommands: each parser beside the function that runs it -------------------------------------------
+
+
+def _add_demo_parser(sub) -> None:
+    p = _command(sub, "demo", cmd_demo, "run the pipeline end to end on the synthetic physics playground")
+    p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
+    _add_preset(
+        p,
+        preset_help="tiny (2 CPU cores, minutes) or small (a GPU)",
+        set_help="override a recipe field, e.g. --set stage1.steps=500 --set demo.arm_training.steps=100 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from moalign.playground.demo import run_demo
+
+    recipe = _overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
+    run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
+
+
+def _add_config_parser(sub) -> None:
+    p = _command(sub, "config", cmd_config, "print a preset's resolved configuration as JSON")
+    _add_preset(p)
+    p.add_argument("--part", choices=[f.name for f in fields(Recipe)], help="only this stage's config")
+    p.add_argument("--list", action="store_true", help="list the presets")
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from moalign.presets import PRESETS
     from moalign.run.serialize import to_dict
 
     if args.list:
@@ -81,26 +157,26 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(json.dumps(to_dict(_stage_config(args, args.part) if args.part else _recipe(args)), indent=2))
 
 
-def _recipe(args: argparse.Namespace):
-    from moalign.presets import get_preset
-
-    try:
-        return get_preset(args.preset)
-    except ValueError as err:
-        raise MoalignError(str(err)) from err
+def _add_synth_parser(sub) -> None:
+    p = _command(
+        sub, "synth", cmd_synth, "write synthetic physics clips with exact optical flow and captions"
+    )
+    p.add_argument("--out", required=True, help="output folder (metadata.jsonl, videos/, flow/)")
+    _bind(p, "--num-clips", "num_clips", type=int, help="number of clips")
+    _bind(p, "--seed", "seed", type=int, help="global seed (same seed, same bytes)")
+    _bind(p, "--num-frames", "num_frames", type=int, help="frames per clip, 4k+1")
+    _bind(p, "--height", "height", type=int, help="frame height, divisible by 16")
+    _bind(p, "--width", "width", type=int, help="frame width, divisible by 16")
+    _bind(p, "--fps", "fps", type=float, help="frame rate written to the mp4 files")
+    _bind(p, "--motions", "motions", help=f"comma-separated scene mix of {','.join(MOTIONS)}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from moalign.playground.synth import write_playground
 
-    extra = []
-    for name in ("num_clips", "seed", "num_frames", "height", "width", "fps"):
-        if getattr(args, name) is not None:
-            extra.append(f"{name}={getattr(args, name)}")
-    if args.motions:
-        extra.append(f"motions={args.motions}")
-    cfg = _stage_config(args, "synth", extra)
-    rows = write_playground(args.out, cfg, progress=not args.quiet)
+    rows = write_playground(args.out, _stage_config(args, "synth"), progress=not args.quiet)
     print(f"[synth] wrote {len(rows)} clips to {args.out} (manifest: {Path(args.out) / 'metadata.jsonl'})")
 
 
@@ -110,25 +186,48 @@ def _precompute(args: argparse.Namespace, out, done: str, **parts) -> None:
 
     share = process_share(args.device)
     precompute(
-        args.data, out, data=_stage_config(args, "stage1", _data_overrides(args)).data,
-        shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet, share=share, **parts,
+        args.data, out, data=_stage_config(args, "stage1").data, shard_size=args.shard_size,
+        overwrite=args.overwrite, progress=not args.quiet, share=share, **parts,
     )  # fmt: skip
     if share.is_main:
         print(done)
 
 
-def cmd_precompute(args: argparse.Namespace) -> None:
-    backbone = args.backbone or _recipe(args).stage2.backbone
-    _precompute(
-        args, args.out, f"[precompute] caches of {args.data} in {args.out}", flow=args.flow,
-        raft_weights=args.raft_weights, teacher=args.teacher, raw=args.raw, model=args.model, backbone=backbone,
-        latents_dtype=args.dtype, vae_tiling=args.vae_tiling,
+def _add_flow_parser(sub) -> None:
+    p = _command(sub, "flow", cmd_flow, "precompute optical flow for a dataset into a sharded cache")
+    p.add_argument(
+        "--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)"
+    )
+    p.add_argument("--out", required=True, help=_RESUMABLE)
+    p.add_argument(
+        "--method", default="dis", choices=list(FLOW_METHODS),
+        help="dis: CPU; raft: GPU, needs --raft-weights; exact: the playground's ground truth",
     )  # fmt: skip
+    p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
+    _add_cache_options(p)
+    _add_preset(p)
+    _add_data(p)
 
 
 def cmd_flow(args: argparse.Namespace) -> None:
     done = f"[flow] {args.method} flow of {args.data} in {args.out}"
     _precompute(args, {"flow": Path(args.out)}, done, flow=args.method, raft_weights=args.raft_weights)
+
+
+def _add_convert_parser(sub) -> None:
+    p = _command(
+        sub, "convert-videomaev2", cmd_convert,
+        "convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder",
+    )  # fmt: skip
+    p.add_argument(
+        "checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune layout"
+    )
+    p.add_argument("out_dir", help="output folder for VideoMAEModel.from_pretrained")
+    p.add_argument(
+        "--num-heads", type=int, help="attention heads (default: from the checkpoint's model name)"
+    )
+    p.add_argument("--eps", type=float, help="LayerNorm eps (default 1e-6, VideoMAEv2's value)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -147,63 +246,162 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _add_pretrain_encoder_parser(sub) -> None:
+    p = _command(
+        sub, "pretrain-encoder", cmd_pretrain_encoder,
+        "pretrain a small VideoMAE (masked autoencoding) on a dataset",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--out", required=True, help="encoder folder to write (VideoMAEModel.from_pretrained loads it)"
+    )
+    _bind(p, "--steps", "steps", type=int, help="training steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_preset(p)
+    _add_data(p)
+
+
 def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
     from moalign.playground.pretrain_encoder import pretrain_encoder
 
-    extra = _data_overrides(args) + ([f"steps={args.steps}"] if args.steps else [])
-    cfg = _stage_config(args, "pretrain", extra)
+    cfg = _stage_config(args, "pretrain")
     pretrain_encoder(args.data, args.out, cfg, progress=not args.quiet, command=_command_line())
+
+
+def _add_stage1_parser(sub) -> None:
+    p = _command(
+        sub,
+        "stage1",
+        cmd_stage1,
+        "learn the motion subspace M_psi with flow supervision on the frozen encoder",
+    )
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--encoder", help="encoder folder (pretrain-encoder or convert-videomaev2 output)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--flow-cache", help="a `moalign flow` cache of this dataset (else flow is computed here)")
+    _bind(
+        p, "--flow-method", "flow_method", choices=["auto", *FLOW_METHODS],
+        help="flow computed here (no --flow-cache); auto: exact if the manifest has flow, else dis",
+    )  # fmt: skip
+    _bind(p, "--steps", "steps", type=int, help="training steps")
+    p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_preset(p)
+    _add_data(p)
 
 
 def cmd_stage1(args: argparse.Namespace) -> None:
     from moalign.stage1 import train_stage1
 
-    extra = _data_overrides(args)
-    if args.steps:
-        extra.append(f"steps={args.steps}")
-    if args.flow_method:
-        extra.append(f"flow_method={args.flow_method}")
-    cfg = _stage_config(args, "stage1", extra)
-    if args.encoder:
+    cfg = _stage_config(args, "stage1")
+    if args.encoder:  # a path, applied after --set as before (it wins over --set encoder.path)
         cfg = replace(cfg, encoder=replace(cfg.encoder, path=str(args.encoder)))
     train_stage1(
-        args.data,
-        args.out,
-        cfg,
-        flow_cache=args.flow_cache,
-        resume=args.resume,
-        progress=not args.quiet,
+        args.data, args.out, cfg, flow_cache=args.flow_cache, resume=args.resume, progress=not args.quiet,
         command=_command_line(),
+    )  # fmt: skip
+
+
+def _add_stage2_parser(sub) -> None:
+    p = _command(
+        sub, "stage2", cmd_stage2, "fine-tune a video DiT with diffusion + alignment loss from caches"
     )
+    p.add_argument("--latents", required=True, help="cache of VAE latents and prompt embeddings")
+    p.add_argument(
+        "--targets", help="`moalign targets` cache of the same clips (not needed for --align none)"
+    )
+    p.add_argument("--out", required=True, help="run folder")
+    _bind(p, "--align", "align.mode", choices=list(ALIGN_MODES), help="alignment loss (the paper's: moalign)")
+    _bind(
+        p, "--lambda", "align.lam", dest="lam", type=float, help="weight of the alignment loss (paper: 0.5)"
+    )
+    _bind(p, "--tau", "align.tau", type=float, help="temporal decay of the MoAlign loss (paper: 10)")
+    _bind(p, "--margin", "align.margin", type=float, help="hinge margin (default: TRD 0.1, MoAlign 0)")
+    _bind(
+        p, "--layers", "align.layers", help="0-based block indices, e.g. 17 (the paper's 'layer 18') or 8,17"
+    )
+    _bind(p, "--lora-rank", "lora_rank", type=int, help="LoRA rank (0: full fine-tune)")
+    _bind(p, "--backbone", "backbone", choices=list(BACKBONES), help="backbone family")
+    _bind(p, "--model", "model", help="diffusers pipeline or transformer folder, or hub id")
+    _bind(p, "--steps", "steps", type=int, help="training steps")
+    p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
 
 
 def cmd_stage2(args: argparse.Namespace) -> None:
     from moalign.stage2 import train_stage2
 
-    extra = []
-    for flag, key in (("align", "align.mode"), ("lam", "align.lam"), ("tau", "align.tau"), ("margin", "align.margin"),
-                      ("layers", "align.layers"), ("lora_rank", "lora_rank"), ("steps", "steps"),
-                      ("backbone", "backbone"), ("model", "model")):  # fmt: skip
-        value = getattr(args, flag)
-        if value is not None:
-            extra.append(f"{key}={value}")
-    cfg = _stage_config(args, "stage2", extra)
     train_stage2(
-        args.latents, args.out, cfg, targets_cache=args.targets, resume=args.resume, progress=not args.quiet,
-        command=_command_line(),
+        args.latents, args.out, _stage_config(args, "stage2"), targets_cache=args.targets, resume=args.resume,
+        progress=not args.quiet, command=_command_line(),
     )  # fmt: skip
+
+
+_GENERATE_FLAGS = {  # GenerateConfig field -> help of its flag (--num-frames for num_frames, ...)
+    "num_frames": "frames, 4k+1",
+    "height": "frame height",
+    "width": "frame width",
+    "steps": "sampling steps",
+    "guidance_scale": "classifier-free guidance scale (1.0: none)",
+    "seed": "video i uses seed + i",
+    "fps": "frame rate of the mp4 files",
+}
+
+
+def _add_generate_parser(sub) -> None:
+    p = _command(
+        sub, "generate", cmd_generate, "generate videos from a stage-2 run or a pipeline, one per prompt"
+    )
+    p.add_argument(
+        "--model", required=True, help="stage-2 run folder, or a diffusers pipeline folder / hub id"
+    )
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output folder (mp4s, metadata.jsonl, contact_sheet.png)")
+    p.add_argument("--base", help="base pipeline of a run whose config names none")
+    p.add_argument(
+        "--backbone",
+        choices=list(BACKBONES),
+        help="backbone family (default: from the run or model_index.json)",
+    )
+    _add_preset(
+        p,
+        default=None,
+        preset_help="take the geometry and sampler settings from this recipe's generate part (default: none, "
+        "the defaults below)",
+        set_help="override a GenerateConfig field, e.g. --set steps=25",
+    )
+    g = p.add_argument_group("geometry and sampler (src/moalign/generate.py GenerateConfig)")
+    defaults = GenerateConfig()
+    for name, text in _GENERATE_FLAGS.items():
+        value = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        _bind(g, flag, name, type=type(value), help=f"{text} (default: {value}, or the --preset's)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    _add_latents_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from moalign.generate import generate, read_prompts
 
+    cfg = _stage_config(args, "generate")
     rows = generate(
-        args.model, read_prompts(args.prompts), args.out, num_frames=args.num_frames, height=args.height,
-        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps,
-        backbone=args.backbone, base=args.base, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
+        args.model, read_prompts(args.prompts), args.out, **asdict(cfg), backbone=args.backbone,
+        base=args.base, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
         progress=not args.quiet,
     )  # fmt: skip
     print(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
+
+
+def _add_judge_parser(sub) -> None:
+    p = _command(
+        sub, "judge", cmd_judge, "toy VideoPhy2 judge for playground-style videos (SA, PC, Joint, motion)"
+    )
+    p.add_argument(
+        "--videos", required=True, help="folder with metadata.jsonl (video, caption) and the videos"
+    )
+    p.add_argument("--out", help="output JSON (default: VIDEOS/judge.json)")
 
 
 def cmd_judge(args: argparse.Namespace) -> None:
@@ -218,6 +416,20 @@ def cmd_judge(args: argparse.Namespace) -> None:
     )
 
 
+def _add_latents_parser(sub) -> None:
+    p = _command(sub, "latents", cmd_latents, "precompute VAE latents and prompt embeddings for stage 2")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--model", required=True, help="diffusers pipeline folder or hub id (VAE and text encoder)"
+    )
+    p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
+    p.add_argument("--out", required=True, help=_RESUMABLE)
+    _add_latents_options(p)
+    _add_cache_options(p)
+    _add_preset(p)
+    _add_data(p)
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
     backbone = args.backbone or _recipe(args).stage2.backbone
     done = f"[latents] {backbone} latents and prompt embeddings of {args.data} in {args.out}"
@@ -227,16 +439,79 @@ def cmd_latents(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def _add_targets_parser(sub) -> None:
+    p = _command(
+        sub, "targets", cmd_targets, "precompute stage-2 teacher targets (motion tokens) for a dataset"
+    )
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--teacher", required=True, help="stage-1 run folder (its motion_projector.safetensors)")
+    p.add_argument("--out", required=True, help=_RESUMABLE)
+    p.add_argument(
+        "--raw", action="store_true", help="also store the raw encoder tokens (REPA / TRD ablations)"
+    )
+    _bind(
+        p, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
+        help="skip unreadable videos, counted in the cache",
+    )  # fmt: skip
+    _add_cache_options(p)
+    _add_preset(p)
+
+
 def cmd_targets(args: argparse.Namespace) -> None:
     done = f"[targets] teacher targets of {args.data} in {args.out}"
     _precompute(args, {"targets": Path(args.out)}, done, teacher=args.teacher, raw=args.raw)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from moalign.playground.demo import run_demo
+def _add_precompute_parser(sub) -> None:
+    p = _command(
+        sub, "precompute", cmd_precompute,
+        "build the training caches (flow; teacher targets; latents) in one command, split across the "
+        "processes of `accelerate launch`",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--out", required=True, help="folder for OUT/flow, OUT/targets, OUT/latents (re-run to resume)"
+    )
+    p.add_argument("--flow", choices=list(FLOW_METHODS), help="flow cache with this method (before stage 1)")
+    p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft)")
+    p.add_argument("--teacher", help="stage-1 run folder: teacher targets cache (after stage 1)")
+    p.add_argument(
+        "--raw", action="store_true", help="targets also hold raw encoder tokens (REPA / TRD arms)"
+    )
+    p.add_argument("--model", help="diffusers pipeline folder or hub id: latents + prompt embeddings cache")
+    p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
+    _add_latents_options(p)
+    _add_cache_options(p)
+    _add_preset(p)
+    _add_data(p)
 
-    recipe = _overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
-    run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    backbone = args.backbone or _recipe(args).stage2.backbone
+    _precompute(
+        args, args.out, f"[precompute] caches of {args.data} in {args.out}", flow=args.flow,
+        raft_weights=args.raft_weights, teacher=args.teacher, raw=args.raw, model=args.model, backbone=backbone,
+        latents_dtype=args.dtype, vae_tiling=args.vae_tiling,
+    )  # fmt: skip
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
+    p.add_argument("--overwrite", action="store_true", help="delete the cache(s) first and rebuild")
+    p.add_argument(
+        "--device", help="device (default: this process's accelerate device, cuda:N on a GPU machine)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_latents_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="weights' dtype (caches: also the stored tensors)",
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="VAE in spatial tiles (less memory at 480p+)")
 
 
 # ---- parser -----------------------------------------------------------------------------------------------
@@ -255,222 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moalign",
         description="MoAlign: motion-centric representation alignment for video diffusion models.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="run the pipeline end to end on the synthetic physics playground")
-    p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
-    _add_preset(
-        p,
-        preset_help="tiny (2 CPU cores, minutes) or small (a GPU)",
-        set_help="override a recipe field, e.g. --set stage1.steps=500 --set demo.arm_training.steps=100 (repeatable)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_demo)
-
-    p = sub.add_parser("config", help="print a preset's resolved configuration as JSON")
-    _add_preset(p)
-    p.add_argument(
-        "--part", choices=["synth", "pretrain", "stage1", "stage2", "demo"], help="only this stage's config"
-    )
-    p.add_argument("--list", action="store_true", help="list the presets")
-    p.set_defaults(fn=cmd_config)
-
-    p = sub.add_parser("synth", help="write synthetic physics clips with exact optical flow and captions")
-    p.add_argument("--out", required=True, help="output folder (metadata.jsonl, videos/, flow/)")
-    p.add_argument("--num-clips", type=int, help="number of clips")
-    p.add_argument("--seed", type=int, help="global seed (same seed, same bytes)")
-    p.add_argument("--num-frames", type=int, help="frames per clip, 4k+1 (default 17)")
-    p.add_argument("--height", type=int, help="frame height, divisible by 16 (default 64)")
-    p.add_argument("--width", type=int, help="frame width, divisible by 16 (default 64)")
-    p.add_argument("--fps", type=float, help="frame rate written to the mp4 files")
-    p.add_argument("--motions", help="comma-separated scene mix, e.g. bounce,throw,roll,collide,static")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_preset(p)
-    p.set_defaults(fn=cmd_synth)
-
-    p = sub.add_parser("flow", help="precompute optical flow for a dataset into a sharded cache")
-    p.add_argument(
-        "--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)"
-    )
-    p.add_argument(
-        "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
-    )
-    p.add_argument(
-        "--method", default="dis", help="dis (CPU default), farneback, raft (GPU), exact (playground)"
-    )
-    p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
-    _add_cache_options(p)
-    _add_preset(p)
-    _add_data(p)
-    p.set_defaults(fn=cmd_flow)
-
-    p = sub.add_parser(
-        "convert-videomaev2",
-        help="convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder",
-    )
-    p.add_argument(
-        "checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune layout"
-    )
-    p.add_argument("out_dir", help="output folder for VideoMAEModel.from_pretrained")
-    p.add_argument(
-        "--num-heads", type=int, help="attention heads (default: from the checkpoint's model name)"
-    )
-    p.add_argument("--eps", type=float, help="LayerNorm eps (default 1e-6, VideoMAEv2's value)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(fn=cmd_convert)
-
-    p = sub.add_parser(
-        "pretrain-encoder", help="pretrain a small VideoMAE (masked autoencoding) on a dataset"
-    )
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument(
-        "--out", required=True, help="encoder folder to write (VideoMAEModel.from_pretrained loads it)"
-    )
-    p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_preset(p)
-    _add_data(p)
-    p.set_defaults(fn=cmd_pretrain_encoder)
-
-    p = sub.add_parser(
-        "stage1", help="learn the motion subspace M_psi with flow supervision on the frozen encoder"
-    )
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--encoder", help="encoder folder (pretrain-encoder or convert-videomaev2 output)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--flow-cache", help="a `moalign flow` cache of this dataset (else flow is computed here)")
-    p.add_argument(
-        "--flow-method", help="auto (exact if the manifest has flow, else dis), dis, farneback, exact"
-    )
-    p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
-    p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_preset(p)
-    _add_data(p)
-    p.set_defaults(fn=cmd_stage1)
-    p = sub.add_parser("stage2", help="fine-tune a video DiT with diffusion + alignment loss from caches")
-    p.add_argument("--latents", required=True, help="cache of VAE latents and prompt embeddings")
-    p.add_argument(
-        "--targets", help="`moalign targets` cache of the same clips (not needed for --align none)"
-    )
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--align", help="none, repa, trd, raw-moalign, motion-trd, moalign")
-    p.add_argument("--lambda", dest="lam", type=float, help="weight of the alignment loss (paper: 0.5)")
-    p.add_argument("--tau", type=float, help="temporal decay of the MoAlign loss (paper: 10)")
-    p.add_argument("--margin", type=float, help="hinge margin (default: TRD 0.1, MoAlign 0)")
-    p.add_argument("--layers", help="0-based block indices, e.g. 17 (the paper's 'layer 18') or 8,17")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank (0: full fine-tune)")
-    p.add_argument("--backbone", help="cogvideox or wan")
-    p.add_argument("--model", help="diffusers pipeline or transformer folder, or hub id")
-    p.add_argument("--steps", type=int, help="training steps")
-    p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_preset(p)
-    p.set_defaults(fn=cmd_stage2)
-
-    p = sub.add_parser("generate", help="generate videos from a stage-2 run or a pipeline, one per prompt")
-    p.add_argument(
-        "--model", required=True, help="stage-2 run folder, or a diffusers pipeline folder / hub id"
-    )
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--out", required=True, help="output folder (mp4s, metadata.jsonl, contact_sheet.png)")
-    p.add_argument("--base", help="base pipeline of a run whose config names none")
-    p.add_argument("--backbone", help="cogvideox or wan (default: from the run or model_index.json)")
-    p.add_argument("--num-frames", type=int, default=49, help="frames, 4k+1")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--guidance-scale", type=float, default=6.0)
-    p.add_argument("--seed", type=int, default=0, help="video i uses seed + i")
-    p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    _add_latents_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_generate)
-
-    p = sub.add_parser(
-        "judge", help="toy VideoPhy2 judge for playground-style videos (SA, PC, Joint, motion)"
-    )
-    p.add_argument(
-        "--videos", required=True, help="folder with metadata.jsonl (video, caption) and the videos"
-    )
-    p.add_argument("--out", help="output JSON (default: VIDEOS/judge.json)")
-    p.set_defaults(fn=cmd_judge)
-
-    p = sub.add_parser("latents", help="precompute VAE latents and prompt embeddings for stage 2")
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument(
-        "--model", required=True, help="diffusers pipeline folder or hub id (VAE and text encoder)"
-    )
-    p.add_argument("--backbone", help="cogvideox or wan (default: the preset's)")
-    p.add_argument(
-        "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
-    )
-    _add_latents_options(p)
-    _add_cache_options(p)
-    _add_preset(p)
-    _add_data(p)
-    p.set_defaults(fn=cmd_latents)
-
-    p = sub.add_parser("targets", help="precompute stage-2 teacher targets (motion tokens) for a dataset")
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--teacher", required=True, help="stage-1 run folder (its motion_projector.safetensors)")
-    p.add_argument(
-        "--out", required=True, help="cache folder (resumable: re-run the same command after a stop)"
-    )
-    p.add_argument(
-        "--raw", action="store_true", help="also store the raw encoder tokens (REPA / TRD ablations)"
-    )
-    p.add_argument(
-        "--skip-bad-videos", action="store_true", help="skip unreadable videos, counted in the cache"
-    )
-    _add_cache_options(p)
-    _add_preset(p)
-    p.set_defaults(fn=cmd_targets)
-
-    p = sub.add_parser(
-        "precompute",
-        help="build the training caches (flow; teacher targets; latents) in one command, split across the "
-        "processes of `accelerate launch`",
-    )
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument(
-        "--out", required=True, help="folder for OUT/flow, OUT/targets, OUT/latents (re-run to resume)"
-    )
-    p.add_argument("--flow", help="flow cache with this method: dis, farneback, raft, exact (before stage 1)")
-    p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft)")
-    p.add_argument("--teacher", help="stage-1 run folder: teacher targets cache (after stage 1)")
-    p.add_argument(
-        "--raw", action="store_true", help="targets also hold raw encoder tokens (REPA / TRD arms)"
-    )
-    p.add_argument("--model", help="diffusers pipeline folder or hub id: latents + prompt embeddings cache")
-    p.add_argument("--backbone", help="cogvideox or wan (default: the preset's)")
-    _add_latents_options(p)
-    _add_cache_options(p)
-    _add_preset(p)
-    _add_data(p)
-    p.set_defaults(fn=cmd_precompute)
+    for add in (
+        _add_demo_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
+        _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_generate_parser,
+        _add_judge_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
+    ):  # fmt: skip
+        add(sub)
     return parser
-
-
-def _add_cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
-    p.add_argument("--overwrite", action="store_true", help="delete the cache(s) first and rebuild")
-    p.add_argument(
-        "--device", help="device (default: this process's accelerate device, cuda:N on a GPU machine)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _add_latents_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        help="float32, bfloat16 or float16 weights (caches: also the stored tensors)",
-    )
-    p.add_argument("--vae-tiling", action="store_true", help="VAE in spatial tiles (less memory at 480p+)")
 
 
 def main(argv: list[str] | None = None) -> int:

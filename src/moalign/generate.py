@@ -4,13 +4,15 @@
 `load_lora_weights`, a full fine-tune's transformer/ replaces the pipeline's) or a plain diffusers pipeline
 folder. Each prompt gets its own seeded generator (seed + prompt index), so a run is reproducible and the
 arms of a comparison see the same noise. Writes DIR/video_#####.mp4, DIR/metadata.jsonl (the playground's
-manifest format: video, caption, seed; `moalign judge` reads it) and DIR/contact_sheet.png.
+manifest format: video, caption, seed; `moalign judge` reads it) and DIR/contact_sheet.png. The clip geometry
+and sampler settings are a `GenerateConfig`, a field of every recipe (src/moalign/presets.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,30 @@ from moalign.backbones.spec import dtype_kwargs, parse_dtype
 from moalign.data.video_io import write_video
 from moalign.errors import MoalignError
 from moalign.run.atomic import atomic_path, write_jsonl
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Clip geometry and sampler settings of `moalign generate`; the fields are `generate()`'s keywords.
+
+    The defaults are CogVideoX's (49 frames at 480x720, 50 steps, guidance 6, 8 fps); each preset sets its
+    model's own (src/moalign/presets.py).
+    """
+
+    num_frames: int = 49  # 4k+1, what the video VAEs decode
+    height: int = 480
+    width: int = 720
+    steps: int = 50  # sampling steps
+    guidance_scale: float = 6.0  # classifier-free guidance (1.0: none)
+    fps: float = 8.0  # frame rate written to the mp4s
+    seed: int = 0  # video i uses seed + i
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "height", "width", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.fps > 0:
+            raise ValueError(f"fps must be positive, got {self.fps}")
 
 
 def family(pipeline_class_name: str) -> str:

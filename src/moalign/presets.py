@@ -15,6 +15,7 @@ from moalign.alignment import AlignConfig
 from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig
 from moalign.flow_decoder import FlowDecoderConfig
+from moalign.generate import GenerateConfig
 from moalign.motion_projector import MotionProjectorConfig
 from moalign.playground.basemodel import BaseModelConfig
 from moalign.playground.demo import DemoConfig
@@ -26,13 +27,23 @@ from moalign.stage2 import Stage2Config
 
 @dataclass(frozen=True)
 class Recipe:
-    """One config per stage; `moalign <stage> --preset NAME` uses the matching part."""
+    """One config per stage (and `generate`); `moalign <command> --preset NAME` uses the matching part."""
 
     synth: SynthConfig = field(default_factory=SynthConfig)
     pretrain: PretrainEncoderConfig = field(default_factory=PretrainEncoderConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def _playground_generate(recipe: Recipe) -> GenerateConfig:
+    """Videos like the demo's: its base model's geometry, its sampler settings, the clips' frame rate."""
+    base, demo = recipe.demo.base, recipe.demo
+    return GenerateConfig(
+        num_frames=base.num_frames, height=base.height, width=base.width, steps=demo.generation_steps,
+        guidance_scale=demo.guidance_scale, fps=recipe.synth.fps,
+    )  # fmt: skip
 
 
 def tiny() -> Recipe:
@@ -44,7 +55,7 @@ def tiny() -> Recipe:
     plateau), and balls of radius 7 to 12 px so that motion covers a learnable share of the pixels.
     """
     data = DataConfig(num_frames=17, height=64, width=64)
-    return Recipe(
+    recipe = Recipe(
         synth=SynthConfig(
             num_clips=192, num_frames=17, height=64, width=64, radius=(7.0, 12.0), background="plain"
         ),
@@ -81,6 +92,7 @@ def tiny() -> Recipe:
             ),
         ),  # fmt: skip
     )
+    return replace(recipe, generate=_playground_generate(recipe))
 
 
 def small() -> Recipe:
@@ -98,7 +110,7 @@ def small() -> Recipe:
         decoder_num_attention_heads=6,
         decoder_intermediate_size=768,
     )
-    return Recipe(
+    recipe = Recipe(
         synth=replace(base.synth, num_clips=2048, height=128, width=128, radius=(14.0, 24.0)),
         pretrain=replace(
             base.pretrain, data=data, model=model, input_size=(128, 128), mask_ratio=0.9, steps=6000,
@@ -128,6 +140,7 @@ def small() -> Recipe:
             eval_clips=64,
         ),
     )  # fmt: skip
+    return replace(recipe, generate=_playground_generate(recipe))
 
 
 def cogvideox_2b() -> Recipe:
@@ -156,9 +169,9 @@ def cogvideox_2b() -> Recipe:
             checkpoint_every=1000,
             mixed_precision="bf16",
         ),
-        # the paper's CogVideoX-2B recipe (SPEC Sec. 3): full fine-tune, block 17 ("layer 18"), lambda 0.5,
-        # tau 10, lr 2e-6, bf16, 4,000 steps at a global batch of 32 (stage 2's batch_size is the global batch,
-        # split evenly across processes: 4 per GPU on 8 GPUs)
+        # the paper's CogVideoX-2B recipe (arXiv 2510.19022): full fine-tune, block 17 ("layer 18"),
+        # lambda 0.5, tau 10, lr 2e-6, bf16, 4,000 steps at a global batch of 32 (stage 2's batch_size is the
+        # global batch, split evenly across processes: 4 per GPU on 8 GPUs)
         stage2=Stage2Config(
             backbone="cogvideox",
             model="THUDM/CogVideoX-2b",
@@ -172,6 +185,7 @@ def cogvideox_2b() -> Recipe:
             mixed_precision="bf16",
             checkpoint_every=500,
         ),
+        generate=GenerateConfig(),  # the defaults: CogVideoX's 49 frames at 480x720, 50 steps, guidance 6
     )
 
 
@@ -210,6 +224,10 @@ def _wan(model: str, layer: int) -> Recipe:
                 base.stage2.align, layers=(layer,),
                 projector=replace(base.stage2.align.projector, grid_match="resample_teacher"),
             ),
+        ),
+        generate=GenerateConfig(  # Wan2.1's sampler: 50 steps, guidance 5
+            num_frames=data.num_frames, height=data.height, width=data.width, steps=50, guidance_scale=5.0,
+            fps=data.fps,
         ),
     )  # fmt: skip
 
