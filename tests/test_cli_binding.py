@@ -1,4 +1,4 @@
-"""Flags bound to config fields (src/moalign/cli.py `_bind`): each is the matching `--set`, `--set` wins,
+"""Flags bound to config fields (src/moalign/run/arguments.py `bind`): each is the matching `--set`, `--set` wins,
 choices come from the registries, `moalign generate` takes its settings from GenerateConfig and presets."""
 
 import pytest

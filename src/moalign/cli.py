@@ -2,76 +2,46 @@
 
 Every stage takes `--preset NAME` (see `moalign config --list`) and `--set key=value` overrides on its
 part of the recipe (e.g. `moalign stage1 --set lr=3e-4 --set encoder.layer=5`). A flag that sets a config
-field (`--steps`, `--lambda`, `--num-frames`, ...) is declared with `_bind` and is a shorthand for the
+field (`--steps`, `--lambda`, `--num-frames`, ...) is declared with `bind` (`moalign/run/arguments.py`) and is a shorthand for the
 matching `--set`: the bound flags are applied first, then `--set`, so `--set` wins. Choices come from the
 registries (align modes, backbones, flow methods, dtypes, presets). Each subcommand's parser is built by
-`_add_<name>_parser`, next to the `cmd_<name>` that runs it.
+`_add_<name>_parser`, next to the `cmd_<name>` that runs it. Messages go through the `moalign` logger
+(`moalign/run/console.py`); what a command prints as its product (`config`'s JSON) goes to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from moalign.alignment import ALIGN_MODES
 from moalign.backbones import BACKBONES
-from moalign.backbones.spec import DTYPES
 from moalign.data.flow import FLOW_METHODS
 from moalign.errors import MoalignError
 from moalign.generate import GenerateConfig
 from moalign.playground.scenes import MOTIONS
 from moalign.presets import PRESETS, Recipe, get_preset
+from moalign.run import console
+from moalign.run.arguments import (
+    RESUMABLE,
+    HelpFormatter,
+    add_cache_options,
+    add_command,
+    add_data_options,
+    add_latents_options,
+    bind,
+    command_line,
+    cuda_available,
+    flag_overrides,
+    overridden,
+)
 
-_RESUMABLE = "cache folder (resumable: re-run the same command after a stop)"
+logger = console.get_logger(__name__)
 
-
-def _command_line() -> str:
-    return "moalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-# ---- flags bound to config fields -------------------------------------------------------------------------
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Adds "(default: X)" to a flag's help when it has a default and the help does not name one already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text, default = action.help or "", action.default
-        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
-            return text
-        return text if "default" in text else f"{text} (default: %(default)s)".strip()
-
-
-def _command(sub, name: str, fn, help: str, **kwargs) -> argparse.ArgumentParser:
-    """The parser of subcommand `name`, which `fn(args)` runs; its --help shows the defaults."""
-    p = sub.add_parser(name, help=help, formatter_class=_HelpFormatter, **kwargs)
-    p.set_defaults(fn=fn)
-    return p
-
-
-def _bind(p, flag: str, path: str, **kwargs) -> None:
-    """Add `flag` to a parser or argument group as a shorthand for `--set PATH=VALUE`.
-
-    `path` is a field of the command's part of the recipe (e.g. "align.lam" of stage2). Not given, the
-    preset's value stands; given, `_flag_overrides` turns it into the override `PATH=VALUE`.
-    """
-    text = kwargs.pop("help", "")
-    if "default" not in text:
-        text = f"{text} (default: the preset's)".strip()
-    action = p.add_argument(flag, default=None, help=text, **kwargs)
-    p.set_defaults(bound={**(p.get_default("bound") or {}), action.dest: path})  # groups share the defaults
-
-
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    """`PATH=VALUE`, in `--set`'s form, for every bound flag given on the command line (see `_bind`)."""
-    bound = getattr(args, "bound", {})
-    return [
-        f"{path}={getattr(args, dest)}" for dest, path in bound.items() if getattr(args, dest) is not None
-    ]
+# ---- the recipe and its overrides -------------------------------------------------------------------------
 
 
 def _add_preset(
@@ -84,34 +54,9 @@ def _add_preset(
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("clip sampling (overrides the preset's data config)")
-    _bind(g, "--num-frames", "data.num_frames", type=int, help="frames per clip window, 4k+1 (e.g. 17, 49)")
-    _bind(g, "--height", "data.height", type=int, help="height after resize + centre crop (divisible by 16)")
-    _bind(g, "--width", "data.width", type=int, help="width after resize + centre crop (divisible by 16)")
-    _bind(
-        g, "--fps", "data.fps", type=float,
-        help="sample the window at this frame rate (default: the preset's; none: the video's native rate)",
-    )  # fmt: skip
-    _bind(
-        g, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
-        help="skip unreadable or too-short videos (counted in the log) instead of stopping with an error",
-    )  # fmt: skip
-
-
 def _stage_config(args: argparse.Namespace, part: str):
     """The command's part of the recipe: the preset's, then the bound flags, then `--set` (the last wins)."""
-    return _overridden(getattr(_recipe(args), part), _flag_overrides(args) + args.overrides)
-
-
-def _overridden(cfg, overrides: list[str]):
-    """`cfg` with `--set KEY=VALUE` overrides applied; a bad key or value is a user error."""
-    from moalign.run.serialize import apply_overrides
-
-    try:
-        return apply_overrides(cfg, overrides)
-    except (ValueError, TypeError) as err:
-        raise MoalignError(f"bad configuration: {err}") from err
+    return overridden(getattr(_recipe(args), part), flag_overrides(args) + args.overrides)
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -123,7 +68,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 
 def _add_demo_parser(sub) -> None:
-    p = _command(sub, "demo", cmd_demo, "run the pipeline end to end on the synthetic physics playground")
+    p = add_command(sub, "demo", cmd_demo, "run the pipeline end to end on the synthetic physics playground")
     p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
     _add_preset(
         p,
@@ -136,12 +81,12 @@ def _add_demo_parser(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from moalign.playground.demo import run_demo
 
-    recipe = _overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
+    recipe = overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
     run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
 
 
 def _add_config_parser(sub) -> None:
-    p = _command(sub, "config", cmd_config, "print a preset's resolved configuration as JSON")
+    p = add_command(sub, "config", cmd_config, "print a preset's resolved configuration as JSON")
     _add_preset(p)
     p.add_argument("--part", choices=[f.name for f in fields(Recipe)], help="only this stage's config")
     p.add_argument("--list", action="store_true", help="list the presets")
@@ -158,17 +103,17 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def _add_synth_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "synth", cmd_synth, "write synthetic physics clips with exact optical flow and captions"
     )
     p.add_argument("--out", required=True, help="output folder (metadata.jsonl, videos/, flow/)")
-    _bind(p, "--num-clips", "num_clips", type=int, help="number of clips")
-    _bind(p, "--seed", "seed", type=int, help="global seed (same seed, same bytes)")
-    _bind(p, "--num-frames", "num_frames", type=int, help="frames per clip, 4k+1")
-    _bind(p, "--height", "height", type=int, help="frame height, divisible by 16")
-    _bind(p, "--width", "width", type=int, help="frame width, divisible by 16")
-    _bind(p, "--fps", "fps", type=float, help="frame rate written to the mp4 files")
-    _bind(p, "--motions", "motions", help=f"comma-separated scene mix of {','.join(MOTIONS)}")
+    bind(p, "--num-clips", "num_clips", type=int, help="number of clips")
+    bind(p, "--seed", "seed", type=int, help="global seed (same seed, same bytes)")
+    bind(p, "--num-frames", "num_frames", type=int, help="frames per clip, 4k+1")
+    bind(p, "--height", "height", type=int, help="frame height, divisible by 16")
+    bind(p, "--width", "width", type=int, help="frame width, divisible by 16")
+    bind(p, "--fps", "fps", type=float, help="frame rate written to the mp4 files")
+    bind(p, "--motions", "motions", help=f"comma-separated scene mix of {','.join(MOTIONS)}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset(p)
 
@@ -177,7 +122,9 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from moalign.playground.synth import write_playground
 
     rows = write_playground(args.out, _stage_config(args, "synth"), progress=not args.quiet)
-    print(f"[synth] wrote {len(rows)} clips to {args.out} (manifest: {Path(args.out) / 'metadata.jsonl'})")
+    logger.info(
+        f"[synth] wrote {len(rows)} clips to {args.out} (manifest: {Path(args.out) / 'metadata.jsonl'})"
+    )
 
 
 def _precompute(args: argparse.Namespace, out, done: str, **parts) -> None:
@@ -190,23 +137,23 @@ def _precompute(args: argparse.Namespace, out, done: str, **parts) -> None:
         overwrite=args.overwrite, progress=not args.quiet, share=share, **parts,
     )  # fmt: skip
     if share.is_main:
-        print(done)
+        logger.info(done)
 
 
 def _add_flow_parser(sub) -> None:
-    p = _command(sub, "flow", cmd_flow, "precompute optical flow for a dataset into a sharded cache")
+    p = add_command(sub, "flow", cmd_flow, "precompute optical flow for a dataset into a sharded cache")
     p.add_argument(
         "--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)"
     )
-    p.add_argument("--out", required=True, help=_RESUMABLE)
+    p.add_argument("--out", required=True, help=RESUMABLE)
     p.add_argument(
         "--method", default="dis", choices=list(FLOW_METHODS),
         help="dis: CPU; raft: GPU, needs --raft-weights; exact: the playground's ground truth",
     )  # fmt: skip
     p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
-    _add_cache_options(p)
+    add_cache_options(p)
     _add_preset(p)
-    _add_data(p)
+    add_data_options(p)
 
 
 def cmd_flow(args: argparse.Namespace) -> None:
@@ -215,7 +162,7 @@ def cmd_flow(args: argparse.Namespace) -> None:
 
 
 def _add_convert_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "convert-videomaev2", cmd_convert,
         "convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder",
     )  # fmt: skip
@@ -240,14 +187,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
         layer_norm_eps=args.eps,
         overwrite=args.overwrite,
     )
-    print(json.dumps(report, indent=2, default=str))
-    print(
+    logger.info(json.dumps(report, indent=2, default=str))
+    logger.info(
         f"[convert-videomaev2] wrote {args.out_dir}: load it with VideoMAEModel.from_pretrained or --encoder"
     )
 
 
 def _add_pretrain_encoder_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "pretrain-encoder", cmd_pretrain_encoder,
         "pretrain a small VideoMAE (masked autoencoding) on a dataset",
     )  # fmt: skip
@@ -255,21 +202,21 @@ def _add_pretrain_encoder_parser(sub) -> None:
     p.add_argument(
         "--out", required=True, help="encoder folder to write (VideoMAEModel.from_pretrained loads it)"
     )
-    _bind(p, "--steps", "steps", type=int, help="training steps")
+    bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_preset(p)
-    _add_data(p)
+    add_data_options(p)
 
 
 def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
     from moalign.playground.pretrain_encoder import pretrain_encoder
 
     cfg = _stage_config(args, "pretrain")
-    pretrain_encoder(args.data, args.out, cfg, progress=not args.quiet, command=_command_line())
+    pretrain_encoder(args.data, args.out, cfg, progress=not args.quiet, command=command_line())
 
 
 def _add_stage1_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub,
         "stage1",
         cmd_stage1,
@@ -279,15 +226,15 @@ def _add_stage1_parser(sub) -> None:
     p.add_argument("--encoder", help="encoder folder (pretrain-encoder or convert-videomaev2 output)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--flow-cache", help="a `moalign flow` cache of this dataset (else flow is computed here)")
-    _bind(
+    bind(
         p, "--flow-method", "flow_method", choices=["auto", *FLOW_METHODS],
         help="flow computed here (no --flow-cache); auto: exact if the manifest has flow, else dis",
     )  # fmt: skip
-    _bind(p, "--steps", "steps", type=int, help="training steps")
+    bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_preset(p)
-    _add_data(p)
+    add_data_options(p)
 
 
 def cmd_stage1(args: argparse.Namespace) -> None:
@@ -298,12 +245,12 @@ def cmd_stage1(args: argparse.Namespace) -> None:
         cfg = replace(cfg, encoder=replace(cfg.encoder, path=str(args.encoder)))
     train_stage1(
         args.data, args.out, cfg, flow_cache=args.flow_cache, resume=args.resume, progress=not args.quiet,
-        command=_command_line(),
+        command=command_line(),
     )  # fmt: skip
 
 
 def _add_stage2_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "stage2", cmd_stage2, "fine-tune a video DiT with diffusion + alignment loss from caches"
     )
     p.add_argument("--latents", required=True, help="cache of VAE latents and prompt embeddings")
@@ -311,19 +258,17 @@ def _add_stage2_parser(sub) -> None:
         "--targets", help="`moalign targets` cache of the same clips (not needed for --align none)"
     )
     p.add_argument("--out", required=True, help="run folder")
-    _bind(p, "--align", "align.mode", choices=list(ALIGN_MODES), help="alignment loss (the paper's: moalign)")
-    _bind(
-        p, "--lambda", "align.lam", dest="lam", type=float, help="weight of the alignment loss (paper: 0.5)"
-    )
-    _bind(p, "--tau", "align.tau", type=float, help="temporal decay of the MoAlign loss (paper: 10)")
-    _bind(p, "--margin", "align.margin", type=float, help="hinge margin (default: TRD 0.1, MoAlign 0)")
-    _bind(
+    bind(p, "--align", "align.mode", choices=list(ALIGN_MODES), help="alignment loss (the paper's: moalign)")
+    bind(p, "--lambda", "align.lam", dest="lam", type=float, help="weight of the alignment loss (paper: 0.5)")
+    bind(p, "--tau", "align.tau", type=float, help="temporal decay of the MoAlign loss (paper: 10)")
+    bind(p, "--margin", "align.margin", type=float, help="hinge margin (default: TRD 0.1, MoAlign 0)")
+    bind(
         p, "--layers", "align.layers", help="0-based block indices, e.g. 17 (the paper's 'layer 18') or 8,17"
     )
-    _bind(p, "--lora-rank", "lora_rank", type=int, help="LoRA rank (0: full fine-tune)")
-    _bind(p, "--backbone", "backbone", choices=list(BACKBONES), help="backbone family")
-    _bind(p, "--model", "model", help="diffusers pipeline or transformer folder, or hub id")
-    _bind(p, "--steps", "steps", type=int, help="training steps")
+    bind(p, "--lora-rank", "lora_rank", type=int, help="LoRA rank (0: full fine-tune)")
+    bind(p, "--backbone", "backbone", choices=list(BACKBONES), help="backbone family")
+    bind(p, "--model", "model", help="diffusers pipeline or transformer folder, or hub id")
+    bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset(p)
@@ -334,7 +279,7 @@ def cmd_stage2(args: argparse.Namespace) -> None:
 
     train_stage2(
         args.latents, args.out, _stage_config(args, "stage2"), targets_cache=args.targets, resume=args.resume,
-        progress=not args.quiet, command=_command_line(),
+        progress=not args.quiet, command=command_line(),
     )  # fmt: skip
 
 
@@ -350,7 +295,7 @@ _GENERATE_FLAGS = {  # GenerateConfig field -> help of its flag (--num-frames fo
 
 
 def _add_generate_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "generate", cmd_generate, "generate videos from a stage-2 run or a pipeline, one per prompt"
     )
     p.add_argument(
@@ -376,9 +321,9 @@ def _add_generate_parser(sub) -> None:
     for name, text in _GENERATE_FLAGS.items():
         value = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
-        _bind(g, flag, name, type=type(value), help=f"{text} (default: {value}, or the --preset's)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
-    _add_latents_options(p)
+        bind(g, flag, name, type=type(value), help=f"{text} (default: {value}, or the --preset's)")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="torch device")
+    add_latents_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -391,11 +336,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         base=args.base, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
         progress=not args.quiet,
     )  # fmt: skip
-    print(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
+    logger.info(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
 
 
 def _add_judge_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "judge", cmd_judge, "toy VideoPhy2 judge for playground-style videos (SA, PC, Joint, motion)"
     )
     p.add_argument(
@@ -410,24 +355,24 @@ def cmd_judge(args: argparse.Namespace) -> None:
     result = judge_folder(args.videos, args.out)
     agg = result["aggregate"]
     where = args.out or str(Path(args.videos) / "judge.json")
-    print(
+    logger.info(
         f"[judge] {agg['num_videos']} videos: SA {agg['sa']:.3f}, PC {agg['pc']:.3f}, Joint {agg['joint']:.3f}, "
         f"motion {agg['motion']:.2f} px/frame -> {where}"
     )
 
 
 def _add_latents_parser(sub) -> None:
-    p = _command(sub, "latents", cmd_latents, "precompute VAE latents and prompt embeddings for stage 2")
+    p = add_command(sub, "latents", cmd_latents, "precompute VAE latents and prompt embeddings for stage 2")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument(
         "--model", required=True, help="diffusers pipeline folder or hub id (VAE and text encoder)"
     )
     p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
-    p.add_argument("--out", required=True, help=_RESUMABLE)
-    _add_latents_options(p)
-    _add_cache_options(p)
+    p.add_argument("--out", required=True, help=RESUMABLE)
+    add_latents_options(p)
+    add_cache_options(p)
     _add_preset(p)
-    _add_data(p)
+    add_data_options(p)
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
@@ -440,20 +385,20 @@ def cmd_latents(args: argparse.Namespace) -> None:
 
 
 def _add_targets_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "targets", cmd_targets, "precompute stage-2 teacher targets (motion tokens) for a dataset"
     )
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--teacher", required=True, help="stage-1 run folder (its motion_projector.safetensors)")
-    p.add_argument("--out", required=True, help=_RESUMABLE)
+    p.add_argument("--out", required=True, help=RESUMABLE)
     p.add_argument(
         "--raw", action="store_true", help="also store the raw encoder tokens (REPA / TRD ablations)"
     )
-    _bind(
+    bind(
         p, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
         help="skip unreadable videos, counted in the cache",
     )  # fmt: skip
-    _add_cache_options(p)
+    add_cache_options(p)
     _add_preset(p)
 
 
@@ -463,7 +408,7 @@ def cmd_targets(args: argparse.Namespace) -> None:
 
 
 def _add_precompute_parser(sub) -> None:
-    p = _command(
+    p = add_command(
         sub, "precompute", cmd_precompute,
         "build the training caches (flow; teacher targets; latents) in one command, split across the "
         "processes of `accelerate launch`",
@@ -480,10 +425,10 @@ def _add_precompute_parser(sub) -> None:
     )
     p.add_argument("--model", help="diffusers pipeline folder or hub id: latents + prompt embeddings cache")
     p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
-    _add_latents_options(p)
-    _add_cache_options(p)
+    add_latents_options(p)
+    add_cache_options(p)
     _add_preset(p)
-    _add_data(p)
+    add_data_options(p)
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
@@ -495,42 +440,14 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-def _add_cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
-    p.add_argument("--overwrite", action="store_true", help="delete the cache(s) first and rebuild")
-    p.add_argument(
-        "--device", help="device (default: this process's accelerate device, cuda:N on a GPU machine)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _add_latents_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=list(DTYPES),
-        help="weights' dtype (caches: also the stored tensors)",
-    )
-    p.add_argument("--vae-tiling", action="store_true", help="VAE in spatial tiles (less memory at 480p+)")
-
-
 # ---- parser -----------------------------------------------------------------------------------------------
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moalign",
         description="MoAlign: motion-centric representation alignment for video diffusion models.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
