@@ -70,7 +70,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     ],
 )
 def test_config_validation_says_how_to_fix(kwargs, needle):
-    with pytest.raises(MoalignError, match=needle):
+    with pytest.raises(ValueError, match=needle):
         DataConfig(**kwargs)
 
 

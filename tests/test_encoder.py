@@ -216,14 +216,14 @@ def test_from_pretrained_accepts_pretraining_model_folder(tmp_path):
 
 
 def test_error_layer_out_of_range():
-    with pytest.raises(MoalignError, match=r"0\.\.2"):
+    with pytest.raises(ValueError, match=r"0\.\.2"):
         VideoEncoder(tiny_model(depth=3), EncoderConfig(layer=3, input_size=(32, 32)))
-    with pytest.raises(MoalignError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         VideoEncoder(tiny_model(depth=3), EncoderConfig(layer=-4, input_size=(32, 32)))
 
 
 def test_error_sizes_not_divisible_by_patch():
-    with pytest.raises(MoalignError, match="divisible by the patch size 8"):
+    with pytest.raises(ValueError, match="divisible by the patch size 8"):
         VideoEncoder(tiny_model(), EncoderConfig(input_size=(30, 32)))
     enc = VideoEncoder(tiny_model(), EncoderConfig(input_size=(32, 32)))
     with pytest.raises(ValueError, match="patch size 8"):
@@ -282,6 +282,12 @@ def test_error_points_at_videomae_subfolder(tmp_path):
     tiny_model().save_pretrained(tmp_path / "run" / "encoder")
     with pytest.raises(MoalignError, match="subfolder"):
         VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "run")))
+
+
+def test_error_settings_that_do_not_fit_the_loaded_encoder(tmp_path):
+    tiny_model(depth=3).save_pretrained(tmp_path / "enc")
+    with pytest.raises(MoalignError, match=r"out of range.*0\.\.2"):  # a user error once a folder is loaded
+        VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "enc"), layer=3, input_size=(32, 32)))
 
 
 def test_error_raw_checkpoint_file(tmp_path):

@@ -1,7 +1,7 @@
 """P_zeta and grid matching: transformer tokens of the aligned block -> the teacher's grid and width.
 
 The latent token grid of a video DiT and the encoder's token grid differ (CogVideoX-2B: 13 x 30 x 45 latent
-tokens vs 24 x 10 x 15 VideoMAEv2 tokens). Two strategies (SPEC Sec. 3), chosen by `grid_match`:
+tokens vs 24 x 10 x 15 VideoMAEv2 tokens). Two strategies (docs/stage2.md), chosen by `grid_match`:
 
 - "videorepa" (VideoREPA's): drop latent frame 0 (it encodes the clip's first frame alone), upsample time
   (trilinear) to the encoder's frame count, then a learnable k x k convolution with stride k to the

@@ -1,8 +1,8 @@
-"""The stage-2 objective: L_total = L_diffusion + lambda * L_align (paper Eq. for stage 2).
+"""The stage-2 objective: L_total = L_diffusion + lambda * L_align (MoAlign, arXiv 2510.19022, Sec. 3.2).
 
 `Aligner` holds P_zeta (one per aligned block) and turns the captured block tokens plus the cached teacher
 targets into the alignment loss of the chosen mode. `stage2_loss` runs one training forward and is the one
-place lambda is applied. Modes (SPEC Sec. 3, the paper's ablation rows):
+place lambda is applied. Modes (the rows of the paper's ablation; docs/stage2.md):
 
 | mode          | teacher tokens           | loss                                  |
 |---------------|--------------------------|---------------------------------------|

@@ -208,15 +208,74 @@ def convert_state_dict(
 
     prefix = _find_prefix(list(state_dict))
     layout = "pretrain" if prefix.endswith("encoder.") else "finetune"
+    # the phases below pop what they convert from `vit`; whatever is left has no place in VideoMAEModel
     vit = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     dropped = sorted(k for k in state_dict if not k.startswith(prefix))  # decoder.*, mask_token, cls heads
 
+    new = _convert_patch_embedding(vit)
+    width, channels, tubelet, patch, _ = new["embeddings.patch_embeddings.projection.weight"].shape
+    blocks, depth, qv_bias, notes = _convert_blocks(vit, width)
+    new.update(blocks)
+    final_norm, classifier = _convert_final_norm(vit)
+    new.update(final_norm)
+    dropped += [prefix + key for key in classifier]
+    num_frames, image_size = _geometry(args)
+    pos_note = _drop_fixed_pos_embed(vit, width)
+    if pos_note is not None:
+        dropped.append(prefix + "pos_embed")
+        notes.append(pos_note)
+    _refuse_leftovers(vit)
+
+    heads, heads_from = _num_heads(width, args, num_heads)
+    intermediate = new["encoder.layer.0.intermediate.dense.weight"].shape[0]
+    config = VideoMAEConfig(
+        image_size=image_size,
+        patch_size=int(patch),
+        num_channels=int(channels),
+        num_frames=num_frames,
+        tubelet_size=int(tubelet),
+        hidden_size=int(width),
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=int(intermediate),
+        hidden_act="gelu",
+        layer_norm_eps=LAYER_NORM_EPS if layer_norm_eps is None else float(layer_norm_eps),
+        qv_bias=qv_bias,
+        use_mean_pooling=not final_norm,
+    )
+    report = {
+        "layout": layout,
+        "prefix": prefix,
+        "model_name": getattr(args, "model", None),
+        "architecture": {
+            "width": int(width),
+            "depth": depth,
+            "num_heads": heads,
+            "num_heads_from": heads_from,
+            "mlp_width": int(intermediate),
+            "patch_size": int(patch),
+            "tubelet_size": int(tubelet),
+            "num_frames": num_frames,
+            "image_size": image_size,
+            "qv_bias": qv_bias,
+            "layer_norm_eps": config.layer_norm_eps,
+            "final_norm": "layernorm" if final_norm else None,
+            "geometry_from": "checkpoint args" if args is not None else "defaults (16 frames, 224)",
+        },
+        "notes": notes,
+        "dropped_keys": sorted(set(dropped)),
+    }
+    return config, new, report
+
+
+def _convert_patch_embedding(vit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Conv3d patch embedding (D, C, t, p, p); a missing bias becomes zeros."""
     proj = vit.pop("patch_embed.proj.weight")
     if proj.dim() != 5:
         raise MoalignError(
             f"patch_embed.proj.weight has shape {tuple(proj.shape)}, not a Conv3d (D, C, t, p, p)."
         )
-    width, channels, tubelet, patch_h, patch_w = proj.shape
+    width, _, _, patch_h, patch_w = proj.shape
     if patch_h != patch_w:
         raise MoalignError(f"non-square patches {patch_h}x{patch_w} are not supported.")
     new: dict[str, torch.Tensor] = {"embeddings.patch_embeddings.projection.weight": proj}
@@ -224,12 +283,19 @@ def convert_state_dict(
         new["embeddings.patch_embeddings.projection.bias"] = vit.pop("patch_embed.proj.bias")
     else:
         new["embeddings.patch_embeddings.projection.bias"] = proj.new_zeros(width)
+    return new
 
+
+def _convert_blocks(
+    vit: dict[str, torch.Tensor], width: int
+) -> tuple[dict[str, torch.Tensor], int, bool, list[str]]:
+    """The transformer blocks: their tensors, the depth, whether they have q/v biases, and notes."""
     depth = 1 + max((int(m.group(1)) for k in vit if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth == 0:
         raise MoalignError(
             f"the checkpoint has patch embeddings but no 'blocks.N.*' weights. Expected {_EXPECTED}."
         )
+    new: dict[str, torch.Tensor] = {}
     notes = []
     qv_bias = "blocks.0.attn.q_bias" in vit or "blocks.0.attn.qkv.bias" in vit
     for i in range(depth):
@@ -261,85 +327,60 @@ def convert_state_dict(
             raise MoalignError(f"block {i} has q/v biases inconsistent with block 0.")
         if qv_bias:
             new[att + "query.bias"], new[att + "value.bias"] = q_bias, v_bias
+    return new, depth, qv_bias, notes
 
+
+def _convert_final_norm(vit: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The final LayerNorm as `layernorm.*` (empty when there is none), and the classifier keys dropped."""
     final_norm = None
     if "norm.weight" in vit:  # a LayerNorm on the tokens (pretrain encoder; finetune without mean pooling)
         final_norm = (vit.pop("norm.weight"), vit.pop("norm.bias", None))
-    for key in [k for k in vit if k.startswith(("fc_norm.", "head."))]:  # the classifier on pooled tokens
+    classifier = [k for k in vit if k.startswith(("fc_norm.", "head."))]  # the classifier on pooled tokens
+    for key in classifier:
         vit.pop(key)
-        dropped.append(prefix + key)
-    if final_norm is not None:
-        new["layernorm.weight"] = final_norm[0]
-        new["layernorm.bias"] = (
-            final_norm[1] if final_norm[1] is not None else torch.zeros_like(final_norm[0])
-        )
+    if final_norm is None:
+        return {}, classifier
+    weight, bias = final_norm
+    bias = bias if bias is not None else torch.zeros_like(weight)
+    return {"layernorm.weight": weight, "layernorm.bias": bias}, classifier
 
-    pos = vit.pop("pos_embed", None)
+
+def _geometry(args: argparse.Namespace | None) -> tuple[int, int | list[int]]:
+    """Frame count and image size of the pre-training geometry: the checkpoint's args, else 16 and 224."""
     num_frames = int(getattr(args, "num_frames", None) or 16)
     image_size = getattr(args, "input_size", None) or 224
     image_size = int(image_size) if isinstance(image_size, (int, float)) else [int(s) for s in image_size]
-    if pos is not None:
-        fixed = sinusoid_table(pos.shape[-2], width) if pos.dim() == 3 and pos.shape[-1] == width else None
-        if fixed is None or not torch.allclose(pos.float(), fixed, atol=1e-4):
-            raise MoalignError(
-                "the checkpoint has a learned position table 'pos_embed' (not the fixed sin-cos one): "
-                "VideoMAEModel only supports the fixed table, so this checkpoint cannot be converted."
-            )
-        dropped.append(prefix + "pos_embed")
-        notes.append(f"stored pos_embed equals the fixed sin-cos table ({pos.shape[-2]} positions): dropped")
+    return num_frames, image_size
 
-    if vit:
-        leftover = sorted(vit)
-        what = ""
-        if any("gamma_" in k for k in leftover):
-            what = " Layer scale (gamma_1/gamma_2, init_values > 0) is not part of VideoMAEModel."
-        elif any(k.endswith(".scale") for k in leftover):
-            what = " Cosine attention (cos_attn) is not part of VideoMAEModel."
+
+def _drop_fixed_pos_embed(vit: dict[str, torch.Tensor], width: int) -> str | None:
+    """Drop a stored `pos_embed` equal to the fixed sin-cos table (a note), refuse a learned one."""
+    pos = vit.pop("pos_embed", None)
+    if pos is None:
+        return None
+    fixed = sinusoid_table(pos.shape[-2], width) if pos.dim() == 3 and pos.shape[-1] == width else None
+    if fixed is None or not torch.allclose(pos.float(), fixed, atol=1e-4):
         raise MoalignError(
-            f"the checkpoint has {len(leftover)} weights that VideoMAEModel has no place for: "
-            f"{leftover[:6]}.{what} This VideoMAEv2 variant is not supported."
+            "the checkpoint has a learned position table 'pos_embed' (not the fixed sin-cos one): "
+            "VideoMAEModel only supports the fixed table, so this checkpoint cannot be converted."
         )
+    return f"stored pos_embed equals the fixed sin-cos table ({pos.shape[-2]} positions): dropped"
 
-    heads, heads_from = _num_heads(width, args, num_heads)
-    intermediate = new["encoder.layer.0.intermediate.dense.weight"].shape[0]
-    config = VideoMAEConfig(
-        image_size=image_size,
-        patch_size=int(patch_h),
-        num_channels=int(channels),
-        num_frames=num_frames,
-        tubelet_size=int(tubelet),
-        hidden_size=int(width),
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        intermediate_size=int(intermediate),
-        hidden_act="gelu",
-        layer_norm_eps=LAYER_NORM_EPS if layer_norm_eps is None else float(layer_norm_eps),
-        qv_bias=qv_bias,
-        use_mean_pooling=final_norm is None,
+
+def _refuse_leftovers(vit: dict[str, torch.Tensor]) -> None:
+    """Weights no phase took have no place in VideoMAEModel: name the variant that has them."""
+    if not vit:
+        return
+    leftover = sorted(vit)
+    what = ""
+    if any("gamma_" in k for k in leftover):
+        what = " Layer scale (gamma_1/gamma_2, init_values > 0) is not part of VideoMAEModel."
+    elif any(k.endswith(".scale") for k in leftover):
+        what = " Cosine attention (cos_attn) is not part of VideoMAEModel."
+    raise MoalignError(
+        f"the checkpoint has {len(leftover)} weights that VideoMAEModel has no place for: "
+        f"{leftover[:6]}.{what} This VideoMAEv2 variant is not supported."
     )
-    report = {
-        "layout": layout,
-        "prefix": prefix,
-        "model_name": getattr(args, "model", None),
-        "architecture": {
-            "width": int(width),
-            "depth": depth,
-            "num_heads": heads,
-            "num_heads_from": heads_from,
-            "mlp_width": int(intermediate),
-            "patch_size": int(patch_h),
-            "tubelet_size": int(tubelet),
-            "num_frames": num_frames,
-            "image_size": image_size,
-            "qv_bias": qv_bias,
-            "layer_norm_eps": config.layer_norm_eps,
-            "final_norm": "layernorm" if final_norm is not None else None,
-            "geometry_from": "checkpoint args" if args is not None else "defaults (16 frames, 224)",
-        },
-        "notes": notes,
-        "dropped_keys": sorted(set(dropped)),
-    }
-    return config, new, report
 
 
 def convert_checkpoint(

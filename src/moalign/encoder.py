@@ -1,9 +1,10 @@
 """The frozen video encoder V of the paper's figure: a VideoMAE(v2) ViT that turns a clip into a token grid.
 
-Stage 1 reads the output of one encoder block (SPEC 2: the last block, before the final norm) as the
-feature grid S of shape (F'', H'', W'', D_v). The weights are a `transformers.VideoMAEModel`, either
-converted from an official VideoMAEv2 checkpoint (`moalign convert-videomaev2`) or trained by
-`moalign pretrain-encoder`.
+Stage 1 reads the output of one encoder block (by default the last block, before the final norm) as the
+feature grid S of shape (F'', H'', W'', D_v) of the paper's Sec. 3.1 (MoAlign, arXiv 2510.19022); reading
+it before the final norm is our choice (README.md, "Choices where the paper is silent"). The weights are a
+`transformers.VideoMAEModel`, either converted from an official VideoMAEv2 checkpoint
+(`moalign convert-videomaev2`) or trained by `moalign pretrain-encoder`.
 
 The encoder is run at any clip geometry whose sizes divide by the patch and tubelet: the patch
 embedding convolution is applied directly, and the fixed sin-cos position table is either interpolated
@@ -44,7 +45,7 @@ class EncoderConfig:
         path: a folder holding a `VideoMAEModel` (made by `moalign convert-videomaev2` or
             `moalign pretrain-encoder`), or a hub id for `VideoMAEModel.from_pretrained`.
         layer: 0-based index of the block whose output is returned; -1 is the last block. The output
-            is taken before any final norm (SPEC 2: last block, pre-norm).
+            is taken before any final norm (our choice: the paper's Sec. 3.1 does not say).
         input_size: (H, W) every frame is resized to (bicubic); both must divide by the patch size.
         drop_first_frame: drop frame 0 so that a 4k+1 clip gives 4k encoder frames (VideoREPA: 49 -> 48).
         pos_embed: "interpolate" (trilinear interpolation of the pre-training sin-cos table, laid out
@@ -54,7 +55,7 @@ class EncoderConfig:
         std: per-channel standard deviation for normalisation.
 
     Field values are checked here (ValueError); `layer` and `input_size` are checked against the
-    model when the encoder is built (MoalignError).
+    model when the encoder is built (ValueError; MoalignError from `VideoEncoder.from_pretrained`).
     """
 
     path: str | None = None
@@ -193,6 +194,10 @@ class VideoEncoder(nn.Module):
         Args:
             model: a `transformers.VideoMAEModel` (weights loaded).
             cfg: encoder settings; `cfg.layer` and `cfg.input_size` are checked against the model.
+
+        Raises:
+            ValueError: non-square patches, `cfg.layer` out of range or `cfg.input_size` not divisible by
+                the patch size.
         """
         super().__init__()
         mcfg = model.config
@@ -201,14 +206,12 @@ class VideoEncoder(nn.Module):
         self.width = int(mcfg.hidden_size)
         ph, pw = _pair(mcfg.patch_size)
         if ph != pw:
-            raise MoalignError(
-                f"encoder has non-square patches {ph}x{pw}; only square patches are supported."
-            )
+            raise ValueError(f"encoder has non-square patches {ph}x{pw}; only square patches are supported.")
         self.patch_size = ph
         self.tubelet_size = int(mcfg.tubelet_size)
         self.num_layers = int(mcfg.num_hidden_layers)
         if not -self.num_layers <= cfg.layer < self.num_layers:
-            raise MoalignError(
+            raise ValueError(
                 f"encoder layer={cfg.layer} is out of range for a {self.num_layers}-block encoder: use a "
                 f"0-based block index in 0..{self.num_layers - 1}, or -1 for the last block (negative "
                 "indices count from the end)."
@@ -216,7 +219,7 @@ class VideoEncoder(nn.Module):
         self.layer_index = cfg.layer % self.num_layers
         h, w = cfg.input_size
         if h % self.patch_size or w % self.patch_size:
-            raise MoalignError(
+            raise ValueError(
                 f"encoder input_size={h}x{w} is not divisible by the patch size {self.patch_size}; pick "
                 f"multiples of {self.patch_size} (e.g. {self._round(h)}x{self._round(w)})."
             )
@@ -247,7 +250,8 @@ class VideoEncoder(nn.Module):
 
         Raises:
             MoalignError: the path is unset or missing, or holds something other than a VideoMAE model
-                (the message says what was found and how to make an encoder folder).
+                (the message says what was found and how to make an encoder folder), or the model does not
+                fit `cfg` (layer out of range, input size not divisible by its patch).
         """
         from transformers import VideoMAEModel
 
@@ -277,7 +281,10 @@ class VideoEncoder(nn.Module):
                 f"encoder checkpoint {cfg.path} lacks {len(missing)} VideoMAE weights (e.g. {missing[:3]}), "
                 f"so they would be random. {_HOW_TO_MAKE}"
             )
-        return cls(model, cfg)
+        try:
+            return cls(model, cfg)
+        except ValueError as err:  # the settings do not fit this checkpoint: a user error
+            raise MoalignError(str(err)) from err
 
     def describe(self) -> str:
         """One line for the start-up log: architecture, the block used, geometry, frozen parameter count."""

@@ -11,8 +11,8 @@ for each of its frame pairs (a pixel shuffle, as ViT dense heads do), with s = p
 read-out lets a token place motion at sub-patch precision from what it encodes, which bilinear upsampling of
 a coarse grid cannot; on the playground it is both faster and far more accurate.
 
-Resolution. Flow comes out at 1/stride of the encoder input (default 1/4, SPEC Sec. 2; exactly the token grid
-times s), with flow vectors in pixels of that resolution.
+Resolution. Flow comes out at 1/stride of the encoder input (default 1/4, see docs/stage1.md; exactly the
+token grid times s), with flow vectors in pixels of that resolution.
 """
 
 from __future__ import annotations

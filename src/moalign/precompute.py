@@ -23,6 +23,9 @@ from moalign.data.cache_writer import finalize_cache, remove_cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.sampling import DataConfig
 from moalign.errors import MoalignError
+from moalign.run.console import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,15 @@ def precompute(
                 vae_tiling=vae_tiling, device=share.device, **common,
             ))
         )  # fmt: skip
+    return _run_jobs(jobs, where, share, overwrite=overwrite, progress=progress)
 
+
+def _run_jobs(
+    jobs: list[tuple[str, Any]], where: dict[str, Path], share: Share, *, overwrite: bool, progress: bool
+) -> dict[str, Path]:
+    """Run each cache's job on every process between barriers: the main process deletes first, finalizes after."""
     if share.is_main and progress and share.world_size > 1:
-        print(
+        logger.info(
             f"[precompute] {share.world_size} processes: process r writes the shards s with s % {share.world_size} == r"
         )
     built = {}
@@ -155,7 +164,7 @@ def precompute(
         share.barrier()
         built[name] = path
         if share.is_main and progress:
-            print(f"[precompute] {name}: {path}")
+            logger.info(f"[precompute] {name}: {path}")
     return built
 
 

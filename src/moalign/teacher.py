@@ -2,7 +2,7 @@
 
 After stage 1 the teacher is fixed, so per clip the motion tokens M = M_psi(V(x)) (and, for the ablation
 arms, the raw encoder tokens S = V(x)) can be computed once. The stage-2 loop then reads them from the
-cache and needs neither the encoder nor the raw frames (SPEC Sec. 3 and 6). Item i of the cache holds
+cache and needs neither the encoder nor the raw frames (our addition; docs/data.md). Item i of the cache holds
 "motion" (F'', H'', W'', D_m) and, with `raw=True`, "encoder" (F'', H'', W'', D_v), both in float16 by
 default.
 """

@@ -26,7 +26,10 @@ from moalign.data.cache import (
     shard_name,
 )
 from moalign.errors import MoalignError
+from moalign.run import console
 from moalign.run.atomic import save_safetensors, write_json
+
+logger = console.get_logger(__name__)
 
 
 class CacheWriter:
@@ -247,11 +250,11 @@ def fill_cache(
     Returns:
         The cache folder.
     """
-    from tqdm import tqdm
-
     skip_bad = bool(getattr(dataset.cfg, "skip_bad_videos", False))
     todo = writer.shards_todo(rank, world_size)
-    bar = tqdm(total=sum(len(writer.items_of(s)) for s in todo), desc=desc, unit="clip", disable=not progress)
+    bar = console.progress(
+        total=sum(len(writer.items_of(s)) for s in todo), desc=desc, unit="clip", enabled=progress
+    )
     with bar:
         for shard in todo:
             items: dict[int, dict[str, torch.Tensor]] = {}
@@ -269,7 +272,7 @@ def fill_cache(
                 bar.update(1)
             writer.write_shard(shard, items, skipped, written_by=(rank, world_size))
             if skipped:
-                bar.write(
+                logger.warning(
                     f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
                 )
     if world_size == 1 and not writer.shards_todo():

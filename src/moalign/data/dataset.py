@@ -16,7 +16,6 @@ geometric transform (vectors scaled by the resize factor of each axis, then crop
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,8 +27,9 @@ from moalign.data.geometry import resize_center_crop, transform_flow, transform_
 from moalign.data.manifest import ClipRecord, read_manifest
 from moalign.data.sampling import _SKIP_HINT, DataConfig, _probe, is_consecutive, read_clip, sample_indices
 from moalign.errors import MoalignError
+from moalign.run.console import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _load_flow(

@@ -1,4 +1,4 @@
-"""Optical flow targets for stage 1 (the flow decoder F_omega is trained against these; SPEC section 2).
+"""Optical flow targets for stage 1: what the flow decoder F_omega learns (arXiv 2510.19022, Sec. 3.1).
 
 Convention everywhere: forward flow between consecutive frames, in pixels of the frame it is computed on,
 channel 0 = x (right), channel 1 = y (down), such that ``a(p) ~ b(p + flow(p))`` for the pair (a, b).
@@ -117,7 +117,7 @@ class DISFlow(FlowEstimator):
         variational_refinement_iterations: int | None = None,
     ) -> None:
         if preset not in self.PRESETS:
-            raise MoalignError(f"unknown DIS preset {preset!r}; valid presets: {', '.join(self.PRESETS)}")
+            raise ValueError(f"unknown DIS preset {preset!r}; valid presets: {', '.join(self.PRESETS)}")
         self.preset = preset
         dis = cv2.DISOpticalFlow_create(self.PRESETS[preset])
         requested = {
@@ -156,7 +156,7 @@ class DISFlow(FlowEstimator):
     def pair(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         _check_pair(a, b)
         if max(a.shape[:2]) < self.MIN_SIZE:
-            raise MoalignError(
+            raise ValueError(
                 f"DIS flow needs frames at least {self.MIN_SIZE} px on one side, got {a.shape[0]}x{a.shape[1]}. "
                 "Use a larger --height/--width."
             )
@@ -241,7 +241,7 @@ class RAFTFlow(FlowEstimator):
         batch_size: int = 8,
     ) -> None:
         if model not in self.MODELS:
-            raise MoalignError(f"unknown RAFT model {model!r}; valid: {', '.join(self.MODELS)}")
+            raise ValueError(f"unknown RAFT model {model!r}; valid: {', '.join(self.MODELS)}")
         if weights is None:
             raise MoalignError(
                 "RAFT flow needs a local weights file: pass --raft-weights PATH (torchvision's "
@@ -391,7 +391,9 @@ def build_flow_estimator(
         The estimator.
 
     Raises:
-        MoalignError: unknown method (the message lists the valid ones), or a backend that cannot start.
+        MoalignError: unknown method (the message lists the valid ones), or a backend that cannot start
+            (RAFT: no weights file, an unreadable one, or no working torchvision).
+        ValueError: an unknown backend option value (DIS preset, RAFT model).
     """
     if method not in FLOW_METHODS:
         raise MoalignError(f"unknown flow method {method!r}; valid methods: {', '.join(FLOW_METHODS)}")

@@ -58,7 +58,7 @@ def compute_flow_cache(
         dtype: storage dtype of the flow. float16 (default) costs < 0.05 px at |flow| < 64 px (its spacing
             there is at most 2**-5 = 0.03 px, rounding error half that) and halves the size.
         overwrite: delete an existing cache in ``out`` first (with one process only).
-        progress: show a tqdm bar over clips.
+        progress: show a progress bar over clips.
         rank, world_size: this process's share of the shards.
 
     Returns:

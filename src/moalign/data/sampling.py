@@ -32,6 +32,9 @@ class DataConfig:
         window: "start" (first frames of the video) or "center" (middle of the video).
         skip_bad_videos: False: an unreadable or too-short video raises MoalignError naming the file;
             True: such videos are probed at dataset construction, dropped and recorded in `skipped`.
+
+    Raises:
+        ValueError: a field is out of range (the message says which value to use instead).
     """
 
     num_frames: int = 17
@@ -45,7 +48,7 @@ class DataConfig:
         n = self.num_frames
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or (n - 1) % 4:
             lo = max(1, (int(n) - 1) // 4 * 4 + 1) if isinstance(n, int | float) and n >= 1 else 1
-            raise MoalignError(
+            raise ValueError(
                 f"num_frames={n!r} is not of the form 4k+1, which the video VAEs need. "
                 f"Use --num-frames {lo} or {lo + 4} (e.g. 17, 49 or 81)."
             )
@@ -53,21 +56,19 @@ class DataConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 or v % 16:
                 near = max(16, int(round(v / 16)) * 16) if isinstance(v, int | float) and v > 0 else 64
-                raise MoalignError(
+                raise ValueError(
                     f"{name}={v!r} is not a positive multiple of 16 (VAE downsampling x patch size). "
                     f"Use --{name} {near}."
                 )
         if self.fps is not None and not (isinstance(self.fps, int | float) and math.isfinite(self.fps)):
-            raise MoalignError(f"fps={self.fps!r} is not a number. Pass a positive --fps or leave it unset.")
+            raise ValueError(f"fps={self.fps!r} is not a number. Pass a positive --fps or leave it unset.")
         if self.fps is not None and self.fps <= 0:
-            raise MoalignError(
+            raise ValueError(
                 f"fps={self.fps!r} must be positive. Pass a positive --fps, or leave it unset for the "
                 "native frame rate."
             )
         if self.window not in WINDOWS:
-            raise MoalignError(
-                f"window={self.window!r} is not one of {', '.join(WINDOWS)}. Pick one of those."
-            )
+            raise ValueError(f"window={self.window!r} is not one of {', '.join(WINDOWS)}. Pick one of those.")
 
 
 WINDOWS = ("start", "center")

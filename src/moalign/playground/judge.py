@@ -2,7 +2,7 @@
 
 VideoPhy2 asks human-calibrated judges two questions about a generated video: does it show what the
 prompt says (SA), and does it obey physics (PC); a video counts when both are good (Joint). This module
-answers the same questions with hand-written rules for the playground's world (SPEC section 5), so the
+answers the same questions with hand-written rules for the playground's world (playground/scenes.py), so the
 whole pipeline can be scored without downloading a judge model. Everything is numpy + OpenCV; one 17-frame
 64x64 clip takes a few milliseconds.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -40,6 +39,7 @@ class SynthConfig:
 
     Units are pixels and frames. Auto values (the 64x64 reference scaled by height/64 for vertical
     quantities, width/64 for horizontal ones, min(H, W)/64 for radii) are filled in by `resolved()`.
+    To JSON and back, and ``--set motions=bounce,throw`` overrides: `moalign.run.serialize`.
     """
 
     num_clips: int = 64
@@ -63,14 +63,6 @@ class SynthConfig:
     min_bounce_frames: float = 2.0  # rebounds shorter than this (in frames) land the ball instead
 
     def __post_init__(self) -> None:
-        # Accept what JSON and CLI overrides produce (lists, "a,b" strings) and store tuples.
-        for name in ("motions", "motion_weights", "restitution", "friction", "radius", "launch_speed"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = tuple(s.strip() for s in value.split(",") if s.strip())
-            if isinstance(value, list):
-                value = tuple(value)
-            object.__setattr__(self, name, value)
         if self.num_frames < 5 or (self.num_frames - 1) % 4 != 0:
             k = max(1, round((self.num_frames - 1) / 4))
             raise ValueError(
@@ -147,21 +139,6 @@ class SynthConfig:
             launch_speed=self.launch_speed or (2.0 * sw, 4.0 * sw),
             floor_height=self.floor_height or max(4, self.height // 8),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the resolved config (tuples as lists); `from_dict` reads it back."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.resolved()).items()
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SynthConfig:
-        """Build a config from `to_dict` output (or any subset of the fields)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown SynthConfig field(s) {unknown}; valid: {', '.join(sorted(names))}")
-        return cls(**data)
 
 
 @dataclass

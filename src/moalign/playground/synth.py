@@ -19,7 +19,9 @@ from moalign.data.video_io import write_video
 from moalign.errors import MoalignError
 from moalign.playground.render import exact_flow, render_scene
 from moalign.playground.scenes import SynthConfig, simulate_scene
+from moalign.run import console
 from moalign.run.atomic import save_safetensors, write_json, write_jsonl
+from moalign.run.serialize import to_dict
 
 
 @dataclass
@@ -88,7 +90,7 @@ def _check_folder(out_dir: Path, cfg: SynthConfig) -> None:
             raise MoalignError(
                 f"{cfg_path} is unreadable ({err}). Use a new --out folder or delete {out_dir}."
             ) from err
-        new = cfg.to_dict()
+        new = to_dict(cfg)
         # clip i does not depend on num_clips, so a folder can grow or be reused for fewer clips
         diff = sorted(k for k in set(stored) | set(new) if k != "num_clips" and stored.get(k) != new.get(k))
         if diff:
@@ -116,7 +118,7 @@ def write_playground(out_dir: str | os.PathLike, cfg: SynthConfig, progress: boo
     Args:
         out_dir: output folder (created if missing).
         cfg: the playground config.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (on the main process).
 
     Returns:
         The manifest rows, in clip order.
@@ -125,15 +127,14 @@ def write_playground(out_dir: str | os.PathLike, cfg: SynthConfig, progress: boo
         MoalignError: `out_dir` holds a playground written with a different config (num_clips aside).
     """
     import torch
-    from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     cfg = cfg.resolved()
     _check_folder(out_dir, cfg)
     # written first, so an interrupted run can be resumed (and checked) later
-    write_json(out_dir / "playground.json", cfg.to_dict())
+    write_json(out_dir / "playground.json", to_dict(cfg))
     rows = []
-    for i in tqdm(range(cfg.num_clips), desc="playground", unit="clip", disable=not progress):
+    for i in console.progress(range(cfg.num_clips), desc="playground", unit="clip", enabled=progress):
         video = out_dir / "videos" / f"clip_{i:05d}.mp4"
         flow_path = out_dir / "flow" / f"clip_{i:05d}.safetensors"
         if video.is_file() and flow_path.is_file():  # atomic writes: a file that exists is complete
