@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_pipeline_like
 from safetensors.torch import load_file
-from tiny_parts import save_tiny_videomae, tiny_pipeline_like
 
 import moalign.stage2 as stage2_mod
 from moalign.alignment import MODE_TITLES
@@ -50,7 +50,7 @@ STAGE1_GEOMETRY = {"data.num_frames", "data.height", "data.width"}  # set by the
 STAGE2_SIZE = {
     "align.projector.hidden_dim": 16, "steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1,
 }  # fmt: skip
-# what each preset must train (SPEC Sec. 3 and config.py): family, LoRA rank, alpha, lr, grid matching
+# what each preset must train (src/moalign/presets.py, README "Choices where the paper is silent"): family, LoRA rank, alpha, lr, grid matching
 RECIPES = {
     "cogvideox-2b": ("cogvideox", 0, None, 2e-6, "videorepa"),
     "cogvideox-5b": ("cogvideox", 128, 64.0, 1e-4, "videorepa"),
@@ -82,7 +82,7 @@ def _assert_preset_except(recorded: dict, preset_part, changed: set[str]) -> Non
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(videomae_folder, tmp_path_factory):
     """Playground clips (exact flow) at the presets' two frame rates, a tiny VideoMAE, a prompts file."""
     root = tmp_path_factory.mktemp("presets")
     data = {}
@@ -91,9 +91,8 @@ def world(tmp_path_factory):
         data[fps] = root / f"data-{fps:g}fps"
         assert main(["synth", "--out", str(data[fps]), "--num-clips", str(NUM_CLIPS), *GEOMETRY, "--fps",
                      str(fps), "--seed", "0", "--quiet"]) == 0  # fmt: skip
-    save_tiny_videomae(root / "encoder")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return SimpleNamespace(data=data, encoder=root / "encoder", prompts=root / "prompts.txt")
+    return SimpleNamespace(data=data, encoder=videomae_folder, prompts=root / "prompts.txt")
 
 
 @pytest.fixture(scope="module")

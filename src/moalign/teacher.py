@@ -55,8 +55,14 @@ def load_motion_teacher(path: str | os.PathLike) -> MotionTeacher:
             "Run `moalign stage1 --out RUN` to completion, or pass a checkpoint-N folder of one."
         )
     state, config = load_module_file(file, kind="motion_projector")
-    stage1 = from_dict(Stage1Config, config["stage1"])
-    projector = MotionProjector(from_dict(MotionProjectorConfig, config["projector"]))
+    try:
+        stage1 = from_dict(Stage1Config, config["stage1"])
+        projector = MotionProjector(from_dict(MotionProjectorConfig, config["projector"]))
+    except (KeyError, TypeError, ValueError) as err:  # a file from another version, or edited by hand
+        raise MoalignError(
+            f"{file} holds a stage-1 config this version cannot read ({err!r}); re-run stage 1 with this "
+            "version, or load the run with the moalign version that wrote it"
+        ) from err
     projector.load_state_dict(state)
     projector.requires_grad_(False).eval()
     return MotionTeacher(projector=projector, encoder=stage1.encoder, data=stage1.data, source=file)

@@ -53,7 +53,7 @@ def _coerce(tp: Any, value: Any) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [v.strip() for v in value.split(",") if v.strip()]  # "bounce, roll" too
         elif not isinstance(value, list | tuple):
             value = [value]  # `--layers 17` is the one-element tuple (17,)
         if len(args) == 2 and args[1] is Ellipsis:
