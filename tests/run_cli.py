@@ -15,26 +15,38 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
-def kill_at(target: str, count: int) -> None:
+def die_at_call(target: str, count: int, die: Callable[[tuple], None]) -> Callable[[], None]:
+    """Make the `count`-th call of TARGET ("MODULE.ATTR", looked up through its module at call time) run
+    `die(args)` before it runs; returns what puts the real TARGET back. (tests/conftest.py's
+    `interrupted_at_call` uses it in process.)"""
     module_name, attr = target.rsplit(".", 1)
     module = importlib.import_module(module_name)
     real = getattr(module, attr)
-    calls = {"n": 0}
+    calls = 0
 
     def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == count:
-            path = next((a for a in args if isinstance(a, str | Path)), None)
-            if path is not None:  # a write was under way: leave its temporary half written
-                Path(path).with_name(f".{Path(path).name}.killed.tmp").write_bytes(b"\x00" * 100)
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+        nonlocal calls
+        calls += 1
+        if calls == count:
+            die(args)
         return real(*args, **kwargs)
 
     setattr(module, attr, dying)
+    return lambda: setattr(module, attr, real)
+
+
+def sigkill(args: tuple) -> None:
+    """SIGKILL this process; when a path is among the call's arguments (a write was under way), first leave its
+    temporary half written."""
+    path = next((a for a in args if isinstance(a, str | Path)), None)
+    if path is not None:
+        Path(path).with_name(f".{Path(path).name}.killed.tmp").write_bytes(b"\x00" * 100)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:
@@ -44,7 +56,7 @@ def main() -> None:
     sep = args.index("moalign")
     options, argv = args[:sep], args[sep + 1 :]
     if options[:1] == ["--kill"] and len(options) == 3:
-        kill_at(options[1], int(options[2]))
+        die_at_call(options[1], int(options[2]), sigkill)
     elif options:
         raise SystemExit("usage: run_cli.py [--kill MODULE.ATTR N] moalign ARGUMENTS...")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":

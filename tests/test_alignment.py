@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_transformer
 
 from moalign.align_projector import AlignProjectorConfig
 from moalign.alignment import ALIGN_MODES, AlignConfig, Aligner, stage2_loss
@@ -14,8 +15,7 @@ WIDTH = {"motion": 8, "encoder": 12}
 
 def _setup(family, mode, grid_match="videorepa", lam=0.5):
     spec = get_backbone(family)
-    torch.manual_seed(0)
-    model = spec.tiny_transformer()
+    model = tiny_transformer(family)
     cfg = AlignConfig(
         mode=mode, layers=(1,), lam=lam, projector=AlignProjectorConfig(hidden_dim=16, grid_match=grid_match)
     )

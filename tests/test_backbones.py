@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_transformer
 
 from moalign.backbones import BACKBONES, CogVideoXSpec, WanSpec, frame_major, get_backbone
 from moalign.capture import FeatureCapture
@@ -25,8 +26,7 @@ def _prompt(spec, transformer):
 def test_predict_and_capture_match_the_token_grid(case):
     cls, overrides, shape = CASES[case]
     spec = cls()
-    torch.manual_seed(0)
-    model = spec.tiny_transformer(**overrides)
+    model = tiny_transformer(spec.name, **overrides)
     latents = torch.randn(shape)
     grid = spec.token_grid(model, latents)
     assert grid == (3, 4, 6)
@@ -47,11 +47,8 @@ def _marked_latents(spec, f, y, x):
 @pytest.mark.parametrize("name", ["cogvideox", "wan"])
 def test_token_order_is_frame_major_like_the_patch_embedding(name):
     spec = get_backbone(name)
-    torch.manual_seed(0)
-    model = (
-        spec.tiny_transformer(use_rotary_positional_embeddings=True)
-        if name == "cogvideox"
-        else spec.tiny_transformer()
+    model = tiny_transformer(
+        name, **({"use_rotary_positional_embeddings": True} if name == "cogvideox" else {})
     )
     for f, y, x in [(0, 0, 0), (2, 1, 3), (1, 3, 5)]:
         lat = _marked_latents(spec, f, y, x)
@@ -101,8 +98,7 @@ def test_flow_matching_objective_is_zero_for_the_oracle(monkeypatch):
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_diffusion_loss_trains_the_transformer(name):
     spec = get_backbone(name)
-    torch.manual_seed(0)
-    model = spec.tiny_transformer()
+    model = tiny_transformer(name)
     shape = (1, 3, 4, 8, 8) if spec.latent_layout == "BFCHW" else (1, 4, 3, 8, 8)
     parts = spec.diffusion_loss(
         model, torch.randn(shape), _prompt(spec, model), torch.Generator().manual_seed(0)

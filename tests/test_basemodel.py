@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
+from conftest import MICRO_BASE, MICRO_DATA
 from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
 
 from moalign.backbones import get_backbone
 from moalign.data.dataset import VideoClipDataset
-from moalign.data.sampling import DataConfig
 from moalign.errors import MoalignError
 from moalign.playground.basemodel import (
     BaseModelConfig,
@@ -20,23 +20,16 @@ from moalign.playground.basemodel import (
     train_vae,
 )
 from moalign.playground.demo import link_tree
-from moalign.playground.scenes import SynthConfig
-from moalign.playground.synth import write_playground
-
-MICRO = BaseModelConfig(
-    num_frames=9, height=32, width=32, vae_channels=(8, 8, 8), latent_channels=4, vae_steps=2, vae_window=9,
-    vae_val_clips=2, text_length=16, num_layers=2, num_attention_heads=2, attention_head_dim=8, log_every=1,
-)  # fmt: skip
 
 
 def test_geometry_of_vae_and_transformer():
     cfg = BaseModelConfig()
     assert cfg.spatial_compression == 4
-    vae = build_vae(MICRO)
+    vae = build_vae(MICRO_BASE)
     z = vae.encode(torch.zeros(1, 3, 9, 32, 32)).latent_dist.mode()
     assert z.shape == (1, 4, 3, 8, 8)  # time / 4 (causal: 1 + 8 -> 1 + 2), space / 4
     assert vae.decode(z).sample.shape == (1, 3, 9, 32, 32)
-    tr = build_transformer(MICRO, text_dim=384)
+    tr = build_transformer(MICRO_BASE, text_dim=384)
     spec = get_backbone("cogvideox")
     latents = torch.zeros(1, 3, 4, 8, 8)  # (B, F, C, H, W)
     assert spec.token_grid(tr, latents) == (3, 4, 4)
@@ -55,17 +48,15 @@ def test_text_encoder_folder_errors_name_the_fix(tmp_path):
     assert (text_encoder_folder() / "config.json").is_file()  # the packaged MiniLM
 
 
-def test_train_vae_writes_a_loadable_vae_with_unit_latent_scale(tmp_path):
-    write_playground(
-        tmp_path / "data", SynthConfig(num_clips=8, num_frames=9, height=32, width=32), progress=False
-    )
-    metrics = train_vae(tmp_path / "data", tmp_path / "run", MICRO, progress=False)
+def test_train_vae_writes_a_loadable_vae_with_unit_latent_scale(playground, tmp_path):
+    clips = playground(8)
+    metrics = train_vae(clips, tmp_path / "run", MICRO_BASE, progress=False)
     vae = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "run" / "vae")
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     for name in ("metrics.json", "log.jsonl", "loss_curve.png", "reconstruction.png"):
         assert (tmp_path / "run" / name).is_file()
     # the training latents the scale was fixed on come out with unit standard deviation
-    ds = VideoClipDataset(tmp_path / "data", DataConfig(num_frames=9, height=32, width=32), load_flow=False)
+    ds = VideoClipDataset(clips, MICRO_DATA, load_flow=False)
     frames = torch.stack([ds[i]["frames"] for i in range(6)])  # the 6 training clips (2 held out)
     with torch.no_grad():
         latents = get_backbone("cogvideox").encode_video(vae, frames)
@@ -73,9 +64,9 @@ def test_train_vae_writes_a_loadable_vae_with_unit_latent_scale(tmp_path):
 
 
 def test_base_pipeline_round_trips_through_a_folder(tmp_path):
-    vae = build_vae(MICRO)
+    vae = build_vae(MICRO_BASE)
     vae.save_pretrained(tmp_path / "vae")
-    pipe = build_pipeline(MICRO, tmp_path / "vae")
+    pipe = build_pipeline(MICRO_BASE, tmp_path / "vae")
     assert pipe.text_encoder.config.hidden_size == 384 and not any(
         p.requires_grad for p in pipe.text_encoder.parameters()
     )

@@ -2,26 +2,24 @@
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+from conftest import tiny_transformer
 
 from moalign.capture import FeatureCapture
 
+# smaller still than the shared tiny transformers: 3 blocks 16 wide, prompts of 6 tokens 12 wide
+SMALLER = {
+    "cogvideox": dict(attention_head_dim=8, time_embed_dim=8, text_embed_dim=12, num_layers=3, sample_width=8,
+                      sample_height=8, max_text_seq_length=6),
+    "wan": dict(attention_head_dim=8, text_dim=12, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32),
+}  # fmt: skip
+
 
 def tiny_cogvideox():
-    torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=12, num_layers=3, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        max_text_seq_length=6,
-    )  # fmt: skip
+    return tiny_transformer("cogvideox", **SMALLER["cogvideox"])
 
 
 def tiny_wan():
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=12, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32,
-    )  # fmt: skip
+    return tiny_transformer("wan", **SMALLER["wan"])
 
 
 def run_cogvideox(model):

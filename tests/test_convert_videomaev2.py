@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import pixels
 from safetensors.torch import save_file
 from transformers import VideoMAEModel
 from videomaev2_reference import PretrainVisionTransformer, VisionTransformer, randomize_
@@ -35,11 +36,6 @@ def save_finetune(path, vit, prefix="", args=True):
         obj["args"] = ns
     torch.save(obj, path)
     return path
-
-
-def pixels(b, t, h, w, seed=3) -> torch.Tensor:
-    """(B, T, 3, H, W) pixel values, transformers layout."""
-    return torch.randn(b, t, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def official(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import texture
 from safetensors.torch import save_file
 
 from moalign.data.dataset import VideoClipDataset
@@ -20,20 +21,11 @@ from moalign.data.video_io import read_video, write_video
 from moalign.errors import MoalignError
 
 
-def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A smooth random RGB texture, uint8 (h, w, 3)."""
-    rng = np.random.default_rng(seed)
-    img = rng.random((h, w, 3)).astype(np.float32)
-    img = cv2.GaussianBlur(img, (0, 0), 1.5)
-    img = (img - img.min()) / (img.max() - img.min())
-    return (img * 255).astype(np.uint8)
-
-
 def make_video(
     path: Path, t: int = 9, h: int = 32, w: int = 32, fps: float = 8.0, seed: int = 0
 ) -> np.ndarray:
     """Write a small mp4 whose frames differ (brightness ramp over a texture); return the frames."""
-    base = texture(h, w, seed).astype(np.int16)
+    base = texture(h, w, seed, blur=1.5).astype(np.int16)
     frames = np.stack([np.clip(base + 10 * i - 40, 0, 255) for i in range(t)]).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_video(path, frames, fps)
@@ -349,7 +341,7 @@ def test_transform_flow_linear_field_matches_geometry(src, atol):
 def test_transform_flow_of_a_translation():
     # a textured image moving by (dx, dy) = (6, -3) px per frame at 96 x 128; target 64 x 64
     dx, dy, t = 6, -3, 3
-    big = texture(96 + 40, 128 + 40, seed=1)
+    big = texture(96 + 40, 128 + 40, seed=1, blur=1.5)
     frames = np.stack([big[20 - k * dy : 116 - k * dy, 20 - k * dx : 148 - k * dx] for k in range(t)])
     flow = np.broadcast_to(np.array([dx, dy], np.float32), (t - 1, 96, 128, 2)).copy()
     cfg = DataConfig(height=64, width=64)

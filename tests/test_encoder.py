@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEModel
+from conftest import pixels, tiny_videomae
+from transformers import VideoMAEForPreTraining
 from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
 from moalign.encoder import (
@@ -19,34 +20,6 @@ from moalign.encoder import (
 )
 from moalign.errors import MoalignError
 from moalign.tokens import tokens_to_grid
-
-
-def tiny_model(
-    image_size=32, patch=8, frames=4, tubelet=2, width=32, depth=3, heads=2, mean_pool=True, seed=0
-) -> VideoMAEModel:
-    """A tiny VideoMAEModel with every weight random (so a wrong wiring shows)."""
-    torch.manual_seed(seed)
-    config = VideoMAEConfig(
-        image_size=image_size,
-        patch_size=patch,
-        num_frames=frames,
-        tubelet_size=tubelet,
-        hidden_size=width,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        intermediate_size=2 * width,
-        layer_norm_eps=1e-6,
-        use_mean_pooling=mean_pool,
-    )
-    model = VideoMAEModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def pixels(b, t, h, w, seed=1) -> torch.Tensor:
-    return torch.randn(b, t, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def clip(b, t, h, w, seed=2) -> torch.Tensor:
@@ -86,7 +59,7 @@ def test_interpolate_pos_embed_copies_unchanged_axes():
     ],
 )
 def test_token_grid_shapes(frames, size, patch, raw, expected):
-    model = tiny_model(image_size=32, patch=patch, width=16, depth=1, heads=2)
+    model = tiny_videomae(image_size=32, patch=patch, width=16, depth=1, heads=2)
     enc = VideoEncoder(model, EncoderConfig(input_size=size))
     assert enc.grid(frames) == expected
     tokens = enc.encode(clip(1, frames, *raw))
@@ -96,7 +69,7 @@ def test_token_grid_shapes(frames, size, patch, raw, expected):
 
 @pytest.mark.parametrize("mean_pool", [True, False])
 def test_matches_videomae_at_pretrain_geometry(mean_pool):
-    model = tiny_model(mean_pool=mean_pool)
+    model = tiny_videomae(mean_pool=mean_pool)
     enc = VideoEncoder(model, EncoderConfig(input_size=(32, 32)))
     pv = pixels(2, 4, 32, 32)
     captured = {}
@@ -115,7 +88,7 @@ def test_matches_videomae_at_pretrain_geometry(mean_pool):
 
 @pytest.mark.parametrize("layer", [0, 1, 2, -1, -2])
 def test_layer_selection_runs_blocks_up_to_layer(layer):
-    model = tiny_model(depth=3)
+    model = tiny_videomae(depth=3)
     enc = VideoEncoder(model, EncoderConfig(layer=layer, input_size=(32, 32)))
     k = layer % 3
     assert enc.layer_index == k and enc.num_layers == 3
@@ -134,7 +107,7 @@ def test_layer_selection_runs_blocks_up_to_layer(layer):
 
 
 def test_frozen_and_stays_in_eval():
-    model = tiny_model()
+    model = tiny_videomae()
     model.train()
     enc = VideoEncoder(model, EncoderConfig(input_size=(32, 32)))
     assert not any(p.requires_grad for p in enc.parameters())
@@ -148,7 +121,7 @@ def test_frozen_and_stays_in_eval():
 
 
 def test_preprocess_drops_frame0_resizes_and_normalises():
-    enc = VideoEncoder(tiny_model(), EncoderConfig(input_size=(32, 48)))
+    enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 48)))
     frames = torch.zeros(2, 17, 40, 56, 3, dtype=torch.uint8)
     frames[:, 0] = 255  # frame 0 white, the rest a constant colour
     frames[:, 1:] = torch.tensor([10, 128, 250], dtype=torch.uint8)
@@ -159,7 +132,7 @@ def test_preprocess_drops_frame0_resizes_and_normalises():
     )
     torch.testing.assert_close(x, expected.view(1, 1, 3, 1, 1).expand_as(x), atol=1e-5, rtol=0)
 
-    keep = VideoEncoder(tiny_model(), EncoderConfig(input_size=(40, 56), drop_first_frame=False))
+    keep = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(40, 56), drop_first_frame=False))
     y = keep.preprocess(frames[:, :16])
     assert y.shape == (2, 16, 3, 40, 56)
     white = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
@@ -167,7 +140,7 @@ def test_preprocess_drops_frame0_resizes_and_normalises():
 
 
 def test_preprocess_clamps_bicubic_overshoot():
-    enc = VideoEncoder(tiny_model(), EncoderConfig(input_size=(64, 64), mean=(0, 0, 0), std=(1, 1, 1)))
+    enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(64, 64), mean=(0, 0, 0), std=(1, 1, 1)))
     checker = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 255).to(torch.uint8)
     frames = checker[None, None, :, :, None].expand(1, 5, 16, 16, 3).contiguous()
     x = enc.preprocess(frames)  # upsampling a checkerboard makes bicubic overshoot
@@ -176,7 +149,7 @@ def test_preprocess_clamps_bicubic_overshoot():
 
 
 def test_pos_embed_modes():
-    model = tiny_model()
+    model = tiny_videomae()
     pv = pixels(1, 8, 48, 64)
     interp = VideoEncoder(model, EncoderConfig(input_size=(48, 64), pos_embed="interpolate"))
     recomp = VideoEncoder(model, EncoderConfig(input_size=(48, 64), pos_embed="recompute"))
@@ -195,7 +168,7 @@ def test_pos_embed_modes():
 
 
 def test_from_pretrained_roundtrip_and_dtype(tmp_path):
-    model = tiny_model()
+    model = tiny_videomae()
     model.save_pretrained(tmp_path / "enc")
     cfg = EncoderConfig(path=str(tmp_path / "enc"), input_size=(32, 32))
     enc = VideoEncoder.from_pretrained(cfg)
@@ -208,7 +181,7 @@ def test_from_pretrained_roundtrip_and_dtype(tmp_path):
 
 def test_from_pretrained_accepts_pretraining_model_folder(tmp_path):
     torch.manual_seed(0)
-    full = VideoMAEForPreTraining(tiny_model().config)
+    full = VideoMAEForPreTraining(tiny_videomae().config)
     full.save_pretrained(tmp_path / "pt")
     enc = VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "pt"), input_size=(32, 32)))
     expected = full.videomae.embeddings.patch_embeddings.projection.weight
@@ -217,15 +190,15 @@ def test_from_pretrained_accepts_pretraining_model_folder(tmp_path):
 
 def test_error_layer_out_of_range():
     with pytest.raises(ValueError, match=r"0\.\.2"):
-        VideoEncoder(tiny_model(depth=3), EncoderConfig(layer=3, input_size=(32, 32)))
+        VideoEncoder(tiny_videomae(depth=3), EncoderConfig(layer=3, input_size=(32, 32)))
     with pytest.raises(ValueError, match="out of range"):
-        VideoEncoder(tiny_model(depth=3), EncoderConfig(layer=-4, input_size=(32, 32)))
+        VideoEncoder(tiny_videomae(depth=3), EncoderConfig(layer=-4, input_size=(32, 32)))
 
 
 def test_error_sizes_not_divisible_by_patch():
     with pytest.raises(ValueError, match="divisible by the patch size 8"):
-        VideoEncoder(tiny_model(), EncoderConfig(input_size=(30, 32)))
-    enc = VideoEncoder(tiny_model(), EncoderConfig(input_size=(32, 32)))
+        VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(30, 32)))
+    enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 32)))
     with pytest.raises(ValueError, match="patch size 8"):
         enc(pixels(1, 4, 36, 32))
     with pytest.raises(ValueError, match="patch size 8"):
@@ -233,7 +206,7 @@ def test_error_sizes_not_divisible_by_patch():
 
 
 def test_error_frame_count_not_4k_plus_1():
-    enc = VideoEncoder(tiny_model(), EncoderConfig(input_size=(32, 32)))
+    enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 32)))
     with pytest.raises(ValueError, match="4k\\+1"):
         enc.preprocess(clip(1, 16, 32, 32))
     with pytest.raises(ValueError, match="4k\\+1"):
@@ -279,13 +252,13 @@ def test_error_wrong_kind_of_folder(tmp_path, files, found):
 
 
 def test_error_points_at_videomae_subfolder(tmp_path):
-    tiny_model().save_pretrained(tmp_path / "run" / "encoder")
+    tiny_videomae().save_pretrained(tmp_path / "run" / "encoder")
     with pytest.raises(MoalignError, match="subfolder"):
         VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "run")))
 
 
 def test_error_settings_that_do_not_fit_the_loaded_encoder(tmp_path):
-    tiny_model(depth=3).save_pretrained(tmp_path / "enc")
+    tiny_videomae(depth=3).save_pretrained(tmp_path / "enc")
     with pytest.raises(MoalignError, match=r"out of range.*0\.\.2"):  # a user error once a folder is loaded
         VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "enc"), layer=3, input_size=(32, 32)))
 

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import texture
 
 from moalign.data.cache_writer import finalize_cache
 from moalign.data.flow import FLOW_METHODS, DISFlow, RAFTFlow, build_flow_estimator
@@ -16,14 +17,6 @@ from moalign.data.flow_cache import compute_flow_cache, load_flow_cache
 from moalign.errors import MoalignError
 
 TOL = {"dis": 0.1, "farneback": 0.2}
-
-
-def texture(size: int, seed: int = 0) -> np.ndarray:
-    """Smooth random RGB texture: Gaussian-blurred noise, uint8 (size, size, 3)."""
-    noise = np.random.default_rng(seed).random((size, size, 3)).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), 2.0)
-    noise = (noise - noise.min()) / (noise.max() - noise.min())
-    return (noise * 255).round().astype(np.uint8)
 
 
 def shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:

@@ -2,27 +2,21 @@
 
 import pytest
 import torch
-from tiny_parts import tiny_pipeline
+from conftest import MICRO_DATA, tiny_pipeline, tiny_transformer
 
 from moalign.alignment import AlignConfig
 from moalign.backbones import get_backbone
 from moalign.data.cache import Cache
 from moalign.data.dataset import VideoClipDataset
-from moalign.data.sampling import DataConfig
 from moalign.latents import compute_latents
-from moalign.playground.scenes import SynthConfig
-from moalign.playground.synth import write_playground
 from moalign.stage2 import Stage2Config, train_stage2
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
-def test_latents_cache_shapes_determinism_and_stage2(family, tmp_path):
-    write_playground(
-        tmp_path / "data", SynthConfig(num_clips=4, num_frames=9, height=32, width=32), progress=False
-    )
+def test_latents_cache_shapes_determinism_and_stage2(family, playground, tmp_path):
+    clips = playground(4)
     pipe = tiny_pipeline(family)
-    data = DataConfig(num_frames=9, height=32, width=32)
-    out = compute_latents(tmp_path / "data", None, tmp_path / "lat", backbone=family, data=data, pipeline=pipe,
+    out = compute_latents(clips, None, tmp_path / "lat", backbone=family, data=MICRO_DATA, pipeline=pipe,
                           shard_size=2, progress=False)  # fmt: skip
     cache = Cache(out, kind="latents")
     item = cache[0]
@@ -30,7 +24,7 @@ def test_latents_cache_shapes_determinism_and_stage2(family, tmp_path):
     assert tuple(item["latents"].shape) == expected
     assert item["prompt_embeds"].shape == (226 if family == "cogvideox" else 512, 32)
     # the VAE mean is deterministic: recomputing a clip gives the same latents
-    frames = VideoClipDataset(tmp_path / "data", data, load_flow=False)[0]["frames"][None]
+    frames = VideoClipDataset(clips, MICRO_DATA, load_flow=False)[0]["frames"][None]
     again = get_backbone(family).encode_video(pipe.vae, frames)[0]
     torch.testing.assert_close(again, item["latents"])
     # stage 2 trains on it (no alignment: no teacher needed), with validation videos through the pipeline
@@ -48,5 +42,5 @@ def test_latents_cache_shapes_determinism_and_stage2(family, tmp_path):
 def test_cogvideox_text_length_follows_the_transformer(tmp_path):
     spec = get_backbone("cogvideox")
     assert spec.text_length(None) == 226 and spec.text_length({"max_text_seq_length": 32}) == 32
-    assert spec.text_length(spec.tiny_transformer(max_text_seq_length=24).config) == 24
+    assert spec.text_length(tiny_transformer("cogvideox", max_text_seq_length=24).config) == 24
     assert get_backbone("wan").text_length({"max_text_seq_length": 32}) == 512

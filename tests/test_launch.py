@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
+from conftest import tiny_transformer
 from torch.distributed.utils import _apply_to_tensors
 
 from moalign.backbones import get_backbone
@@ -98,7 +99,7 @@ def test_fsdp_wraps_the_backbones_own_blocks(family):
     from moalign.stage2 import Stage2Model
 
     spec = get_backbone(family)
-    transformer = spec.tiny_transformer()
+    transformer = tiny_transformer(family)
     model = Stage2Model(spec, transformer, Aligner(AlignConfig(mode="none"), 32, 8, (1, 1, 1), (1, 1, 1)))
     block = type(spec.blocks(transformer)[0]).__name__
     assert block in model._no_split_modules  # accelerate's TRANSFORMER_BASED_WRAP reads this list

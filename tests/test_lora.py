@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_transformer
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from moalign.backbones import get_backbone
@@ -11,10 +12,7 @@ from moalign.run.lora import LORA_FILE, add_lora, save_lora
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
 def test_saved_lora_loads_with_load_lora_weights(family, tmp_path):
     spec = get_backbone(family)
-    torch.manual_seed(0)
-    trained = spec.tiny_transformer()
-    torch.manual_seed(0)
-    base = spec.tiny_transformer()
+    trained, base = tiny_transformer(family), tiny_transformer(family)  # the same weights
     add_lora(trained, rank=4, alpha=8)  # alpha != rank: the scale must travel with the file
     assert all("lora" in n for n, p in trained.named_parameters() if p.requires_grad)
     with torch.no_grad():

@@ -13,7 +13,6 @@ import pytest
 import torch
 from launcher import run_moalign
 from safetensors.torch import load_file
-from tiny_parts import tiny_pipeline, write_stage2_caches
 
 N = 8
 STEPS = 3
@@ -30,10 +29,8 @@ EQUAL = 1e-4  # "the same weights": float summation order differs between engine
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mp")
-    write_stage2_caches(root, N)
-    return root
+def caches(stage2_caches):
+    return stage2_caches(N)
 
 
 def _args(caches, out, *extra):
@@ -102,22 +99,15 @@ def test_two_processes_train_like_one_and_resume_exactly(engine, caches, one_pro
     assert all(torch.equal(resumed[k], trained[k]) for k in trained)
 
 
-@pytest.fixture(scope="module")
-def pipeline_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipe") / "cogvideox"
-    tiny_pipeline("cogvideox").save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
-def test_the_papers_preset_runs_under_each_sharded_engine(engine, caches, pipeline_folder, tmp_path):
+def test_the_papers_preset_runs_under_each_sharded_engine(engine, caches, tiny_cogvideox_pipeline, tmp_path):
     """The README's command: `accelerate launch --config_file configs/accelerate/ENGINE.yaml ... stage2 --preset
     cogvideox-2b` (full fine-tune, bf16, gradient checkpointing) with only the sizes shrunk, 2 CPU processes: it
     gets past `prepare`, trains, checkpoints and saves float32 weights that load and moved."""
     from diffusers import CogVideoXTransformer3DModel
 
-    argv = ["stage2", "--preset", "cogvideox-2b", "--model", str(pipeline_folder), "--latents",
+    argv = ["stage2", "--preset", "cogvideox-2b", "--model", str(tiny_cogvideox_pipeline), "--latents",
             str(caches / "latents"), "--targets", str(caches / "targets"), "--out", str(tmp_path / "run"),
             "--layers", "2", "--steps", "2", "--set", "batch_size=2", "--set", "align.projector.hidden_dim=16",
             "--set", "checkpoint_every=1", "--set", "warmup_steps=1", "--set", "lr=1e-3", "--quiet"]  # fmt: skip
@@ -126,7 +116,7 @@ def test_the_papers_preset_runs_under_each_sharded_engine(engine, caches, pipeli
     assert launch["engine"] == ENGINES[engine] and launch["mixed_precision"] == "bf16"
     assert (tmp_path / "run" / "checkpoint-1" / "accelerate_state").is_dir()
     trained = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "run" / "transformer")
-    base = CogVideoXTransformer3DModel.from_pretrained(pipeline_folder, subfolder="transformer")
+    base = CogVideoXTransformer3DModel.from_pretrained(tiny_cogvideox_pipeline, subfolder="transformer")
     assert {p.dtype for p in trained.parameters()} == {torch.float32}  # master weights, not bf16 copies
     moved = max(
         float((a - b).abs().max())

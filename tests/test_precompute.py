@@ -4,53 +4,30 @@ uninterrupted one."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from launcher import run_moalign
 from safetensors import safe_open
-from tiny_parts import save_tiny_videomae, tiny_pipeline
 
 from moalign.cli import main
 from moalign.data.cache import Cache
-from moalign.data.sampling import DataConfig
-from moalign.encoder import EncoderConfig
 from moalign.errors import MoalignError
-from moalign.flow_decoder import FlowDecoderConfig
-from moalign.motion_projector import MotionProjectorConfig
-from moalign.playground.scenes import SynthConfig
-from moalign.playground.synth import write_playground
-from moalign.stage1 import Stage1Config, train_stage1
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """6 playground clips, a tiny VideoMAE, a 2-step stage-1 teacher and a tiny CogVideoX pipeline folder."""
-    root = tmp_path_factory.mktemp("pre")
-    write_playground(
-        root / "data", SynthConfig(num_clips=6, num_frames=9, height=32, width=32), progress=False
-    )
-    save_tiny_videomae(root / "encoder")
-    cfg = Stage1Config(
-        data=DataConfig(num_frames=9, height=32, width=32), projector=MotionProjectorConfig(hidden_dim=16),
-        encoder=EncoderConfig(path=str(root / "encoder"), input_size=(32, 32)),
-        decoder=FlowDecoderConfig(hidden_dim=8), val_clips=2, steps=2, batch_size=2, report_to="none",
-    )  # fmt: skip
-    train_stage1(root / "data", root / "stage1", cfg, progress=False)
-    tiny_pipeline("cogvideox").save_pretrained(root / "pipe")
-    return root
+def world(playground, videomae_folder, stage1_run, tiny_cogvideox_pipeline, tmp_path_factory):
+    """6 playground clips, a tiny VideoMAE, a stage-1 teacher and a tiny CogVideoX pipeline folder (all from
+    tests/conftest.py), and `out`, where this module's uninterrupted runs write."""
+    return SimpleNamespace(data=playground(6), encoder=videomae_folder, teacher=stage1_run.folder,
+                           pipe=tiny_cogvideox_pipeline, out=tmp_path_factory.mktemp("pre"))  # fmt: skip
 
 
 def _args(world, out):
-    return ["precompute", "--data", str(world / "data"), "--out", str(out), "--flow", "dis", "--teacher",
-            str(world / "stage1"), "--raw", "--model", str(world / "pipe"), "--shard-size", "2",
+    return ["precompute", "--data", str(world.data), "--out", str(out), "--flow", "dis", "--teacher",
+            str(world.teacher), "--raw", "--model", str(world.pipe), "--shard-size", "2",
             "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
-
-
-def _run(argv, killer=None, engine=None):
-    """`moalign ARGV` in a fresh process (under `accelerate launch` with 2 processes when `engine` names a
-    configs/accelerate file); with killer=(FUNCTION, N) it is SIGKILLed at that call."""
-    return run_moalign(argv, engine=engine, kill=killer)
 
 
 def _same_caches(a: Path, b: Path, names=("flow", "targets", "latents")) -> None:
@@ -66,8 +43,8 @@ def _same_caches(a: Path, b: Path, names=("flow", "targets", "latents")) -> None
 
 @pytest.fixture(scope="module")
 def uninterrupted(world):
-    out = world / "one"
-    done = _run(_args(world, out))
+    out = world.out / "one"
+    done = run_moalign(_args(world, out))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -82,30 +59,31 @@ def test_one_command_builds_every_cache(world, uninterrupted):
     flow = Cache(uninterrupted / "flow", "flow")
     assert flow[0]["flow"].shape == (8, 32, 32, 2) and flow.fingerprint["method"]["method"] == "dis"
     # stage 2 trains from the caches alone (no encoder, VAE or text encoder is loaded)
-    run = world / "s2"
+    run = world.out / "s2"
     assert main(["stage2", "--latents", str(uninterrupted / "latents"), "--targets", str(uninterrupted / "targets"),
                  "--out", str(run), "--layers", "1", "--steps", "1", "--set", "batch_size=2", "--set",
                  "align.projector.hidden_dim=8", "--set", "align.projector.grid_match=resample_teacher", "--set", "report_to=none", "--quiet"]) == 0  # fmt: skip
 
 
 def test_two_processes_build_the_same_caches(world, uninterrupted):
-    done = _run(_args(world, world / "two"), engine="ddp")
+    two = world.out / "two"
+    done = run_moalign(_args(world, two), engine="ddp")
     assert done.returncode == 0, done.stderr
-    _same_caches(uninterrupted, world / "two")
-    manifest = json.loads((world / "two" / "latents" / "manifest.json").read_text())
+    _same_caches(uninterrupted, two)
+    manifest = json.loads((two / "latents" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["shards"] == [f"shard-0000{s}.safetensors" for s in range(3)]
     for name in ("flow", "targets", "latents"):  # process r wrote exactly the shards s with s % 2 == r
         for s in range(3):
-            with safe_open(str(world / "two" / name / f"shard-0000{s}.safetensors"), "pt") as f:
+            with safe_open(str(two / name / f"shard-0000{s}.safetensors"), "pt") as f:
                 assert f.metadata()["process"] == f"{s % 2}/2", (name, s)
     with safe_open(str(uninterrupted / "latents" / "shard-00001.safetensors"), "pt") as f:
         assert f.metadata()["process"] == "0/1"
 
 
 def test_killed_precompute_resumes_with_the_same_command(world, uninterrupted):
-    out = world / "killed"
+    out = world.out / "killed"
     # killed while writing the latents cache's second shard (flow and targets are complete by then)
-    killed = _run(_args(world, out), killer=("moalign.data.cache_writer.save_safetensors", 3 + 3 + 2))
+    killed = run_moalign(_args(world, out), kill=("moalign.data.cache_writer.save_safetensors", 3 + 3 + 2))
     assert killed.returncode == -9, killed.stderr
     assert (out / "latents" / "shard-00000.safetensors").is_file()
     assert not (out / "latents" / "shard-00001.safetensors").exists()
@@ -113,15 +91,15 @@ def test_killed_precompute_resumes_with_the_same_command(world, uninterrupted):
     assert not (out / "latents" / "manifest.json").exists()
     with pytest.raises(MoalignError, match=r"incomplete \(1 of 3 shards written"):
         Cache(out / "latents")
-    again = _run(_args(world, out))
+    again = run_moalign(_args(world, out))
     assert again.returncode == 0, again.stderr
     _same_caches(uninterrupted, out)
     assert not list((out / "latents").glob(".*.tmp"))  # leftovers are gone
 
 
 def test_precompute_errors(world, tmp_path):
-    assert main(["precompute", "--data", str(world / "data"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
-    argv = ["precompute", "--data", str(world / "data"), "--out", str(tmp_path), "--flow", "dis", "--overwrite",
+    assert main(["precompute", "--data", str(world.data), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    argv = ["precompute", "--data", str(world.data), "--out", str(tmp_path), "--flow", "dis", "--overwrite",
             "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
     (tmp_path / "flow").mkdir()
     (tmp_path / "flow" / "notes.txt").write_text("not a cache")
@@ -140,12 +118,12 @@ def test_killed_training_resumes_with_the_same_command(world, uninterrupted, tmp
                 "--set", "checkpoint_every=2", "--set", "log_every=1", "--set", "lr=1e-3", "--set", "align.projector.hidden_dim=8", "--set", "align.projector.grid_match=resample_teacher",
                 "--resume", "latest", "--quiet"]  # fmt: skip
 
-    whole = _run(argv(tmp_path / "whole"))
+    whole = run_moalign(argv(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
-    killed = _run(argv(tmp_path / "run"), killer=("moalign.stage2.stage2_loss", 3))
+    killed = run_moalign(argv(tmp_path / "run"), kill=("moalign.stage2.stage2_loss", 3))
     assert killed.returncode == -9 and (tmp_path / "run" / "checkpoint-2").is_dir()
     assert not (tmp_path / "run" / "metrics.json").exists()
-    again = _run(argv(tmp_path / "run"))
+    again = run_moalign(argv(tmp_path / "run"))
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr
     from safetensors.torch import load_file
 
@@ -161,13 +139,13 @@ def test_stage1_two_processes_train_like_one(world, uninterrupted, tmp_path):
     every batch, and the heads equal a one-process run's (a one-process run on half the batch differs)."""
 
     def argv(out, batch=2):
-        return ["stage1", "--data", str(world / "data"), "--encoder", str(world / "encoder"), "--flow-cache",
+        return ["stage1", "--data", str(world.data), "--encoder", str(world.encoder), "--flow-cache",
                 str(uninterrupted / "flow"), "--out", str(out), "--num-frames", "9", "--height", "32", "--width",
                 "32", "--set", "encoder.input_size=32,32", "--set", "projector.hidden_dim=16", "--set",
                 "decoder.hidden_dim=8", "--set", "val_clips=2", "--set", "steps=3", "--set", f"batch_size={batch}",
                 "--set", "lr=1e-3", "--set", "warmup_steps=1", "--set", "report_to=none", "--quiet"]  # fmt: skip
 
-    two = _run(argv(tmp_path / "two"), engine="ddp")
+    two = run_moalign(argv(tmp_path / "two"), engine="ddp")
     assert two.returncode == 0, two.stderr[-3000:]
     assert main(argv(tmp_path / "one")) == 0 and main(argv(tmp_path / "half", batch=1)) == 0
     launch = json.loads((tmp_path / "two" / "config.json").read_text())["launch"]

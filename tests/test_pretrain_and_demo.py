@@ -5,14 +5,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import MICRO_BASE, MICRO_DATA
 from transformers import VideoMAEModel
 
 import moalign.playground.demo as demo_mod
 from moalign.alignment import MODE_TITLES
-from moalign.data.sampling import DataConfig
 from moalign.encoder import EncoderConfig, VideoEncoder
 from moalign.errors import MoalignError
-from moalign.playground.basemodel import BaseModelConfig
 from moalign.playground.pretrain_encoder import (
     MAEModelConfig,
     PretrainEncoderConfig,
@@ -20,17 +19,11 @@ from moalign.playground.pretrain_encoder import (
     tube_mask,
 )
 from moalign.playground.scenes import SynthConfig
-from moalign.playground.synth import write_playground
 from moalign.presets import get_preset
 
 MICRO_MODEL = MAEModelConfig(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
     decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-)  # fmt: skip
-MICRO_DATA = DataConfig(num_frames=9, height=32, width=32)
-MICRO_BASE = BaseModelConfig(
-    num_frames=9, height=32, width=32, vae_channels=(8, 8, 8), latent_channels=4, vae_steps=2, vae_val_clips=2,
-    text_length=16, num_layers=2, num_attention_heads=2, attention_head_dim=8, log_every=1,
 )  # fmt: skip
 
 
@@ -43,15 +36,13 @@ def test_tube_mask_hides_the_same_patches_in_every_tubelet():
     assert not torch.equal(per_frame[0, 0], per_frame[1, 0])
 
 
-def test_pretrain_encoder_learns_and_saves_a_videomae_folder(tmp_path):
-    write_playground(
-        tmp_path / "data", SynthConfig(num_clips=6, num_frames=9, height=32, width=32), progress=False
-    )
+def test_pretrain_encoder_learns_and_saves_a_videomae_folder(playground, tmp_path):
+    clips = playground(6)
     cfg = PretrainEncoderConfig(
         data=MICRO_DATA, model=MICRO_MODEL, input_size=(32, 32), steps=40, batch_size=4, lr=3e-3, warmup_steps=2,
         log_every=1,
     )  # fmt: skip
-    metrics = pretrain_encoder(tmp_path / "data", tmp_path / "enc", cfg, progress=False)
+    metrics = pretrain_encoder(clips, tmp_path / "enc", cfg, progress=False)
     assert metrics["final_mse"] < 0.5 * metrics["first_mse"]  # it learns to reconstruct masked tubes
     assert metrics["token_grid"] == [4, 4, 4]
     model = VideoMAEModel.from_pretrained(tmp_path / "enc")
@@ -61,7 +52,7 @@ def test_pretrain_encoder_learns_and_saves_a_videomae_folder(tmp_path):
     for name in ("run_config.json", "metrics.json", "log.jsonl", "loss_curve.png", "config.json"):
         assert (tmp_path / "enc" / name).is_file()
     with pytest.raises(MoalignError, match="already holds an encoder"):
-        pretrain_encoder(tmp_path / "data", tmp_path / "enc", cfg, progress=False)
+        pretrain_encoder(clips, tmp_path / "enc", cfg, progress=False)
 
 
 def _micro_recipe():

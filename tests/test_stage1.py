@@ -1,51 +1,23 @@
-"""Stage 1 end to end at a tiny size: files, metrics, frozen encoder, gradients, exact resume, teacher loading."""
+"""Stage 1 end to end at a tiny size: files, metrics, frozen encoder, gradients, exact resume, teacher loading.
+The run under test is tests/conftest.py's `stage1_run` (6 steps on 10 playground clips), shared with
+tests/test_precompute.py as its teacher."""
 
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import interrupted_at_call
 from safetensors.torch import load_file
-from tiny_parts import save_tiny_videomae
 
 import moalign.stage1 as stage1_mod
-from moalign.data.sampling import DataConfig
-from moalign.encoder import EncoderConfig, VideoEncoder
+from moalign.encoder import VideoEncoder
 from moalign.errors import MoalignError
-from moalign.flow_decoder import FlowDecoder, FlowDecoderConfig
-from moalign.motion_projector import MotionProjectorConfig
-from moalign.playground.scenes import SynthConfig
-from moalign.playground.synth import write_playground
-from moalign.stage1 import Stage1Config
+from moalign.flow_decoder import FlowDecoder
 from moalign.teacher import load_motion_teacher
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    write_playground(
-        root / "data", SynthConfig(num_clips=10, num_frames=9, height=32, width=32), progress=False
-    )
-    save_tiny_videomae(root / "encoder")
-    cfg = Stage1Config(
-        data=DataConfig(num_frames=9, height=32, width=32),
-        encoder=EncoderConfig(path=str(root / "encoder"), input_size=(32, 32)),
-        projector=MotionProjectorConfig(hidden_dim=16),
-        decoder=FlowDecoderConfig(hidden_dim=8),
-        val_clips=3,
-        steps=6,
-        batch_size=4,
-        warmup_steps=1,
-        log_every=1,
-        val_every=3,
-        checkpoint_every=3,
-    )
-    return root, cfg
-
-
-def test_stage1_run_folder_and_metrics(world):
-    root, cfg = world
-    metrics = stage1_mod.train_stage1(root / "data", root / "run", cfg, progress=False)
-    run = root / "run"
+def test_stage1_run_folder_and_metrics(stage1_run, videomae_folder):
+    run, cfg, metrics = stage1_run.folder, stage1_run.cfg, stage1_run.metrics
     for name in ("config.json", "log.jsonl", "metrics.json", "loss_curve.png", "motion_projector.safetensors",
                  "flow_decoder.safetensors", "checkpoint-3"):  # fmt: skip
         assert (run / name).exists(), name
@@ -54,7 +26,7 @@ def test_stage1_run_folder_and_metrics(world):
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a finished run is not silently overwritten
     with pytest.raises(MoalignError, match="finished stage-1 run"):
-        stage1_mod.train_stage1(root / "data", run, cfg, progress=False)
+        stage1_mod.train_stage1(stage1_run.data, run, cfg, progress=False)
 
     teacher = load_motion_teacher(run)
     assert not any(p.requires_grad for p in teacher.projector.parameters())
@@ -63,11 +35,11 @@ def test_stage1_run_folder_and_metrics(world):
     with pytest.raises(MoalignError, match="expected a 'motion_projector'"):
         load_motion_teacher(run / "flow_decoder.safetensors")
     with pytest.raises(MoalignError, match="not a finished stage-1 run"):
-        load_motion_teacher(root / "encoder")
+        load_motion_teacher(videomae_folder)
 
 
-def test_gradients_reach_heads_never_encoder(world):
-    root, cfg = world
+def test_gradients_reach_heads_never_encoder(stage1_run):
+    cfg = stage1_run.cfg
     encoder = VideoEncoder.from_pretrained(cfg.encoder)
     frames = torch.randint(0, 255, (2, 9, 32, 32, 3), dtype=torch.uint8)
     pixels = encoder.preprocess(frames).requires_grad_(True)
@@ -85,48 +57,34 @@ def test_gradients_reach_heads_never_encoder(world):
     assert pixels.grad is None
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(world, monkeypatch):
-    root, cfg = world
-    stage1_mod.train_stage1(root / "data", root / "full", cfg, progress=False)
-
-    real_loss, calls = stage1_mod.flow_loss, {"n": 0}
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after checkpoint-3 was written, before the run finishes
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(stage1_mod, "flow_loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        stage1_mod.train_stage1(root / "data", root / "cut", cfg, progress=False)
-    assert (root / "cut" / "checkpoint-3").is_dir() and not (root / "cut" / "metrics.json").exists()
-    monkeypatch.setattr(stage1_mod, "flow_loss", real_loss)
-    stage1_mod.train_stage1(root / "data", root / "cut", cfg, resume="latest", progress=False)
-    for name in ("motion_projector.safetensors", "flow_decoder.safetensors"):
-        a, b = load_file(root / "full" / name), load_file(root / "cut" / name)
+def test_resume_after_interruption_matches_uninterrupted_run(stage1_run, tmp_path):
+    data, cfg, cut = stage1_run.data, stage1_run.cfg, tmp_path / "cut"
+    # killed in step 5: after checkpoint-3 was written, before the run finishes
+    with interrupted_at_call("moalign.stage1.flow_loss", 5), pytest.raises(KeyboardInterrupt):
+        stage1_mod.train_stage1(data, cut, cfg, progress=False)
+    assert (cut / "checkpoint-3").is_dir() and not (cut / "metrics.json").exists()
+    stage1_mod.train_stage1(data, cut, cfg, resume="latest", progress=False)
+    for name in ("motion_projector.safetensors", "flow_decoder.safetensors"):  # stage1_run: the same, uncut
+        a, b = load_file(stage1_run.folder / name), load_file(cut / name)
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_teacher_targets_cache_equals_direct_computation_and_resumes(world, tmp_path):
+def test_teacher_targets_cache_equals_direct_computation_and_resumes(stage1_run, tmp_path):
     from moalign.cli import main
     from moalign.data.dataset import VideoClipDataset
     from moalign.teacher import load_targets
 
-    root, cfg = world
-    run = root / "run"
-    if not (run / "metrics.json").exists():
-        stage1_mod.train_stage1(root / "data", run, cfg, progress=False)
+    data, run = stage1_run.data, stage1_run.folder
     out = tmp_path / "targets"
-    assert main(["targets", "--data", str(root / "data"), "--teacher", str(run), "--out", str(out), "--raw",
+    assert main(["targets", "--data", str(data), "--teacher", str(run), "--out", str(out), "--raw",
                  "--shard-size", "4", "--quiet"]) == 0  # fmt: skip
     cache = load_targets(out)
     assert len(cache) == 10
     teacher = load_motion_teacher(run)
     encoder = VideoEncoder.from_pretrained(teacher.encoder)
-    ds = VideoClipDataset(root / "data", teacher.data, load_flow=False)
+    ds = VideoClipDataset(data, teacher.data, load_flow=False)
     for i in (0, 7):
         tokens = encoder.encode(ds[i]["frames"][None])
         with torch.no_grad():
@@ -138,10 +96,10 @@ def test_teacher_targets_cache_equals_direct_computation_and_resumes(world, tmp_
     before = load_file(out / "shard-00001.safetensors")
     (out / "shard-00001.safetensors").unlink()
     (out / "manifest.json").unlink()
-    assert main(["targets", "--data", str(root / "data"), "--teacher", str(run), "--out", str(out), "--raw",
+    assert main(["targets", "--data", str(data), "--teacher", str(run), "--out", str(out), "--raw",
                  "--shard-size", "4", "--quiet"]) == 0  # fmt: skip
     after = load_file(out / "shard-00001.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # other settings on the same folder are refused
-    assert main(["targets", "--data", str(root / "data"), "--teacher", str(run), "--out", str(out),
+    assert main(["targets", "--data", str(data), "--teacher", str(run), "--out", str(out),
                  "--shard-size", "4", "--quiet"]) == 2  # fmt: skip

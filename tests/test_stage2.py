@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import interrupted_at_call, tiny_transformer
 from safetensors.torch import load_file
-from tiny_parts import write_stage2_caches
 
 import moalign.stage2 as stage2_mod
 from moalign.align_projector import AlignProjectorConfig
@@ -19,10 +19,8 @@ N = 6
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s2")
-    write_stage2_caches(root, N)
-    return root
+def caches(stage2_caches):
+    return stage2_caches(N)
 
 
 def _cfg(mode="moalign", **kw):
@@ -41,8 +39,7 @@ def test_lora_run_outputs_and_pipeline_loading(caches, tmp_path):
         assert (run / name).exists(), name
     assert {"diffusion", "align", "spatial", "temporal", "total"} <= set(metrics)
     spec = get_backbone("cogvideox")
-    torch.manual_seed(0)
-    pipe = spec.pipeline_class(None, None, None, spec.tiny_transformer(), spec.scheduler)
+    pipe = spec.pipeline_class(None, None, None, tiny_transformer("cogvideox"), spec.scheduler)
     pipe.load_lora_weights(run)  # loads straight into the diffusers pipeline
     card = (run / "README.md").read_text()  # the model card
     assert card.startswith(
@@ -67,21 +64,11 @@ def test_no_alignment_needs_no_targets(caches, tmp_path):
     assert m["align"] == 0
 
 
-def test_resume_matches_uninterrupted(caches, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted(caches, tmp_path):
     cfg = _cfg(lora_rank=4)
     train_stage2(caches / "latents", tmp_path / "a", cfg, caches / "targets", progress=False)
-    real, calls = stage2_mod.stage2_loss, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(stage2_mod, "stage2_loss", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call("moalign.stage2.stage2_loss", 4), pytest.raises(KeyboardInterrupt):
         train_stage2(caches / "latents", tmp_path / "b", cfg, caches / "targets", progress=False)
-    monkeypatch.setattr(stage2_mod, "stage2_loss", real)
     train_stage2(caches / "latents", tmp_path / "b", cfg, caches / "targets", resume="latest", progress=False)
     for name in ("pytorch_lora_weights.safetensors", "align_projector.safetensors"):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
@@ -93,8 +80,9 @@ def test_resume_latest_is_safe_to_repeat(caches, tmp_path):
     a folder is never overwritten without being asked, and a resume with other settings is refused."""
     cfg = _cfg(lora_rank=4)
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        _train_until_killed(caches, run, cfg, calls=3)  # dies after checkpoint-2
+    # dies in step 3, after checkpoint-2
+    with interrupted_at_call("moalign.stage2.stage2_loss", 3), pytest.raises(KeyboardInterrupt):
+        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
     with pytest.raises(MoalignError, match="unfinished stage-2 run; add --resume latest"):
         train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
     with pytest.raises(MoalignError, match=r"other settings.*\n  lr: 0.001 -> 0.002"):
@@ -114,22 +102,6 @@ def test_resume_latest_is_safe_to_repeat(caches, tmp_path):
         caches / "latents", run, replace(cfg, steps=6), caches / "targets", resume=str(run / "checkpoint-2")
     )
     assert longer["steps"] == 6
-
-
-def _train_until_killed(caches, run, cfg, calls):
-    real, seen = stage2_mod.stage2_loss, {"n": 0}
-
-    def dying(*a, **k):
-        seen["n"] += 1
-        if seen["n"] == calls:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    stage2_mod.stage2_loss = dying
-    try:
-        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
-    finally:
-        stage2_mod.stage2_loss = real
 
 
 def test_gradient_accumulation_equals_the_full_batch(caches, tmp_path):
@@ -176,9 +148,7 @@ def test_tensorboard_log_follows_the_json_log(caches, tmp_path):
 
 
 def test_lora_under_bf16_keeps_the_base_in_bf16_and_trains_float32_adapters(caches, tmp_path):
-    spec = get_backbone("cogvideox")
-    torch.manual_seed(0)
-    model = spec.tiny_transformer()
+    model = tiny_transformer("cogvideox")
     cfg = _cfg(lora_rank=4, mixed_precision="bf16", report_to="none")
     m = train_stage2(caches / "latents", tmp_path / "bf16", cfg, caches / "targets", progress=False,
                      transformer=model)  # fmt: skip
