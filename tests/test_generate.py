@@ -7,7 +7,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
-from tiny_parts import tiny_pipeline
+from conftest import tiny_pipeline
 
 from moalign.data.video_io import read_video
 from moalign.errors import MoalignError

@@ -187,7 +187,7 @@ def test_errors(caches, tmp_path):
         )
 
 
-def test_cli_stage2_runs_from_caches(caches, tmp_path):
+def test_cli_stage2_runs_from_caches(caches, tmp_path, capsys):
     from moalign.cli import main
 
     argv = ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"), "--out",
@@ -195,4 +195,12 @@ def test_cli_stage2_runs_from_caches(caches, tmp_path):
             "--set", "batch_size=2", "--set", "align.projector.hidden_dim=8", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "cli" / "pytorch_lora_weights.safetensors").is_file()
-    assert main(argv[:-1] + ["--align", "bogus", "--quiet"]) == 2
+    with pytest.raises(
+        SystemExit
+    ) as exit_info:  # --align takes its choices from ALIGN_MODES: argparse exits 2
+        main(argv[:-1] + ["--align", "bogus", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    # a bad value reaching the config is refused by moalign itself (exit 2, no traceback)
+    assert main(argv[:-1] + ["--set", "align.bogus=1", "--quiet"]) == 2
+    assert "unknown config field" in capsys.readouterr().err
