@@ -1,4 +1,5 @@
-"""`moalign targets`: precompute the stage-2 teacher targets of every clip into a cache.
+"""The stage-1 teacher for stage 2: `load_motion_teacher` (a stage-1 run as encoder + frozen M_psi) and
+`compute_targets` (`moalign targets`: the teacher targets of every clip in a cache).
 
 After stage 1 the teacher is fixed, so per clip the motion tokens M = M_psi(V(x)) (and, for the ablation
 arms, the raw encoder tokens S = V(x)) can be computed once. The stage-2 loop then reads them from the

@@ -1,17 +1,11 @@
-"""Video clip datasets: manifests, deterministic frame sampling, resize + centre crop, ground-truth flow.
+"""`VideoClipDataset`: one loader for real data and the synthetic playground.
 
-One loader serves real data and the synthetic playground. A dataset is a folder with a manifest, found in
-this order:
-
-1. ``metadata.jsonl``: one JSON object a line (the format the playground writes);
-2. ``metadata.csv``: the same columns, with a header row;
-3. ``prompts.txt`` + ``videos.txt``: line-aligned captions and video paths (the diffusers / finetrainers
-   convention).
-
-Every clip is a deterministic window of ``num_frames`` frames (no random crops in time or space), so
-cached teacher targets and flow fields stay aligned with the frames they were computed from. Frames are
-resized so they cover the target size, then centre-cropped; ground-truth flow gets exactly the same
-geometric transform (vectors scaled by the resize factor of each axis, then cropped).
+A dataset is a folder with a manifest (`moalign/data/manifest.py`: metadata.jsonl, metadata.csv, or
+prompts.txt + videos.txt). Item i is clip i: a deterministic window of ``num_frames`` frames
+(`moalign/data/sampling.py`; no random crops in time or space), resized so the frames cover the target size
+and centre-cropped (`moalign/data/geometry.py`), with its caption and, when the manifest has it, the
+ground-truth flow under exactly the same geometric transform. So cached teacher targets and flow fields stay
+aligned with the frames they were computed from.
 """
 
 from __future__ import annotations

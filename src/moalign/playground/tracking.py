@@ -2,7 +2,7 @@
 
 Tracking
     Balls are found per frame by colour. A pixel is a chromatic ball pixel when its HSV saturation is at
-    least 0.4 and its value at least 0.3, and it then belongs to the palette colour (`playground.COLOURS`)
+    least 0.4 and its value at least 0.3, and it then belongs to the palette colour (`playground.captions.COLOURS`)
     of nearest hue, if that is within 22 degrees (the palette hues are 23 to 85 degrees apart). A pixel
     is white when its saturation is below 0.22 and its darkest channel at least 0.55. The background
     (grey wall, brownish floor band, grey texture) passes neither test. Per colour and frame the largest
@@ -122,7 +122,7 @@ def track_balls(frames: np.ndarray) -> dict[str, Track]:
         frames: uint8 (T, H, W, 3) RGB.
 
     Returns:
-        colour name -> `Track`, for every colour of `playground.COLOURS`.
+        colour name -> `Track`, for every colour of `playground.captions.COLOURS`.
     """
     import cv2
 
