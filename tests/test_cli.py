@@ -1,5 +1,6 @@
 """The command line: every subcommand has --help; input errors exit 2 with a message naming the problem."""
 
+import json
 import subprocess
 import sys
 
@@ -44,6 +45,16 @@ def test_config_lists_presets(capsys):
     assert main(["config", "--list"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "cogvideox-2b" in out
+
+
+def test_config_applies_set_to_the_whole_recipe(capsys):
+    """`moalign config --set stage2.lr=...` without --part shows the override (it was silently ignored)."""
+    assert main(["config", "--set", "stage2.lr=0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage2"]["lr"] == 0.5
+    assert main(["config"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage2"]["lr"] != 0.5
+    assert main(["config", "--set", "nosuchfield=1"]) == 2
+    assert "unknown config field 'nosuchfield'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

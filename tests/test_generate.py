@@ -71,3 +71,12 @@ def test_generate_config_fields_are_generate_keywords():
     for bad in (dict(num_frames=0), dict(steps=0), dict(height=-16), dict(fps=0.0)):
         with pytest.raises(ValueError, match="must be"):
             GenerateConfig(**bad)
+
+
+def test_family_of_a_pipeline_class_comes_from_the_backbone_registry():
+    from moalign.backbones import BACKBONES
+    from moalign.generate import family
+
+    assert family("WanPipeline") == "wan" and family("CogVideoXPipeline") == "cogvideox"
+    assert {family(make().pipeline_class.__name__) for make in BACKBONES.values()} == set(BACKBONES)
+    assert family("SomethingElsePipeline") == "cogvideox"  # the default, as before

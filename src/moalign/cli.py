@@ -46,12 +46,23 @@ logger = console.get_logger(__name__)
 
 def _add_preset(
     p: argparse.ArgumentParser,
+    part: str,
+    example: str = "steps=200",
     default: str | None = "tiny",
     preset_help: str = "named recipe (default: tiny; `moalign config --list`)",
-    set_help: str = "override a config field of this stage, e.g. --set steps=200 --set data.fps=8 (repeatable)",
 ) -> None:
+    """--preset and --set for a command that reads the recipe's `part` (`--set` paths are relative to it)."""
     p.add_argument("--preset", default=default, choices=list(PRESETS), help=preset_help)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    where = (
+        "the whole recipe (of --part's config when given)"
+        if part == "recipe"
+        else f"the preset's {part} config"
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a field of {where}, e.g. --set {example} (repeatable; `moalign config --part {part}` "
+        "lists the fields)" if part != "recipe" else f"override a field of {where}, e.g. --set {example} (repeatable)",
+    )  # fmt: skip
 
 
 def _stage_config(args: argparse.Namespace, part: str):
@@ -72,8 +83,9 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="demo folder (re-running resumes finished steps)")
     _add_preset(
         p,
+        "recipe",
+        "stage1.steps=500 --set demo.arm_training.steps=100",
         preset_help="tiny (2 CPU cores, minutes) or small (a GPU)",
-        set_help="override a recipe field, e.g. --set stage1.steps=500 --set demo.arm_training.steps=100 (repeatable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -87,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _add_config_parser(sub) -> None:
     p = add_command(sub, "config", cmd_config, "print a preset's resolved configuration as JSON")
-    _add_preset(p)
+    _add_preset(p, "recipe", "stage2.lr=1e-4", preset_help="named recipe (default: tiny)")
     p.add_argument("--part", choices=[f.name for f in fields(Recipe)], help="only this stage's config")
     p.add_argument("--list", action="store_true", help="list the presets")
 
@@ -99,7 +111,8 @@ def cmd_config(args: argparse.Namespace) -> None:
         for name, fn in PRESETS.items():
             print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return
-    print(json.dumps(to_dict(_stage_config(args, args.part) if args.part else _recipe(args)), indent=2))
+    cfg = _stage_config(args, args.part) if args.part else overridden(_recipe(args), args.overrides)
+    print(json.dumps(to_dict(cfg), indent=2))
 
 
 def _add_synth_parser(sub) -> None:
@@ -115,7 +128,7 @@ def _add_synth_parser(sub) -> None:
     bind(p, "--fps", "fps", type=float, help="frame rate written to the mp4 files")
     bind(p, "--motions", "motions", help=f"comma-separated scene mix of {','.join(MOTIONS)}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_preset(p)
+    _add_preset(p, "synth", "num_clips=64")
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -152,7 +165,7 @@ def _add_flow_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("--raft-weights", help="local RAFT weights file (raft only)")
     add_cache_options(p)
-    _add_preset(p)
+    _add_preset(p, "stage1", "data.fps=8")
     add_data_options(p)
 
 
@@ -204,7 +217,7 @@ def _add_pretrain_encoder_parser(sub) -> None:
     )
     bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_preset(p)
+    _add_preset(p, "pretrain", "steps=200")
     add_data_options(p)
 
 
@@ -233,7 +246,7 @@ def _add_stage1_parser(sub) -> None:
     bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_preset(p)
+    _add_preset(p, "stage1", "lr=3e-4 --set data.fps=8")
     add_data_options(p)
 
 
@@ -271,7 +284,7 @@ def _add_stage2_parser(sub) -> None:
     bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_preset(p)
+    _add_preset(p, "stage2", "lr=1e-4 --set align.tau=10")
 
 
 def cmd_stage2(args: argparse.Namespace) -> None:
@@ -311,10 +324,11 @@ def _add_generate_parser(sub) -> None:
     )
     _add_preset(
         p,
+        "generate",
+        "steps=25",
         default=None,
         preset_help="take the geometry and sampler settings from this recipe's generate part (default: none, "
         "the defaults below)",
-        set_help="override a GenerateConfig field, e.g. --set steps=25",
     )
     g = p.add_argument_group("geometry and sampler (src/moalign/generate.py GenerateConfig)")
     defaults = GenerateConfig()
@@ -371,7 +385,7 @@ def _add_latents_parser(sub) -> None:
     p.add_argument("--out", required=True, help=RESUMABLE)
     add_latents_options(p)
     add_cache_options(p)
-    _add_preset(p)
+    _add_preset(p, "stage1", "data.fps=8")
     add_data_options(p)
 
 
@@ -399,7 +413,7 @@ def _add_targets_parser(sub) -> None:
         help="skip unreadable videos, counted in the cache",
     )  # fmt: skip
     add_cache_options(p)
-    _add_preset(p)
+    _add_preset(p, "stage1", "data.fps=8")
 
 
 def cmd_targets(args: argparse.Namespace) -> None:
@@ -427,7 +441,7 @@ def _add_precompute_parser(sub) -> None:
     p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
     add_latents_options(p)
     add_cache_options(p)
-    _add_preset(p)
+    _add_preset(p, "stage1", "data.fps=8")
     add_data_options(p)
 
 

@@ -51,8 +51,16 @@ class GenerateConfig:
 
 
 def family(pipeline_class_name: str) -> str:
-    """The backbone family of a diffusers pipeline class name (WanPipeline -> wan; otherwise cogvideox)."""
-    return "wan" if pipeline_class_name.startswith("Wan") else "cogvideox"
+    """The backbone family (a `moalign.backbones.BACKBONES` key) of a diffusers pipeline class name: the family
+    whose pipeline class shares its prefix (WanPipeline -> wan, CogVideoXPipeline -> cogvideox); cogvideox when
+    none does."""
+    from moalign.backbones import BACKBONES
+
+    for key, make in BACKBONES.items():
+        prefix = make().pipeline_class.__name__.removesuffix("Pipeline")
+        if pipeline_class_name.startswith(prefix):
+            return key
+    return "cogvideox"
 
 
 def load_pipeline(

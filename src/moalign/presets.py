@@ -1,7 +1,8 @@
 """The named presets (recipes): one config per stage, from the 2-core playground to the paper's GPU recipes.
 
 Presets derive from each other by replacing fields; the CLI picks one (`--preset NAME`, `moalign config
---list`) and applies a few overrides (`--set stage1.lr=3e-4`). Only the entry points (the CLI, the demo)
+--list`) and applies a few overrides (`moalign stage1 --set lr=3e-4`; the demo takes whole-recipe paths,
+`moalign demo --set stage1.lr=3e-4`). Only the entry points (the CLI, the demo)
 import this module: each stage reads its own config class, defined beside it.
 """
 
@@ -233,12 +234,12 @@ def _wan(model: str, layer: int) -> Recipe:
 
 
 def wan21_1_3b() -> Recipe:
-    """Wan2.1-T2V-1.3B, LoRA, block 17 of 30 (0-based); see _wan for the shared choices."""
+    """Wan2.1-T2V-1.3B, LoRA rank 64, block 17 of 30 (0-based), 81 frames at 480x832, teacher resampled to the latents."""
     return _wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 17)
 
 
 def wan21_14b() -> Recipe:
-    """Wan2.1-T2V-14B, LoRA, block 23 of 40 (0-based); see _wan for the shared choices."""
+    """Wan2.1-T2V-14B, LoRA rank 64, block 23 of 40 (0-based), 81 frames at 480x832, teacher resampled to the latents."""
     return _wan("Wan-AI/Wan2.1-T2V-14B-Diffusers", 23)
 
 
