@@ -183,13 +183,16 @@ def _build(data_dir: str | Path, cfg: Stage1Config, flow_cache: str | None, devi
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     val_ids, train_ids = perm[: cfg.val_clips].tolist(), perm[cfg.val_clips :].tolist()
     grid = encoder.grid(cfg.data.num_frames)
+    projector = MotionProjector(
+        cfg.projector
+    )  # before the decoder: the seeded initialisation draws in this order
     try:
         decoder = FlowDecoder(
             cfg.decoder, patch_size=encoder.patch_size, pairs_per_tubelet=encoder.tubelet_size
         )
     except ValueError as err:
         raise MoalignError(str(err)) from err
-    heads = Stage1Heads(MotionProjector(cfg.projector), decoder)
+    heads = Stage1Heads(projector, decoder)
     flow_size = decoder.output_size(grid[1:])
     return _Stage1Parts(cfg, encoder, dataset, flow_source, train_ids, val_ids, heads, grid, flow_size)
 
