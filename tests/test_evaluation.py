@@ -1,0 +1,65 @@
+"""Weight-free video metrics and the Fréchet distance on inputs with known answers (src/moalign/evaluation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import texture
+
+from moalign.evaluation.frechet import frechet_distance
+from moalign.evaluation.video import video_metrics
+
+
+def _panning(shift: int, frames: int = 9, seed: int = 0) -> np.ndarray:
+    """A textured view panning right by `shift` px per frame: the content moves by (-shift, 0) px/frame."""
+    tex = texture(96, 160, seed=seed)
+    return np.stack([tex[16:80, 16 + shift * t : 112 + shift * t] for t in range(frames)])
+
+
+def test_a_static_video_has_no_motion_and_no_flicker():
+    m = video_metrics(_panning(0))
+    assert m.motion == pytest.approx(0.0, abs=1e-3) and m.flicker == 0.0 and m.static
+    assert m.warp_error == pytest.approx(0.0, abs=1e-4) and m.smoothness == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("shift", [1, 3])
+def test_a_constant_translation_has_motion_k_and_a_small_warping_error(shift):
+    m = video_metrics(_panning(shift))
+    assert m.motion == pytest.approx(shift, abs=0.1) and m.motion_top == pytest.approx(shift, abs=0.2)
+    assert not m.static and m.flicker > 0.01  # the frames do change
+    assert m.warp_error < 0.005 and m.occluded < 0.1  # but the flow explains the change
+    assert m.smoothness > 0.95
+
+
+def test_shuffled_frames_raise_the_warping_error_and_lower_smoothness():
+    video = _panning(2)
+    ordered = video_metrics(video)
+    shuffled = video_metrics(video[np.random.default_rng(1).permutation(len(video))])
+    assert shuffled.warp_error > 5 * ordered.warp_error
+    assert shuffled.smoothness < 0.5 < ordered.smoothness
+
+
+def test_a_two_frame_video_has_no_smoothness_and_one_frame_is_refused():
+    m = video_metrics(_panning(1, frames=2))
+    assert m.frames == 2 and m.smoothness is None and m.flow_acceleration is None
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        video_metrics(_panning(1, frames=1))
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6))
+    shifted = rng.normal(loc=0.5, size=(400, 6))
+    same, different = frechet_distance(a, b), frechet_distance(a, shifted)
+    assert same < 0.25 < 1.0 < different  # two draws of one distribution are closer than two distributions
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # closed form: equal covariances, means apart by m -> d^2 = |m|^2 (exact for these two sets)
+    assert frechet_distance(a, a + 2.0) == pytest.approx(4.0 * 6, rel=1e-6)
+
+
+def test_frechet_distance_with_fewer_videos_than_dimensions_is_finite():
+    rng = np.random.default_rng(0)
+    d = frechet_distance(rng.normal(size=(5, 32)), rng.normal(size=(5, 32)))
+    assert np.isfinite(d) and d > 0
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(3, 4)))
