@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import texture
@@ -63,3 +65,69 @@ def test_frechet_distance_with_fewer_videos_than_dimensions_is_finite():
     assert np.isfinite(d) and d > 0
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(3, 4)))
+
+
+@pytest.fixture(scope="module")
+def plain_folder(tmp_path_factory):
+    """mp4s that no moalign command wrote, no manifest: one static view, one pan by 2 px/frame, in a subfolder."""
+    from moalign.data.video_io import write_video
+
+    root = tmp_path_factory.mktemp("plain")
+    write_video(root / "static.mp4", _panning(0), crf=0)
+    (root / "more").mkdir()
+    write_video(root / "more" / "pan.mp4", _panning(2), crf=0)
+    return root
+
+
+def test_evaluate_a_folder_without_manifest(plain_folder, tmp_path):
+    import csv
+    import json
+
+    from moalign.cli import main
+
+    assert main(["evaluate", "--videos", str(plain_folder), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    rows = {Path(r["video"]).name: r for r in csv.DictReader(open(tmp_path / "ev" / "metrics.csv"))}
+    assert set(rows) == {"static.mp4", "pan.mp4"}
+    assert float(rows["static.mp4"]["motion"]) < 0.05 and float(rows["pan.mp4"]["motion"]) == pytest.approx(
+        2, abs=0.2
+    )
+    agg = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["aggregate"]
+    assert agg["num_videos"] == 2 and agg["static_share"] == 0.5
+    assert agg["motion"]["ci95"][0] <= agg["motion"]["mean"] <= agg["motion"]["ci95"][1]
+    assert (tmp_path / "ev" / "motion.png").is_file() and "| videos | 2 | 50% |" in (
+        tmp_path / "ev" / "report.md"
+    ).read_text()
+
+
+def test_evaluate_bad_inputs_name_the_file(plain_folder, tmp_path, capsys):
+    import shutil
+
+    from moalign.cli import main
+
+    assert main(["evaluate", "--videos", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder of videos" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(plain_folder, bad)
+    (bad / "broken.mp4").write_bytes(b"not a video")
+    assert main(["evaluate", "--videos", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.mp4" in err and "--skip-bad-videos" in err
+    assert main(["evaluate", "--videos", str(bad), "--skip-bad-videos", "--quiet"]) == 0
+    import json
+
+    result = json.loads((bad / "evaluation" / "evaluation.json").read_text())
+    assert result["aggregate"]["num_videos"] == 2 and [Path(s["video"]).name for s in result["skipped"]] == [
+        "broken.mp4"
+    ]
+
+
+def test_frechet_in_the_teacher_spaces(playground, stage1_run, plain_folder, tmp_path):
+    from moalign.evaluation.folder import evaluate_folder
+
+    clips = playground(10)
+    same = evaluate_folder(clips, tmp_path / "a", reference=clips, teacher=stage1_run.folder, progress=False)
+    assert same["frechet"]["motion"] == pytest.approx(0.0, abs=1e-6)
+    other = evaluate_folder(
+        clips, tmp_path / "b", reference=playground(4), teacher=stage1_run.folder, progress=False
+    )
+    assert other["frechet"]["motion"] > 1e-6 and other["frechet"]["encoder"] > 1e-6

@@ -45,23 +45,24 @@ logger = console.get_logger(__name__)
 
 
 def _add_preset(
-    p: argparse.ArgumentParser,
-    part: str,
-    example: str = "steps=200",
-    default: str | None = "tiny",
-    preset_help: str = "named recipe (default: tiny; `moalign config --list`)",
+    p: argparse.ArgumentParser, part: str, example: str, default: str | None = "tiny", preset_help: str = ""
 ) -> None:
     """--preset and --set for a command that reads the recipe's `part` (`--set` paths are relative to it)."""
-    p.add_argument("--preset", default=default, choices=list(PRESETS), help=preset_help)
+    p.add_argument(
+        "--preset",
+        default=default,
+        choices=list(PRESETS),
+        help=preset_help or "named recipe (`moalign config --list`)",
+    )
     where = (
         "the whole recipe (of --part's config when given)"
         if part == "recipe"
         else f"the preset's {part} config"
     )
+    listing = "" if part == "recipe" else f"; `moalign config --part {part}` lists the fields"
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a field of {where}, e.g. --set {example} (repeatable; `moalign config --part {part}` "
-        "lists the fields)" if part != "recipe" else f"override a field of {where}, e.g. --set {example} (repeatable)",
+        help=f"override a field of {where}, e.g. --set {example} (repeatable{listing})",
     )  # fmt: skip
 
 
@@ -156,7 +157,7 @@ def _precompute(args: argparse.Namespace, out, done: str, **parts) -> None:
 def _add_flow_parser(sub) -> None:
     p = add_command(sub, "flow", cmd_flow, "precompute optical flow for a dataset into a sharded cache")
     p.add_argument(
-        "--data", required=True, help="dataset folder (metadata.jsonl/csv or prompts.txt + videos.txt)"
+        "--data", required=True, help="dataset folder (metadata.jsonl/csv, prompts.txt + videos.txt)"
     )
     p.add_argument("--out", required=True, help=RESUMABLE)
     p.add_argument(
@@ -179,13 +180,9 @@ def _add_convert_parser(sub) -> None:
         sub, "convert-videomaev2", cmd_convert,
         "convert an official VideoMAEv2 .pth into a transformers VideoMAEModel folder",
     )  # fmt: skip
-    p.add_argument(
-        "checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune layout"
-    )
+    p.add_argument("checkpoint", help="official checkpoint (.pth or .safetensors), pretrain or finetune")
     p.add_argument("out_dir", help="output folder for VideoMAEModel.from_pretrained")
-    p.add_argument(
-        "--num-heads", type=int, help="attention heads (default: from the checkpoint's model name)"
-    )
+    p.add_argument("--num-heads", type=int, help="attention heads (default: from the checkpoint's name)")
     p.add_argument("--eps", type=float, help="LayerNorm eps (default 1e-6, VideoMAEv2's value)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -317,19 +314,9 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="output folder (mp4s, metadata.jsonl, contact_sheet.png)")
     p.add_argument("--base", help="base pipeline of a run whose config names none")
-    p.add_argument(
-        "--backbone",
-        choices=list(BACKBONES),
-        help="backbone family (default: from the run or model_index.json)",
-    )
-    _add_preset(
-        p,
-        "generate",
-        "steps=25",
-        default=None,
-        preset_help="take the geometry and sampler settings from this recipe's generate part (default: none, "
-        "the defaults below)",
-    )
+    p.add_argument("--backbone", choices=list(BACKBONES), help="default: from the run or model_index.json")
+    help = "take the geometry and sampler settings from this recipe's generate part (default: the ones below)"
+    _add_preset(p, "generate", "steps=25", default=None, preset_help=help)
     g = p.add_argument_group("geometry and sampler (src/moalign/generate.py GenerateConfig)")
     defaults = GenerateConfig()
     for name, text in _GENERATE_FLAGS.items():
@@ -354,9 +341,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _add_judge_parser(sub) -> None:
-    p = add_command(
-        sub, "judge", cmd_judge, "toy VideoPhy2 judge for playground-style videos (SA, PC, Joint, motion)"
-    )
+    help = "toy VideoPhy2 judge for playground-style videos (SA, PC, Joint, motion)"
+    p = add_command(sub, "judge", cmd_judge, help)
     p.add_argument(
         "--videos", required=True, help="folder with metadata.jsonl (video, caption) and the videos"
     )
@@ -373,6 +359,27 @@ def cmd_judge(args: argparse.Namespace) -> None:
         f"[judge] {agg['num_videos']} videos: SA {agg['sa']:.3f}, PC {agg['pc']:.3f}, Joint {agg['joint']:.3f}, "
         f"motion {agg['motion']:.2f} px/frame -> {where}"
     )
+
+
+def _add_evaluate_parser(sub) -> None:
+    p = add_command(sub, "evaluate", cmd_evaluate, "weight-free motion metrics of any folder of videos")
+    p.add_argument("--videos", required=True, help="folder of videos (a manifest is optional)")
+    p.add_argument(
+        "--reference", help="folder of real clips: the same metrics, Fréchet distances with --teacher"
+    )
+    p.add_argument("--teacher", help="stage-1 run: Fréchet distances in its motion and raw encoder spaces")
+    p.add_argument("--out", help="output folder (default: VIDEOS/evaluation)")
+    p.add_argument("--skip-bad-videos", action="store_true", help="skip unreadable videos, counted")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from moalign.evaluation.folder import evaluate_folder
+
+    evaluate_folder(
+        args.videos, args.out, reference=args.reference, teacher=args.teacher,
+        skip_bad_videos=args.skip_bad_videos, progress=not args.quiet,
+    )  # fmt: skip
 
 
 def _add_latents_parser(sub) -> None:
@@ -468,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_demo_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
         _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_generate_parser,
-        _add_judge_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
+        _add_judge_parser, _add_evaluate_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
     ):  # fmt: skip
         add(sub)
     return parser
