@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "stage2",
     "generate",
     "judge",
+    "evaluate",
     "latents",
     "targets",
     "precompute",
@@ -26,6 +27,8 @@ SUBCOMMANDS = [
 
 
 def test_every_subcommand_has_help(capsys):
+    registered = build_parser()._subparsers._group_actions[0].choices
+    assert sorted(registered) == sorted(SUBCOMMANDS)  # a new command is listed here too
     for name in SUBCOMMANDS:
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args([name, "--help"])
