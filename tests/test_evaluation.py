@@ -131,3 +131,14 @@ def test_frechet_in_the_teacher_spaces(playground, stage1_run, plain_folder, tmp
         clips, tmp_path / "b", reference=playground(4), teacher=stage1_run.folder, progress=False
     )
     assert other["frechet"]["motion"] > 1e-6 and other["frechet"]["encoder"] > 1e-6
+
+
+def test_evaluate_with_another_flow_method(plain_folder, tmp_path):
+    from moalign.errors import MoalignError
+    from moalign.evaluation.folder import evaluate_folder
+
+    result = evaluate_folder(plain_folder, tmp_path / "fb", flow="farneback", progress=False)
+    assert result["flow"]["method"] == "farneback"
+    assert result["aggregate"]["motion"]["mean"] == pytest.approx(1.0, abs=0.2)  # (0 + 2) / 2 px/frame
+    with pytest.raises(MoalignError, match="raft"):  # RAFT without weights: the error says what is missing
+        evaluate_folder(plain_folder, tmp_path / "raft", flow="raft", progress=False)

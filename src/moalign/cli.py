@@ -364,11 +364,12 @@ def cmd_judge(args: argparse.Namespace) -> None:
 def _add_evaluate_parser(sub) -> None:
     p = add_command(sub, "evaluate", cmd_evaluate, "weight-free motion metrics of any folder of videos")
     p.add_argument("--videos", required=True, help="folder of videos (a manifest is optional)")
-    p.add_argument(
-        "--reference", help="folder of real clips: the same metrics, Fréchet distances with --teacher"
-    )
+    p.add_argument("--reference", help="folder of real clips: the same metrics; Fréchet with --teacher")
     p.add_argument("--teacher", help="stage-1 run: Fréchet distances in its motion and raw encoder spaces")
     p.add_argument("--out", help="output folder (default: VIDEOS/evaluation)")
+    p.add_argument("--flow", default="dis", choices=[m for m in FLOW_METHODS if m != "exact"])
+    p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft, GPU machines)")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="for RAFT, --teacher")
     p.add_argument("--skip-bad-videos", action="store_true", help="skip unreadable videos, counted")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -376,10 +377,8 @@ def _add_evaluate_parser(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from moalign.evaluation.folder import evaluate_folder
 
-    evaluate_folder(
-        args.videos, args.out, reference=args.reference, teacher=args.teacher,
-        skip_bad_videos=args.skip_bad_videos, progress=not args.quiet,
-    )  # fmt: skip
+    keys = ("reference", "teacher", "skip_bad_videos", "device", "flow", "raft_weights")
+    evaluate_folder(args.videos, args.out, progress=not args.quiet, **{k: getattr(args, k) for k in keys})
 
 
 def _add_latents_parser(sub) -> None:
