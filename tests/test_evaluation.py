@@ -142,3 +142,46 @@ def test_evaluate_with_another_flow_method(plain_folder, tmp_path):
     assert result["aggregate"]["motion"]["mean"] == pytest.approx(1.0, abs=0.2)  # (0 + 2) / 2 px/frame
     with pytest.raises(MoalignError, match="raft"):  # RAFT without weights: the error says what is missing
         evaluate_folder(plain_folder, tmp_path / "raft", flow="raft", progress=False)
+
+
+def test_ridge_probe_recovers_a_linear_target_and_not_noise():
+    from moalign.evaluation.probes import probe_accuracy, probe_r2
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 12))
+    train = np.arange(600) % 2 == 0
+    assert probe_r2(x, x @ rng.normal(size=(12, 2)), train) > 0.99
+    assert probe_r2(x, rng.normal(size=(600, 2)), train) < 0.05
+    labels = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0)
+    accuracy, chance = probe_accuracy(x, labels, train)
+    assert accuracy > 0.8 and 0.2 < chance < 0.35  # a least-squares classifier of four quadrants
+    accuracy, chance = probe_accuracy(x, rng.integers(0, 4, 600), train)
+    assert accuracy < chance + 0.1
+
+
+def test_token_targets_of_a_playground_clip(playground):
+    import torch
+
+    from moalign.data.dataset import VideoClipDataset
+    from moalign.evaluation.probes import token_targets
+    from moalign.playground.captions import COLOURS
+
+    data = playground(2)
+    from conftest import MICRO_DATA
+
+    sample = VideoClipDataset(data, MICRO_DATA)[0]
+    frames, flow = np.asarray(sample["frames"]), torch.as_tensor(sample["flow"])
+    grid = ((len(frames) - 1) // 2, 4, 4)
+    token_flow, colour = token_targets(frames, flow, grid)
+    assert token_flow.shape == (grid[0] * 16, 2) and colour.shape == (grid[0] * 16,)
+    assert set(np.unique(colour)) <= set(range(-1, len(COLOURS)))
+    # token 0: the mean flow of its 8x8 patch over pairs 0 and 1 (the flows into frames 1 and 2)
+    expected = flow[0:2, :8, :8].float().mean(dim=(0, 1, 2)).numpy() * 4 / 32  # vectors in token units
+    assert np.allclose(token_flow[0], expected, atol=1e-4)
+
+
+def test_stage1_writes_its_disentanglement_probes(stage1_run):
+    probes = stage1_run.metrics["probes"]
+    assert probes["clips"] == min(stage1_run.cfg.probe_clips, 10) and probes["tokens"] > 0
+    assert set(probes["flow_r2"]) == {"encoder", "motion"}
+    assert all(np.isfinite(v) for v in probes["flow_r2"].values())

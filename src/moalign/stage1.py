@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,6 +84,8 @@ class Stage1Config:
     val_every: int = 200
     checkpoint_every: int = 400
     checkpoint_limit: int = 2  # checkpoint-N folders kept (the newest)
+    # playground runs: linear probes of colour and flow on this many clips (0: none); see evaluation/probes.py
+    probe_clips: int = 32
     mixed_precision: str = "no"
     report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
 
@@ -356,6 +359,29 @@ def train_stage1(
     return metrics
 
 
+@torch.no_grad()
+def _probes(parts: _Stage1Parts, heads: Stage1Heads, prep: ClipPreparer) -> dict[str, Any]:
+    """Disentanglement probes (`moalign/evaluation/probes.py`) on the held-out clips, then training clips."""
+    from moalign.evaluation.probes import stage1_disentanglement
+
+    clips = []
+    for i in (parts.val_ids + parts.train_ids)[: parts.cfg.probe_clips]:
+        sample = parts.dataset[i]
+        tokens = prep(i)["tokens"]
+        motion = heads.projector(tokens[None].to(next(heads.parameters()).device))[0]
+        frames = np.asarray(sample["frames"])
+        clips.append({"encoder": tokens, "motion": motion, "frames": frames, "flow": prep.flow_of(i, sample)})
+    result = stage1_disentanglement(clips)
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in result["flow_r2"].items())
+    colour = result.get("colour_accuracy", {})
+    logger.info(
+        f"[stage1] probes on {len(clips)} clips: flow R^2 {shown}; colour accuracy "
+        + ", ".join(f"{k} {v:.3f}" for k, v in colour.items())
+        + (f" (chance {result['colour_chance']:.3f})" if colour else "n/a")
+    )
+    return result
+
+
 def _finish(accelerator, out_dir: Path, parts: _Stage1Parts, heads, prep, log, seen_all, launch, seconds):
     """Final phase: validate, write the heads, metrics.json and the loss curves (main process)."""
     cfg = parts.cfg
@@ -377,6 +403,8 @@ def _finish(accelerator, out_dir: Path, parts: _Stage1Parts, heads, prep, log, s
         "flow_resolution": list(parts.flow_size),
         "token_grid": list(parts.grid),
     }
+    if accelerator.is_main_process and cfg.probe_clips and all(r.flow for r in parts.dataset.records):
+        metrics["probes"] = _probes(parts, accelerator.unwrap_model(heads), prep)
     if accelerator.is_main_process:
         unwrapped, meta = accelerator.unwrap_model(heads), _module_meta(cfg)
         save_module(out_dir / "motion_projector.safetensors", unwrapped.projector, "motion_projector", meta)

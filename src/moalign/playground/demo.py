@@ -360,7 +360,7 @@ Joint = SA and PC both pass. PC alone can be gamed by a still video: read it wit
 |---|---|
 | encoder pretraining (masked autoencoding) | masked-patch MSE {pre["first_mse"]:.4f} -> {pre["final_mse"]:.4f} |
 | stage 1: val EPE / zero-flow EPE (px, held-out clips) | {s1["val_epe"]:.4f} / {s1["zero_flow_epe"]:.4f} (ratio {s1["val_epe_ratio"]:.2f}) |
-| base VAE ({"x".join(str(c) for c in b.vae_channels)} channels, {b.latent_channels} latent) | val PSNR {vae["val_psnr_db"]:.1f} dB after {vae["steps"]} steps |
+{_probe_row(s1)}| base VAE ({"x".join(str(c) for c in b.vae_channels)} channels, {b.latent_channels} latent) | val PSNR {vae["val_psnr_db"]:.1f} dB after {vae["steps"]} steps |
 | base transformer ({b.num_layers} blocks, {b.num_attention_heads * b.attention_head_dim}-d), from scratch | diffusion loss {base.get("diffusion", float("nan")):.4f} after {base["steps"]} steps |
 
 | arm | alignment | final diffusion loss | final alignment loss | seconds |
@@ -379,6 +379,19 @@ Files: `side_by_side.gif` (rows: prompts; columns: the held-out clip, then {", "
         "base": base,
         "arms": arm_metrics,
     }
+
+
+def _probe_row(s1: dict) -> str:
+    """The stage-1 disentanglement probes' table row (docs/evaluation.md), empty when stage 1 ran none."""
+    p = s1.get("probes")
+    if not p or "colour_accuracy" not in p:
+        return ""
+    r2, acc = p["flow_r2"], p["colour_accuracy"]
+    return (
+        f"| stage 1 probes, held-out clips: flow R^2 / ball colour accuracy (chance {p['colour_chance']:.2f}) | "
+        f"raw encoder {r2['encoder']:.2f} / {acc['encoder']:.2f}; motion subspace {r2['motion']:.2f} / "
+        f"{acc['motion']:.2f} |\n"
+    )
 
 
 def recipe_name(recipe: Recipe) -> str:

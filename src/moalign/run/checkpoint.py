@@ -239,6 +239,7 @@ def finished_run(
 # config fields a resumed run may change: how long, how often it logs, checkpoints and validates
 RESUMABLE_CHANGES = (
     "steps", "log_every", "checkpoint_every", "checkpoint_limit", "val_every", "validate_every", "report_to",
+    "probe_clips",
     "validation_prompts", "validation_frames", "validation_size", "validation_steps",
 )  # fmt: skip
 
