@@ -1,5 +1,7 @@
 """Latents + prompt-embedding caches from tiny real pipelines, then stage 2 on them."""
 
+import json
+
 import pytest
 import torch
 from conftest import MICRO_DATA, tiny_pipeline, tiny_transformer
@@ -9,6 +11,7 @@ from moalign.backbones import get_backbone
 from moalign.data.cache import Cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.latents import compute_latents
+from moalign.run.training import read_log
 from moalign.stage2 import Stage2Config, train_stage2
 
 
@@ -37,6 +40,21 @@ def test_latents_cache_shapes_determinism_and_stage2(family, playground, tmp_pat
     assert m["diffusion"] > 0
     val = tmp_path / "run" / "validation" / "step-2"
     assert (val / "video_00000.mp4").is_file() and (val / "metadata.jsonl").is_file()
+    # their motion (px/frame) against the base model's videos before the first step, logged for TensorBoard
+    base = json.loads((tmp_path / "run" / "validation" / "step-0" / "motion.json").read_text())
+    after = json.loads((val / "motion.json").read_text())
+    assert len(after["motion"]) == 1 and after["mean"] >= 0 and base["mean"] >= 0
+    logged = [r for r in read_log(tmp_path / "run") if "val_motion" in r]
+    assert [r["step"] for r in logged] == [1] and logged[0]["val_motion"] == pytest.approx(after["mean"])
+
+
+def test_a_fine_tune_that_kills_the_motion_is_warned_about(capsys):
+    from moalign.evaluation.validation import check_motion
+
+    check_motion(10, 1.9, 2.0)
+    assert capsys.readouterr().out == ""
+    check_motion(20, 0.4, 2.0)
+    assert "under half of the base model's 2.00" in capsys.readouterr().out
 
 
 def test_cogvideox_text_length_follows_the_transformer(tmp_path):

@@ -24,6 +24,7 @@ from moalign.backbones import get_backbone
 from moalign.backbones.spec import unwrap
 from moalign.data.cache import Cache
 from moalign.errors import MoalignError
+from moalign.evaluation.validation import MotionWatch
 from moalign.latents import LATENTS_KIND
 from moalign.run import console
 from moalign.run.atomic import write_json
@@ -108,21 +109,6 @@ class Stage2Config:
             raise ValueError(
                 "validate_every needs validation_prompts and a pipeline folder (validation_pipeline or model)"
             )
-
-
-def validate(spec, transformer: torch.nn.Module, cfg: Stage2Config, out: Path, device: torch.device) -> None:
-    """Validation videos with the transformer being trained, on its device, through the base pipeline's other
-    parts."""
-    from moalign.generate import generate
-
-    base = cfg.validation_pipeline or cfg.model  # Stage2Config checks one is set
-    pipe = spec.pipeline_class.from_pretrained(base, transformer=transformer)
-    transformer.eval()
-    h, w = cfg.validation_size
-    generate(
-        base, list(cfg.validation_prompts), out, num_frames=cfg.validation_frames, height=h, width=w,
-        steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False, device=str(device),
-    )  # fmt: skip
 
 
 class Stage2Model(torch.nn.Module):
@@ -399,6 +385,7 @@ def train_stage2(
     )
 
     model.train()
+    watch = MotionWatch(spec, cfg, out_dir, device, accelerator.is_main_process, model, start_step)
     t0 = time.time()
     seen = 0  # clips this process trained on in this launch: its share of every global batch
     bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc=f"stage2 ({cfg.align.mode})")
@@ -423,9 +410,7 @@ def train_stage2(
             scalars = reduce_scalars(accelerator, sums)  # the global batch's mean, not rank 0's share
             log.log(step, **scalars, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
-        if cfg.validate_every and done % cfg.validate_every == 0 and accelerator.is_main_process:
-            validate(spec, unwrap(model).transformer, cfg, out_dir / "validation" / f"step-{done}", device)
-            model.train()
+        watch(model, done, step, log)  # validation videos and their motion, when due
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save.checkpoint(model, done, optimizer, scheduler, sharded)
 
