@@ -65,6 +65,7 @@ def token_targets(
     flow of its two frame pairs over its patch (F''*H''*W'', 2), and the palette colour index of the ball
     covering most of its patch in its frames (-1: background; `moalign/playground/tracking.py`'s rule)."""
     from moalign.data.geometry import resize_flow
+    from moalign.playground.captions import COLOURS
     from moalign.playground.tracking import _colour_labels
 
     f, h, w = grid
@@ -72,15 +73,16 @@ def token_targets(
     labels = _colour_labels(frames[1:])[0].reshape(f, -1, *frames.shape[1:3])  # (F'', 2, H, W)
     rows = np.linspace(0, frames.shape[1], h + 1).astype(int)
     cols = np.linspace(0, frames.shape[2], w + 1).astype(int)
-    colour = np.full((f, h, w), -1, dtype=np.int64)
-    for i in range(h):
-        for j in range(w):
-            patch = labels[:, :, rows[i] : rows[i + 1], cols[j] : cols[j + 1]].reshape(f, -1)
-            for t in range(f):
-                values, counts = np.unique(patch[t], return_counts=True)
-                k = counts.argmax()
-                if values[k] >= 0 and counts[k] * 2 > patch.shape[1]:
-                    colour[t, i, j] = values[k]
+    onehot = np.eye(len(COLOURS) + 1, dtype=np.int64)[labels.astype(np.int64) + 1].sum(
+        1
+    )  # (F'', H, W, 1 + C)
+    votes = np.add.reduceat(
+        np.add.reduceat(onehot, rows[:-1], axis=1), cols[:-1], axis=2
+    )  # (F'', H'', W', 1+C)
+    pixels = 2 * np.diff(rows)[:, None] * np.diff(cols)[None, :]  # per token: its patch over its two frames
+    best = votes.argmax(-1)
+    majority = np.take_along_axis(votes, best[..., None], -1)[..., 0] * 2 > pixels
+    colour = np.where(majority & (best > 0), best - 1, -1)  # index 0 of the votes is the background
     return token_flow.reshape(-1, 2).numpy(), colour.reshape(-1)
 
 

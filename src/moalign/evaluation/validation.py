@@ -37,8 +37,9 @@ def validate(
         steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False, device=str(device),
     )  # fmt: skip
     motion = [video_metrics(read_video(out / row["video"])[0]).motion for row in rows]
-    write_json(out / "motion.json", {"motion": motion, "mean": float(sum(motion) / len(motion))})
-    return float(sum(motion) / len(motion))
+    mean = float(sum(motion) / len(motion))
+    write_json(out / "motion.json", {"motion": motion, "mean": mean})
+    return mean
 
 
 def base_motion(
