@@ -17,6 +17,7 @@ import numpy as np
 
 from moalign.errors import MoalignError
 from moalign.evaluation.frechet import frechet_distance
+from moalign.evaluation.stats import bootstrap_ci
 from moalign.evaluation.video import VideoMetrics, video_metrics
 from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json, write_text
@@ -69,24 +70,19 @@ def _measure(videos: list[tuple[Path, str | None]], skip_bad: bool, progress: bo
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and 95% percentile-bootstrap interval (scipy.stats.bootstrap, 2,000 resamples, seeded) of every
-    metric over videos, and the share of near-static videos."""
-    from scipy.stats import bootstrap
-
+    """Mean and 95% percentile-bootstrap interval (`moalign/evaluation/stats.py`, 2,000 seeded resamples) of
+    every metric over videos, and the share of near-static videos."""
     out: dict[str, Any] = {
         "num_videos": len(rows),
         "static_share": float(np.mean([r["static"] for r in rows])),
     }
     for key in SUMMARISED:
-        values = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)
-        if len(values) == 0:
+        values = [r[key] for r in rows if r[key] is not None]
+        if not values:
             out[key] = None
             continue
-        interval = [float(values.mean())] * 2
-        if len(values) > 1 and values.std() > 0:
-            res = bootstrap((values,), np.mean, n_resamples=2000, method="percentile", random_state=0)
-            interval = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-        out[key] = {"mean": float(values.mean()), "ci95": interval}
+        mean, low, high = bootstrap_ci(values)
+        out[key] = {"mean": mean, "ci95": [low, high]}
     return out
 
 
