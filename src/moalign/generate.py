@@ -63,11 +63,15 @@ def family(pipeline_class_name: str) -> str:
     return "cogvideox"
 
 
+_NOT_TRANSFORMER = ("text_encoder", "tokenizer", "vae")  # pipeline components a probe does not need
+
+
 def load_pipeline(
     model: str | os.PathLike,
     backbone: str | None = None,
     base: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    transformer_only: bool = False,
 ):
     """A ready pipeline from a stage-2 run folder or a diffusers pipeline folder / hub id.
 
@@ -75,11 +79,14 @@ def load_pipeline(
         model: a stage-2 run folder, or a pipeline folder / hub id.
         backbone: family of a plain pipeline (default: from its model_index.json).
         base: the base pipeline of a run (default: the run config's `model`).
+        transformer_only: skip the text encoder, tokenizer and VAE (None in the pipeline): for probing the
+            transformer, with a run's LoRA loaded the same way.
 
     Returns:
         (pipeline, backbone spec).
     """
     path = Path(model)
+    kw = {**dtype_kwargs(torch_dtype), **(dict.fromkeys(_NOT_TRANSFORMER) if transformer_only else {})}
     run_cfg = path / "config.json"
     cfg = json.loads(run_cfg.read_text()).get("config") if run_cfg.is_file() else None
     if isinstance(cfg, dict) and "align" in cfg and "backbone" in cfg:  # a stage-2 run folder
@@ -89,7 +96,7 @@ def load_pipeline(
             raise MoalignError(
                 f"{run_cfg} names no base pipeline (its model is null): pass the base pipeline folder with --base"
             )
-        pipe = spec.pipeline_class.from_pretrained(base, **dtype_kwargs(torch_dtype))
+        pipe = spec.pipeline_class.from_pretrained(base, **kw)
         if (path / "pytorch_lora_weights.safetensors").is_file():
             pipe.load_lora_weights(path)
         elif (path / "transformer" / "config.json").is_file():
@@ -103,7 +110,7 @@ def load_pipeline(
         index = path / "model_index.json"
         backbone = family(json.loads(index.read_text()).get("_class_name", "") if index.is_file() else "")
     spec = get_backbone(backbone)
-    return spec.pipeline_class.from_pretrained(str(model), **dtype_kwargs(torch_dtype)), spec
+    return spec.pipeline_class.from_pretrained(str(model), **kw), spec
 
 
 def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:

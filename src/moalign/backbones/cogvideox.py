@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec, per_sample, sample_noise, unwrap, vae_posterior_mean
+from moalign.backbones.spec import (
+    BackboneSpec,
+    check_noise_level,
+    per_sample,
+    sample_noise,
+    unwrap,
+    vae_posterior_mean,
+)
 from moalign.losses import LossParts
 
 # The released transformers' architectures (diffusers configs of THUDM/CogVideoX-2b and -5b), for presets and
@@ -130,14 +137,18 @@ class CogVideoXSpec(BackboneSpec):
             return_dict=False,
         )[0]
 
-    def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
+    def diffusion_loss(
+        self, transformer, latents, prompt_embeds, generator=None, noise_level=None
+    ) -> LossParts:
         b = latents.shape[0]
         sched = self.scheduler
         steps = sched.config.num_train_timesteps
         noise = sample_noise(generator, latents)
-        t = per_sample(generator, lambda n, g: torch.randint(0, steps, (n,), generator=g), b).to(
-            latents.device
-        )
+        if noise_level is None:
+            t = per_sample(generator, lambda n, g: torch.randint(0, steps, (n,), generator=g), b)
+        else:
+            t = torch.full((b,), round(check_noise_level(noise_level) * (steps - 1)), dtype=torch.long)
+        t = t.to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         v_hat = self.predict(transformer, noisy, t, prompt_embeds)
         x0_hat = sched.get_velocity(v_hat, noisy, t)  # sqrt(a) x_t - sqrt(1 - a) v_hat

@@ -76,8 +76,14 @@ class BackboneSpec:
         latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
         generator: torch.Generator | None = None,
+        noise_level: float | None = None,
     ) -> LossParts:
-        """Sample noise and timesteps, run the transformer once, return LossParts(diffusion, total)."""
+        """Sample noise and timesteps, run the transformer once, return LossParts(diffusion, total).
+
+        `noise_level` in [0, 1] fixes every sample's timestep instead of drawing it (held-out losses and probes
+        at chosen noise levels, `moalign/evaluation/dit_probes.py`): the fraction of the family's training
+        schedule, 0 clean, 1 pure noise (CogVideoX: timestep round(level * 999); Wan: sigma = level).
+        """
         raise NotImplementedError
 
     max_sequence_length: int = 0  # text tokens the pipeline's encode_prompt pads to
@@ -128,6 +134,13 @@ def per_sample(generator: Generators, draw, batch: int) -> torch.Tensor:
             raise ValueError(f"{len(generator)} generators for a batch of {batch}")
         return torch.cat([draw(1, g) for g in generator])
     return draw(batch, generator)
+
+
+def check_noise_level(level: float) -> float:
+    """A fixed noise level for `BackboneSpec.diffusion_loss`: a float in [0, 1], else a ValueError."""
+    if not 0.0 <= float(level) <= 1.0:
+        raise ValueError(f"noise_level must be in [0, 1] (0 clean, 1 pure noise), got {level}")
+    return float(level)
 
 
 def sample_noise(generator: Generators, latents: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.backbones.spec import BackboneSpec, per_sample, sample_noise, unwrap, vae_posterior_mean
+from moalign.backbones.spec import (
+    BackboneSpec,
+    check_noise_level,
+    per_sample,
+    sample_noise,
+    unwrap,
+    vae_posterior_mean,
+)
 from moalign.losses import LossParts
 
 # The released transformers' architectures (Wan-AI/Wan2.1-T2V-1.3B / 14B, diffusers layout), for presets and
@@ -70,10 +77,16 @@ class WanSpec(BackboneSpec):
         z = torch.randn(batch, generator=generator) * self.logit_std + self.logit_mean
         return torch.sigmoid(z)
 
-    def diffusion_loss(self, transformer, latents, prompt_embeds, generator=None) -> LossParts:
+    def diffusion_loss(
+        self, transformer, latents, prompt_embeds, generator=None, noise_level=None
+    ) -> LossParts:
         b = latents.shape[0]
         noise = sample_noise(generator, latents)
-        s = per_sample(generator, self.sample_sigmas, b).to(latents.device, latents.dtype).view(b, 1, 1, 1, 1)
+        if noise_level is None:
+            s = per_sample(generator, self.sample_sigmas, b)
+        else:
+            s = torch.full((b,), check_noise_level(noise_level))
+        s = s.to(latents.device, latents.dtype).view(b, 1, 1, 1, 1)
         noisy = (1.0 - s) * latents + s * noise
         pred = self.predict(transformer, noisy, s.flatten() * 1000.0, prompt_embeds)
         loss = (pred.float() - (noise - latents).float()).square().mean()
