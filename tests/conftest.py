@@ -8,6 +8,7 @@ puts this folder on `sys.path`, as it does for tests/launcher.py and tests/run_c
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,9 @@ from moalign.backbones import get_backbone
 from moalign.data.cache_writer import CacheWriter
 from moalign.data.sampling import DataConfig
 from moalign.playground.basemodel import BaseModelConfig
+from moalign.playground.pretrain_encoder import MAEModelConfig
+from moalign.playground.scenes import SynthConfig
+from moalign.playground.study import StudyConfig
 
 # The tests' clip geometry: 9 frames (3 latent frames, 4 encoder tubelets after frame 0) at 32x32.
 MICRO_DATA = DataConfig(num_frames=9, height=32, width=32)
@@ -253,3 +257,33 @@ def interrupted_at_call(target: str, count: int) -> Iterator[None]:
         yield
     finally:
         restore()
+
+
+# ---------------------------------------------------------------------------------------------- micro recipe
+
+MICRO_MODEL = MAEModelConfig(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
+    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+)  # fmt: skip
+
+
+def micro_recipe():
+    """The tiny preset at micro size: the demo and the study (2 seeds x none, moalign) end to end in seconds."""
+    from moalign.presets import tiny
+
+    base = tiny()  # not get_preset: tests patch it to return this recipe
+    return replace(
+        base,
+        synth=SynthConfig(num_clips=10, num_frames=9, height=32, width=32, radius=(5.0, 8.0)),
+        pretrain=replace(base.pretrain, data=MICRO_DATA, model=MICRO_MODEL, input_size=(32, 32), steps=4,
+                         batch_size=4, log_every=1),
+        stage1=replace(base.stage1, data=MICRO_DATA, encoder=replace(base.stage1.encoder, input_size=(32, 32)),
+                       val_clips=3, steps=4, batch_size=4, val_every=2, checkpoint_every=2, log_every=1),
+        demo=replace(
+            base.demo, base=MICRO_BASE, eval_clips=2, generation_steps=2, gif_prompts=2,
+            base_training=replace(base.demo.base_training, steps=2, batch_size=4, log_every=1),
+            arm_training=replace(base.demo.arm_training, steps=2, batch_size=4, log_every=1, checkpoint_every=1),
+        ),
+        study=StudyConfig(arms=("none", "moalign"), seeds=(0, 1), eval_clips=4, checkpoint_every=1,
+                          noise_levels=(0.5,), bootstrap_samples=200, grid_prompts=2),
+    )  # fmt: skip

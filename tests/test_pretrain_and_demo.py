@@ -1,11 +1,10 @@
 """Encoder pretraining (masked autoencoding) and the demo's resume logic, at micro size."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
-from conftest import MICRO_BASE, MICRO_DATA
+from conftest import MICRO_DATA, MICRO_MODEL, micro_recipe
 from transformers import VideoMAEModel
 
 import moalign.playground.demo as demo_mod
@@ -13,18 +12,10 @@ from moalign.alignment import MODE_TITLES
 from moalign.encoder import EncoderConfig, VideoEncoder
 from moalign.errors import MoalignError
 from moalign.playground.pretrain_encoder import (
-    MAEModelConfig,
     PretrainEncoderConfig,
     pretrain_encoder,
     tube_mask,
 )
-from moalign.playground.scenes import SynthConfig
-from moalign.presets import get_preset
-
-MICRO_MODEL = MAEModelConfig(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
-    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-)  # fmt: skip
 
 
 def test_tube_mask_hides_the_same_patches_in_every_tubelet():
@@ -55,25 +46,8 @@ def test_pretrain_encoder_learns_and_saves_a_videomae_folder(playground, tmp_pat
         pretrain_encoder(clips, tmp_path / "enc", cfg, progress=False)
 
 
-def _micro_recipe():
-    base = get_preset("tiny")
-    return replace(
-        base,
-        synth=SynthConfig(num_clips=10, num_frames=9, height=32, width=32, radius=(5.0, 8.0)),
-        pretrain=replace(base.pretrain, data=MICRO_DATA, model=MICRO_MODEL, input_size=(32, 32), steps=4,
-                         batch_size=4, log_every=1),
-        stage1=replace(base.stage1, data=MICRO_DATA, encoder=replace(base.stage1.encoder, input_size=(32, 32)),
-                       val_clips=3, steps=4, batch_size=4, val_every=2, checkpoint_every=2, log_every=1),
-        demo=replace(
-            base.demo, base=MICRO_BASE, eval_clips=2, generation_steps=2, gif_prompts=2,
-            base_training=replace(base.demo.base_training, steps=2, batch_size=4, log_every=1),
-            arm_training=replace(base.demo.arm_training, steps=2, batch_size=4, log_every=1, checkpoint_every=1),
-        ),
-    )  # fmt: skip
-
-
 def test_demo_runs_end_to_end_and_resumes_finished_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr("moalign.presets.get_preset", lambda name: _micro_recipe())
+    monkeypatch.setattr("moalign.presets.get_preset", lambda name: micro_recipe())
     summary = demo_mod.run_demo(tmp_path / "demo", progress=False)
     out = tmp_path / "demo"
     assert summary["stage1"]["steps"] == 4 and summary["stage1"]["zero_flow_epe"] > 0

@@ -98,6 +98,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
 
 
+def _add_study_parser(sub) -> None:
+    p = add_command(
+        sub, "study", cmd_study, "does the alignment help? arms x seeds on the playground, with intervals"
+    )
+    p.add_argument(
+        "--out", default="runs/study", help="study folder; a finished demo folder is reused (resumable)"
+    )
+    bind(
+        p,
+        "--arms",
+        "study.arms",
+        help="comma-separated align modes with none, or 'all' (default: none,trd,moalign)",
+    )
+    bind(p, "--seeds", "study.seeds", help="comma-separated training seeds (default: 0,1,2)")
+    bind(p, "--from-scratch", "study.from_scratch", action="store_const", const="true",
+         help="train every arm from the same random init instead of the base model")  # fmt: skip
+    _add_preset(p, "recipe", "study.eval_clips=16", preset_help="tiny (2 CPU cores) or small (a GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from moalign.playground.study import ALL_ARMS, run_study
+
+    overrides = [
+        o.replace("study.arms=all", f"study.arms={','.join(ALL_ARMS)}") for o in flag_overrides(args)
+    ]
+    recipe = overridden(_recipe(args), overrides + args.overrides)
+    run_study(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
+
+
 def _add_config_parser(sub) -> None:
     p = add_command(sub, "config", cmd_config, "print a preset's resolved configuration as JSON")
     _add_preset(p, "recipe", "stage2.lr=1e-4", preset_help="named recipe (default: tiny)")
@@ -472,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
-        _add_demo_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
+        _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
         _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_generate_parser,
         _add_judge_parser, _add_evaluate_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
     ):  # fmt: skip

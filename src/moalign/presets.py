@@ -22,6 +22,7 @@ from moalign.playground.basemodel import BaseModelConfig
 from moalign.playground.demo import DemoConfig
 from moalign.playground.pretrain_encoder import MAEModelConfig, PretrainEncoderConfig
 from moalign.playground.scenes import SynthConfig
+from moalign.playground.study import StudyConfig
 from moalign.stage1 import Stage1Config
 from moalign.stage2 import Stage2Config
 
@@ -36,6 +37,7 @@ class Recipe:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     demo: DemoConfig = field(default_factory=DemoConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def _playground_generate(recipe: Recipe) -> GenerateConfig:
@@ -140,6 +142,7 @@ def small() -> Recipe:
             ),
             eval_clips=64,
         ),
+        study=StudyConfig(eval_clips=64, checkpoint_every=250),
     )  # fmt: skip
     return replace(recipe, generate=_playground_generate(recipe))
 
