@@ -2,13 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint format
+.PHONY: venv demo study test lint format
 
 venv:
 	@bash scripts/bootstrap.sh
 
 demo: venv
 	$(VENV)/bin/moalign demo
+
+study: venv
+	$(VENV)/bin/moalign study
 
 test: venv
 	$(PY) -m ruff check src tests

@@ -35,7 +35,7 @@ def test_latents_cache_shapes_determinism_and_stage2(family, playground, tmp_pat
     cfg = Stage2Config(backbone=family, align=AlignConfig(mode="none"), steps=2, batch_size=2, log_every=1,
                        lora_rank=2, validation_prompts=("a red ball falls",), validate_every=2,
                        validation_pipeline=str(tmp_path / "pipe"), validation_frames=9, validation_size=(32, 32),
-                       validation_steps=2)  # fmt: skip
+                       validation_steps=2, validation_judge=True)  # fmt: skip
     m = train_stage2(out, tmp_path / "run", cfg, progress=False)
     assert m["diffusion"] > 0
     val = tmp_path / "run" / "validation" / "step-2"
@@ -46,6 +46,9 @@ def test_latents_cache_shapes_determinism_and_stage2(family, playground, tmp_pat
     assert len(after["motion"]) == 1 and after["mean"] >= 0 and base["mean"] >= 0
     logged = [r for r in read_log(tmp_path / "run") if "val_motion" in r]
     assert [r["step"] for r in logged] == [1] and logged[0]["val_motion"] == pytest.approx(after["mean"])
+    # playground prompts: the toy judge scored the folder, and its means are logged beside the motion
+    judged = json.loads((val / "judge.json").read_text())["aggregate"]
+    assert logged[0]["val_joint"] == judged["joint"] and logged[0]["val_pc"] == pytest.approx(judged["pc"])
 
 
 def test_a_fine_tune_that_kills_the_motion_is_warned_about(capsys):

@@ -96,6 +96,7 @@ class Stage2Config:
     validation_frames: int = 17
     validation_size: tuple[int, int] = (64, 64)
     validation_steps: int = 25
+    validation_judge: bool = False  # playground prompts: also log the toy judge's val_sa, val_pc, val_joint
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:

@@ -1,5 +1,6 @@
 """Stage 2's validation videos and their motion: what `validate_every` makes, and the check that fine-tuning
-has not taken the motion away (motion: `moalign/evaluation/video.py`)."""
+has not taken the motion away (motion: `moalign/evaluation/video.py`). With `validation_judge` (playground
+prompts) the toy judge scores every validation folder too (val_sa, val_pc, val_joint in the log)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def validate(
     mean = float(sum(motion) / len(motion))
     write_json(out / "motion.json", {"motion": motion, "mean": mean})
     return mean
+
+
+def judge_validation(out: Path) -> dict[str, float]:
+    """The toy judge's mean SA, PC and Joint of a validation folder of playground prompts (OUT/judge.json;
+    `moalign/playground/judge.py`), for `validation_judge` runs: {"val_sa", "val_pc", "val_joint"}."""
+    from moalign.playground.judge import judge_folder
+
+    scores = judge_folder(out)["aggregate"]
+    return {f"val_{k}": scores[k] for k in ("sa", "pc", "joint")}
 
 
 def base_motion(
@@ -85,6 +95,7 @@ class MotionWatch:
             return
         out = self.out_dir / "validation" / f"step-{done}"
         motion = validate(self.spec, unwrap(model).transformer, self.cfg, out, self.device)
-        log.log(step, val_motion=motion)
+        judged = judge_validation(out) if self.cfg.validation_judge else {}
+        log.log(step, val_motion=motion, **judged)
         check_motion(done, motion, self.base)
         model.train()
