@@ -32,6 +32,7 @@ TITLES = {
 }
 PERCENT = ("joint", "sa", "pc")
 LOWER_IS_BETTER = ("frechet_motion", "heldout_loss")
+NEUTRAL = ("motion",)  # more motion is not better by itself: compare with the reference clips' row
 
 
 def _video_table(results: dict[int, dict], metric: str) -> np.ndarray:
@@ -66,7 +67,7 @@ def _table(results: dict[int, dict], metric: str, block: int) -> np.ndarray:
 
 def _fmt(metric: str, mean: float, low: float | None = None, high: float | None = None) -> str:
     scale = 100.0 if metric in PERCENT else 1.0
-    digits = 1 if metric in PERCENT or metric == "motion" else (3 if "r2" in metric else 4)
+    digits = 1 if metric in PERCENT else (2 if metric == "motion" else (3 if "r2" in metric else 4))
     text = f"{scale * mean:.{digits}f}"
     if low is not None:
         text += f" [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
@@ -78,6 +79,8 @@ def _verdict(metric: str, c: dict[str, Any]) -> str:
     if c["low"] <= 0 <= c["high"]:
         return "no difference resolved"
     higher = c["low"] > 0
+    if metric in NEUTRAL:
+        return "higher" if higher else "lower"
     better = higher != (metric in LOWER_IS_BETTER)
     return f"{'higher' if higher else 'lower'} ({'better' if better else 'worse'})"
 
@@ -139,7 +142,7 @@ def write_study_report(study: Any, prompts: list[str]) -> dict[str, Any]:
     pairs = [(a, "none") for a in cfg.arms if a != "none"]
     if {"moalign", "trd"} <= set(cfg.arms):
         pairs.append(("moalign", "trd"))
-    comparisons, lines, findings = {}, [], []
+    comparisons, lines, findings, resolved = {}, [], [], []
     for a, b in pairs:
         for m in metrics:
             c = paired_comparison(
@@ -156,6 +159,9 @@ def write_study_report(study: Any, prompts: list[str]) -> dict[str, Any]:
                 findings.append(
                     f"- {a} against {b}: {_verdict(m, c)}, {_fmt(m, c['diff'], c['low'], c['high'])}."
                 )
+            elif not c["low"] <= 0 <= c["high"]:
+                interval = _fmt(m, c["diff"], c["low"], c["high"])
+                resolved.append(f"{a} - {b}: {TITLES[m]} {interval}, {_verdict(m, c)}")
     _curves(root / "curves.png", {n: results[n] for n in cfg.arms}, block)
     write_side_by_side(
         root / "side_by_side.gif",
@@ -171,6 +177,8 @@ def write_study_report(study: Any, prompts: list[str]) -> dict[str, Any]:
             f"{100 * top:.1f}%), and the held-out clips drawn through the base model's VAE reach "
             f"{100 * ceiling_joint:.1f}%: the comparison rests on the continuous metrics below."
         )
+    findings.append("- Other differences whose 95% interval excludes 0:" + ("" if resolved else " none."))
+    findings += [f"  - {r}" for r in resolved]
     write_text(root / "report.md", _report(study, prompts, metrics, rows, lines, findings))
     return {
         "primary_metric": cfg.primary_metric,
@@ -198,7 +206,7 @@ Evaluation: {len(prompts)} held-out playground prompts (seed {cfg.eval_seed}), o
 seed (the same sampler seeds for every arm of a seed); probes and held-out loss on the same {len(prompts)}
 clips at noise levels {", ".join(str(v) for v in cfg.noise_levels)}.
 
-## What it shows ({primary}, 95% intervals)
+## What it shows (primary: {primary}; 95% intervals)
 
 {chr(10).join(findings)}
 
