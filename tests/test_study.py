@@ -94,3 +94,17 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         monkeypatch.setattr(target, must_not_run)
     again = run_study(tmp_path, progress=False)
     assert json.dumps(again["comparisons"]) == json.dumps(summary["comparisons"])  # nan != nan: compare text
+
+
+def test_study_command_binds_arms_seeds_and_from_scratch(monkeypatch):
+    from moalign.cli import main
+
+    seen = {}
+    monkeypatch.setattr("moalign.playground.study.run_study", lambda out, **kw: seen.update(out=out, **kw))
+    assert main(["study", "--out", "x", "--arms", "all", "--seeds", "3,4", "--from-scratch", "--quiet"]) == 0
+    cfg = seen["recipe"].study
+    assert cfg.arms == ("none", "repa", "trd", "raw-moalign", "motion-trd", "moalign") and cfg.seeds == (3, 4)
+    assert cfg.from_scratch and seen["out"] == "x" and seen["progress"] is False
+    assert main(["study", "--set", "study.eval_clips=8"]) == 0 and seen["recipe"].study.eval_clips == 8
+    assert seen["recipe"].study.arms == ("none", "trd", "moalign") and not seen["recipe"].study.from_scratch
+    assert main(["study", "--arms", "trd,moalign"]) == 2  # no baseline: a config error, exit 2
