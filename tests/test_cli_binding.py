@@ -159,3 +159,14 @@ def test_help_shows_defaults(capsys):
         out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         for text in shown:
             assert text in out, (text, out)
+
+
+def test_debug_works_after_the_subcommand_too():
+    from moalign.cli import main
+    from moalign.errors import MoalignError
+
+    assert main(["evaluate", "--videos", "/nonexistent-folder"]) == 2  # an input error: a message, exit 2
+    for argv in (["--debug", "evaluate", "--videos", "/nonexistent-folder"],
+                 ["evaluate", "--videos", "/nonexistent-folder", "--debug"]):  # fmt: skip
+        with pytest.raises(MoalignError, match="not a folder of videos"):
+            main(argv)

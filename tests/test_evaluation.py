@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import texture
 
+from moalign.errors import MoalignError
 from moalign.evaluation.frechet import frechet_distance
 from moalign.evaluation.video import video_metrics
 
@@ -111,7 +112,7 @@ def test_evaluate_bad_inputs_name_the_file(plain_folder, tmp_path, capsys):
     (bad / "broken.mp4").write_bytes(b"not a video")
     assert main(["evaluate", "--videos", str(bad), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "broken.mp4" in err and "--skip-bad-videos" in err
+    assert "broken.mp4" in err and err.count("--skip-bad-videos") == 1  # the hint once, not twice
     assert main(["evaluate", "--videos", str(bad), "--skip-bad-videos", "--quiet"]) == 0
     import json
 
@@ -131,6 +132,29 @@ def test_frechet_in_the_teacher_spaces(playground, stage1_run, plain_folder, tmp
         clips, tmp_path / "b", reference=playground(4), teacher=stage1_run.folder, progress=False
     )
     assert other["frechet"]["motion"] > 1e-6 and other["frechet"]["encoder"] > 1e-6
+    # a video shorter than the teacher's clips (9 frames here): named with the fixes, or left out and listed
+    import shutil
+
+    from moalign.data.video_io import write_video
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(playground(4) / "videos", mixed)
+    write_video(mixed / "short.mp4", _panning(2)[:5], crf=0)
+    with pytest.raises(
+        MoalignError,
+        match=r"short.mp4 cannot be read as the teacher reads clips \(9 frames(.|\n)*drop --teacher",
+    ):
+        evaluate_folder(mixed, tmp_path / "c", reference=clips, teacher=stage1_run.folder, progress=False)
+    kept = evaluate_folder(
+        mixed,
+        tmp_path / "c",
+        reference=clips,
+        teacher=stage1_run.folder,
+        progress=False,
+        skip_bad_videos=True,
+    )
+    assert kept["aggregate"]["num_videos"] == 5 and kept["frechet"]["motion"] > 0
+    assert [Path(k["video"]).name for k in kept["frechet_skipped"]] == ["short.mp4"]
 
 
 def test_evaluate_with_another_flow_method(plain_folder, tmp_path):

@@ -108,3 +108,23 @@ def test_study_command_binds_arms_seeds_and_from_scratch(monkeypatch):
     assert main(["study", "--set", "study.eval_clips=8"]) == 0 and seen["recipe"].study.eval_clips == 8
     assert seen["recipe"].study.arms == ("none", "trd", "moalign") and not seen["recipe"].study.from_scratch
     assert main(["study", "--arms", "trd,moalign"]) == 2  # no baseline: a config error, exit 2
+
+
+def test_a_folder_made_with_other_settings_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from moalign.errors import MoalignError
+    from moalign.playground.demo import DEMO_PARTS, check_recipe
+
+    recipe = micro_recipe()
+    check_recipe(tmp_path, recipe, DEMO_PARTS, "moalign demo")  # a new folder: recorded
+    check_recipe(tmp_path, recipe, (*DEMO_PARTS, "study"), "moalign study")  # the same parts and one more
+    changed = replace(recipe, study=replace(recipe.study, eval_clips=6))
+    with pytest.raises(MoalignError, match=r"study.eval_clips: 4 -> 6(.|\n)*new --out folder"):
+        check_recipe(tmp_path, changed, (*DEMO_PARTS, "study"), "moalign study")
+    arms = replace(
+        recipe, demo=replace(recipe.demo, arm_training=replace(recipe.demo.arm_training, steps=12))
+    )
+    with pytest.raises(MoalignError, match="demo.arm_training.steps: 2 -> 12"):
+        check_recipe(tmp_path, arms, DEMO_PARTS, "moalign demo")
+    check_recipe(tmp_path, recipe, DEMO_PARTS, "moalign demo")  # the recorded settings still pass

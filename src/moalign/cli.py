@@ -40,25 +40,30 @@ from moalign.run.arguments import (
 )
 
 logger = console.get_logger(__name__)
+PLAYGROUND_PRESETS = (
+    "tiny",
+    "small",
+)  # the recipes `demo` and `study` run (their playground parts are sized)
 
 # ---- the recipe and its overrides -------------------------------------------------------------------------
 
 
 def _add_preset(
-    p: argparse.ArgumentParser, part: str, example: str, default: str | None = "tiny", preset_help: str = ""
+    p: argparse.ArgumentParser,
+    part: str,
+    example: str,
+    default: str | None = "tiny",
+    preset_help: str = "",
+    choices: tuple[str, ...] = tuple(PRESETS),
 ) -> None:
     """--preset and --set for a command that reads the recipe's `part` (`--set` paths are relative to it)."""
     p.add_argument(
         "--preset",
         default=default,
-        choices=list(PRESETS),
+        choices=list(choices),
         help=preset_help or "named recipe (`moalign config --list`)",
     )
-    where = (
-        "the whole recipe (of --part's config when given)"
-        if part == "recipe"
-        else f"the preset's {part} config"
-    )
+    where = "the whole recipe" if part == "recipe" else f"the preset's {part} config"
     listing = "" if part == "recipe" else f"; `moalign config --part {part}` lists the fields"
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -87,6 +92,7 @@ def _add_demo_parser(sub) -> None:
         "recipe",
         "stage1.steps=500 --set demo.arm_training.steps=100",
         preset_help="tiny (2 CPU cores, minutes) or small (a GPU)",
+        choices=PLAYGROUND_PRESETS,
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -100,8 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _add_study_parser(sub) -> None:
     p = add_command(
-        sub, "study", cmd_study, "does the alignment help? arms x seeds on the playground, with intervals"
-    )
+        sub, "study", cmd_study, "does the alignment help? arms x seeds on the playground, with intervals",
+        description="Fine-tune every arm from the demo's base model with several seeds, judge and measure the "
+        "videos, probe the transformers, and compare each arm with `none` (intervals over seeds and prompts). "
+        "Report: OUT/study/report.md (docs/study.md).",
+    )  # fmt: skip
     p.add_argument(
         "--out", default="runs/study", help="study folder; a finished demo folder is reused (resumable)"
     )
@@ -113,8 +122,11 @@ def _add_study_parser(sub) -> None:
     )
     bind(p, "--seeds", "study.seeds", help="comma-separated training seeds (default: 0,1,2)")
     bind(p, "--from-scratch", "study.from_scratch", action="store_const", const="true",
-         help="train every arm from the same random init instead of the base model")  # fmt: skip
-    _add_preset(p, "recipe", "study.eval_clips=16", preset_help="tiny (2 CPU cores) or small (a GPU)")
+         help="train every arm from the same random init (REPA's setting; default: from the base model)")  # fmt: skip
+    _add_preset(
+        p, "recipe", "study.eval_clips=16", preset_help="tiny (2 CPU cores) or small (a GPU)",
+        choices=PLAYGROUND_PRESETS,
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -397,7 +409,10 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--reference", help="folder of real clips: the same metrics; Fréchet with --teacher")
     p.add_argument("--teacher", help="stage-1 run: Fréchet distances in its motion and raw encoder spaces")
     p.add_argument("--out", help="output folder (default: VIDEOS/evaluation)")
-    p.add_argument("--flow", default="dis", choices=[m for m in FLOW_METHODS if m != "exact"])
+    p.add_argument(
+        "--flow", default="dis", choices=[m for m in FLOW_METHODS if m != "exact"],
+        help="optical flow: dis and farneback on CPU (OpenCV), raft on a GPU with --raft-weights",
+    )  # fmt: skip
     p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft, GPU machines)")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="for RAFT, --teacher")
     p.add_argument("--skip-bad-videos", action="store_true", help="skip unreadable videos, counted")
@@ -513,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        console.quiet_libraries()
     try:
         args.fn(args)
     except MoalignError as err:

@@ -45,14 +45,14 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         raise
     except Exception as err:  # PyAV raises many error types for corrupt data
         raise MoalignError(
-            f"cannot decode video {path}: {type(err).__name__}: {err}. "
+            f"cannot decode video {path} ({type(err).__name__}). "
             "The file is corrupt or not a video: re-encode it (e.g. to H.264 mp4) or remove it from the dataset "
-            "(or pass --skip-bad-videos to skip such files and count them in the run log)."
+            "(or pass --skip-bad-videos to skip such files; they are counted)."
         ) from err
     if not frames:
         raise MoalignError(
             f"{path} decoded to zero frames. Re-encode it or remove it from the dataset "
-            "(or pass --skip-bad-videos to skip such files)."
+            "(or pass --skip-bad-videos to skip such files; they are counted)."
         )
     if fps <= 0:
         fps = 8.0

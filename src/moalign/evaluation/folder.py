@@ -61,7 +61,12 @@ def _measure(videos: list[tuple[Path, str | None]], skip_bad: bool, progress: bo
                 raise MoalignError(f"{path} has {len(frames)} frame(s): motion metrics need at least 2")
         except MoalignError as err:
             if not skip_bad:
-                raise MoalignError(f"{err} (or pass --skip-bad-videos to skip such videos, counted)") from err
+                hint = (
+                    ""
+                    if "--skip-bad-videos" in str(err)
+                    else " (or pass --skip-bad-videos to skip such videos, counted)"
+                )
+                raise MoalignError(f"{err}{hint}") from err
             skipped.append({"video": str(path), "reason": str(err)})
             continue
         metrics: VideoMetrics = video_metrics(frames, estimator)
@@ -87,10 +92,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _teacher_features(
-    teacher_run: str | os.PathLike, videos, device: str, progress: bool
+    teacher_run: str | os.PathLike, videos, device: str, progress: bool, skipped: list | None = None
 ) -> dict[str, np.ndarray]:
     """Per video, the mean over tokens of the teacher's raw encoder tokens and motion tokens: (N, D_v), (N, D_m).
-    Clips are sampled with the teacher's own data config (the geometry its M_psi was trained on)."""
+    Clips are sampled with the teacher's own data config (the geometry its M_psi was trained on); a video too
+    short for it stops here, or with `skipped` (a list) is left out and listed there."""
     import torch
 
     from moalign.data.geometry import resize_center_crop
@@ -104,7 +110,18 @@ def _teacher_features(
     raw, motion = [], []
     with torch.no_grad():
         for path, _ in console.progress(videos, enabled=progress, desc="teacher features", unit="video"):
-            frames, _, _ = read_clip(path, teacher.data)
+            try:
+                frames, _, _ = read_clip(path, teacher.data)
+            except MoalignError as err:
+                if skipped is None:
+                    raise MoalignError(
+                        f"{path} cannot be read as the teacher reads clips ({teacher.data.num_frames} frames, "
+                        f"the data config of {teacher_run}): {err}. Fréchet distances need videos at least that "
+                        "long: generate longer videos, drop --teacher, or pass --skip-bad-videos to leave such "
+                        "videos out of the distances (listed in evaluation.json)"
+                    ) from err
+                skipped.append({"video": str(path), "reason": str(err)})
+                continue
             frames = resize_center_crop(frames, teacher.data.height, teacher.data.width)
             tokens = encoder.encode(np.ascontiguousarray(frames)[None])  # (1, F'', H'', W'', D_v)
             raw.append(tokens.flatten(1, 3).mean(1)[0].cpu().numpy())
@@ -145,7 +162,10 @@ def evaluate_folder(
     found = find_videos(videos)
     rows, skipped = _measure(found, skip_bad_videos, progress, "evaluate", estimator)
     if not rows:
-        raise MoalignError(f"no readable video in {videos}: nothing to evaluate")
+        reasons = "; ".join(f"{Path(k['video']).name}: {k['reason'][:100]}" for k in skipped[:3])
+        raise MoalignError(
+            f"no readable video in {videos}: nothing to evaluate (skipped {len(skipped)}: {reasons})"
+        )
     result: dict[str, Any] = {"videos": str(videos), "flow": estimator.config(), "aggregate": summarise(rows)}
     result["skipped"] = skipped
     if reference is not None:
@@ -161,10 +181,19 @@ def evaluate_folder(
                 raise MoalignError(
                     "a Fréchet distance needs at least 2 videos in --videos and in --reference"
                 )
-            ours = _teacher_features(teacher, [(Path(r["video"]), None) for r in rows], device, progress)
-            theirs = _teacher_features(
-                teacher, [(Path(r["video"]), None) for r in ref_rows], device, progress
+            too_short = [] if skip_bad_videos else None
+            ours = _teacher_features(
+                teacher, [(Path(r["video"]), None) for r in rows], device, progress, too_short
             )
+            theirs = _teacher_features(
+                teacher, [(Path(r["video"]), None) for r in ref_rows], device, progress, too_short
+            )
+            if min(len(ours["motion"]), len(theirs["motion"])) < 2:
+                raise MoalignError(
+                    "a Fréchet distance needs at least 2 videos per set long enough for the teacher: "
+                    f"{len(ours['motion'])} in --videos, {len(theirs['motion'])} in --reference"
+                )
+            result["frechet_skipped"] = too_short or []
             result["frechet"] = {
                 space: frechet_distance(ours[space], theirs[space]) for space in ("motion", "encoder")
             }
@@ -173,7 +202,9 @@ def evaluate_folder(
     agg = result["aggregate"]
     logger.info(
         f"[evaluate] {agg['num_videos']} videos: motion {agg['motion']['mean']:.2f} px/frame, "
-        f"{100 * agg['static_share']:.0f}% near-static, warping error {agg['warp_error']['mean']:.4f} -> {out}"
+        f"{100 * agg['static_share']:.0f}% near-static, warping error {agg['warp_error']['mean']:.4f}"
+        + (f", {len(skipped)} skipped (reasons in evaluation.json)" if skipped else "")
+        + f" -> {out}"
     )
     return result
 
@@ -236,6 +267,9 @@ def _report(result: dict[str, Any]) -> str:
             f"comparable to I3D FVD): motion space {f['motion']:.4g}, raw encoder space {f['encoder']:.4g}.",
         ]
     if result["skipped"]:
-        lines += ["", f"Skipped {len(result['skipped'])} unreadable video(s): see evaluation.json."]
+        lines += [
+            "",
+            f"Skipped {len(result['skipped'])} video(s) (unreadable, or too short for the metrics): see evaluation.json.",
+        ]
     lines += ["", "![motion per video](motion.png)", ""]
     return "\n".join(lines)

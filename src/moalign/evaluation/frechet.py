@@ -6,6 +6,8 @@ encoders as the feature extractor this is an FVD-style distance, not comparable 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import linalg
 
@@ -26,10 +28,12 @@ def frechet_distance(x: np.ndarray, y: np.ndarray, eps: float = 1e-6) -> float:
         raise ValueError(f"a Fréchet distance needs at least 2 videos per set, got {len(x)} and {len(y)}")
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    root = linalg.sqrtm(cov_x @ cov_y)
-    if not np.isfinite(root).all():
-        offset = np.eye(len(cov_x)) * eps
-        root = linalg.sqrtm((cov_x + offset) @ (cov_y + offset))
+    with warnings.catch_warnings():  # few videos: a singular product is expected, its root still finite
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_x @ cov_y)
+        if not np.isfinite(root).all():
+            offset = np.eye(len(cov_x)) * eps
+            root = linalg.sqrtm((cov_x + offset) @ (cov_y + offset))
     root = root.real
     value = np.square(mu_x - mu_y).sum() + np.trace(cov_x) + np.trace(cov_y) - 2.0 * np.trace(root)
     return float(max(value, 0.0))

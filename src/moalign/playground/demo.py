@@ -73,12 +73,12 @@ class DemoConfig:
 class _Steps:
     """Runs named steps in order, skipping finished ones, and records their wall times."""
 
-    def __init__(self, total: int):
-        self.total, self.n, self.seconds = total, 0, {}
+    def __init__(self, total: int, label: str = "demo"):
+        self.total, self.n, self.seconds, self.label = total, 0, {}, label
 
     def __call__(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
         self.n += 1
-        label = f"[demo {self.n}/{self.total}] {name}"
+        label = f"[{self.label} {self.n}/{self.total}] {name}"
         if done:
             logger.info(f"{label}: already done, skipped")
             return
@@ -111,6 +111,34 @@ def link_tree(src: Path, dst: Path, replace_dirs: dict[str, Path]) -> None:
 
 def _done(path: Path) -> bool:
     return path.is_file()
+
+
+DEMO_PARTS = ("synth", "pretrain", "stage1", "demo")  # the recipe parts a demo folder's steps are made from
+
+
+def check_recipe(out: Path, recipe: Recipe, parts: tuple[str, ...], command: str) -> None:
+    """Refuse to resume a folder made with other settings: OUT/recipe.json holds the recipe parts each command
+    ran with (demo: `DEMO_PARTS`; study: those and `study`); a part present in both must be equal, since the
+    finished steps would otherwise be skipped silently and the report would describe settings no run used."""
+    from moalign.data.cache import diff_fingerprints
+    from moalign.errors import MoalignError
+    from moalign.run.serialize import to_dict
+
+    path = out / "recipe.json"
+    new = {part: to_dict(getattr(recipe, part)) for part in parts}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    changed = diff_fingerprints(
+        {k: v for k, v in old.items() if k in new}, {k: new[k] for k in old if k in new}
+    )
+    if changed:
+        shown = "\n  ".join(changed[:12]) + (
+            f"\n  ... and {len(changed) - 12} more" if len(changed) > 12 else ""
+        )
+        raise MoalignError(
+            f"{out} was made with other settings (on disk -> requested):\n  {shown}\nIts finished steps would be "
+            f"reused as they are. Use a new --out folder for these settings, or run `{command}` without them."
+        )
+    write_json(path, {**old, **new})
 
 
 @dataclass
@@ -269,6 +297,7 @@ def run_demo(
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainings pick theirs through accelerate
     # run configs record the base pipeline's path: make it cwd-independent
     demo = _Demo(Path(out).resolve(), recipe or get_preset(preset), progress, device)
+    check_recipe(demo.out, demo.recipe, DEMO_PARTS, demo.cmd)
     d, arms, t0 = demo.d, demo.arms, time.time()
     step = _Steps(total=10)
     _teacher_steps(demo, step)

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 from moalign.alignment import ALIGN_MODES, MODE_TITLES
 from moalign.evaluation.dit_probes import NOISE_LEVELS
-from moalign.playground.demo import _base_model_steps, _Demo, _done, _Steps, _teacher_steps
+from moalign.playground.demo import (
+    DEMO_PARTS,
+    _base_model_steps,
+    _Demo,
+    _done,
+    _Steps,
+    _teacher_steps,
+    check_recipe,
+)
 from moalign.run import console
 from moalign.run.atomic import write_json
 
@@ -309,7 +317,8 @@ def run_study(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     demo = _Demo(Path(out).resolve(), recipe, progress, device, cmd="moalign study")
     study = _Study(demo, cfg)
-    step, t0 = _Steps(total=11), time.time()
+    check_recipe(demo.out, replace(recipe, study=cfg), (*DEMO_PARTS, "study"), demo.cmd)
+    step, t0 = _Steps(total=11, label="study"), time.time()
     _teacher_steps(demo, step)
     _base_model_steps(demo, step)
     step("held-out scenes, caches, VAE ceiling", False, lambda: _held_out(study))

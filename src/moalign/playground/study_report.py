@@ -190,8 +190,30 @@ def write_study_report(study: Any, prompts: list[str]) -> dict[str, Any]:
     }
 
 
+def _stages(d: dict[str, Path]) -> str:
+    """What the arms stand on: stage 1's held-out flow error (a teacher worse than zero flow is flagged), the
+    VAE's reconstruction PSNR, the base transformer's final loss."""
+    s1 = json.loads((d["stage1"] / "metrics.json").read_text())
+    vae = json.loads((d["vae"] / "metrics.json").read_text())
+    base = json.loads((d["base"] / "metrics.json").read_text())
+    ratio = s1["val_epe_ratio"]
+    warn = (
+        " **(worse than predicting zero flow: the teacher holds no motion; train stage 1 longer)**"
+        if ratio >= 1
+        else ""
+    )
+    return (
+        "| step | result |\n|---|---|\n"
+        f"| stage 1: val EPE / zero-flow EPE (px, held-out clips) | {s1['val_epe']:.4f} / {s1['zero_flow_epe']:.4f} "
+        f"(ratio {ratio:.2f}){warn} |\n"
+        f"| base VAE | val PSNR {vae['val_psnr_db']:.1f} dB after {vae['steps']} steps |\n"
+        f"| base transformer | diffusion loss {base.get('diffusion', float('nan')):.4f} after {base['steps']} steps |"
+    )
+
+
 def _report(study, prompts, metrics, rows, lines, findings) -> str:
     cfg, recipe = study.cfg, study.demo.recipe
+    stages = _stages(study.demo.d)
     training = study.training("moalign", cfg.seeds[0])
     primary = TITLES[cfg.primary_metric]
     header = " | ".join(TITLES[m] for m in metrics)
@@ -210,16 +232,22 @@ clips at noise levels {", ".join(str(v) for v in cfg.noise_levels)}.
 
 {chr(10).join(findings)}
 
+## Teacher and base model
+
+{stages}
+
 ## Arms
 
 | run | {header} |
 |---|{"---|" * len(metrics)}
 {chr(10).join(rows)}
 
-Brackets: 95% two-way bootstrap intervals resampling seeds and prompts (video metrics) or seeds (Fréchet
-distance, held-out loss, probes: one value per seed). The first two rows are the judge's ceilings: the
-held-out clips themselves, and the same clips encoded and decoded by the base model's VAE (no generated
-video can look better than the VAE draws it). "start model": what every arm starts from, before training.
+Brackets: 95% intervals: for video metrics a two-way bootstrap resampling seeds and prompts; for the
+Fréchet distance, held-out loss and probes (one value per seed) Student's t over the seeds. The first two rows
+are the judge's references: the held-out clips themselves, and the same clips encoded and decoded by the base
+model's VAE (the decoder every generated video passes through: a base model that drew the clips well would
+score near this row; PC alone can be higher for blobs the judge cannot see as balls). "start model": what
+every arm starts from, before training.
 Probe R²: held-out ridge probes from the block's tokens (`docs/evaluation.md`), final step.
 
 ## Each arm against its baseline (paired: same seeds, prompts and noise)
@@ -228,9 +256,10 @@ Probe R²: held-out ridge probes from the block's tokens (`docs/evaluation.md`),
 |---|---|---|---|---|---|
 {chr(10).join(lines)}
 
-p: two-sided Wilcoxon signed-rank test on the per-prompt differences (video metrics), or a one-sample t-test
-on the per-seed differences (run metrics; nan without spread). "reading" names the direction only when the
-interval excludes 0. For the Fréchet distance and the held-out loss, lower is better. With
+p: two-sided Wilcoxon signed-rank test on the per-prompt differences averaged over seeds (video metrics), or
+a one-sample t-test on the per-seed differences (run metrics; nan without spread). The test ignores the spread
+between seeds that the interval carries, so the two can disagree; "reading" follows the interval and names
+the direction only when it excludes 0. For the Fréchet distance and the held-out loss, lower is better. With
 {len(cfg.seeds)} seeds the run metrics' intervals are wide: read their per-seed values.
 
 ## Files

@@ -34,6 +34,13 @@ def add_command(sub, name: str, fn, help: str, **kwargs) -> argparse.ArgumentPar
     """The parser of subcommand `name`, which `fn(args)` runs; its --help shows the defaults."""
     p = sub.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
     p.set_defaults(fn=fn)
+    # also after the subcommand (`moalign evaluate ... --debug`); SUPPRESS keeps the top-level flag's value
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show full tracebacks for input errors too",
+    )
     return p
 
 

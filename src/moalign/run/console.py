@@ -51,3 +51,16 @@ def get_logger(name: str) -> logging.Logger:
 def progress(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
     """A tqdm bar (same keywords), shown only when `enabled` and on the main process."""
     return tqdm(iterable, disable=not (enabled and is_main_process()), **kwargs)
+
+
+def quiet_libraries() -> None:
+    """`--quiet`: the Hugging Face libraries' progress bars ("Loading weights", "Loading pipeline components")
+    and their warnings off too; their errors still show."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.disable_progress_bars()
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
