@@ -26,6 +26,7 @@ resumable: a re-run skips finished runs and evaluations.
 
 from __future__ import annotations
 
+import csv
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,8 +236,6 @@ def _evaluate(study: _Study, name: str, seed: int, model: Path, prompts: list[st
         videos, videos / "evaluation", reference=study.eval_data, teacher=demo.d["stage1"], progress=False,
         device=demo.device,
     )  # fmt: skip
-    import csv
-
     with open(videos / "evaluation" / "metrics.csv", newline="") as f:
         flow_motion = [float(r["motion"]) for r in csv.DictReader(f)]
     probes = {0: step0} if step0 is not None else {}
