@@ -1,5 +1,7 @@
 """Stage-2 representation probes (moalign/evaluation/dit_probes.py): rows line up, noise is fixed, end to end."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -100,5 +102,14 @@ def test_probe_run_on_a_pipeline_with_playground_flow(playground, stage1_run, tm
     assert max(float(i["flow"].abs().max()) for i in inputs) > 0.1  # the balls move: the flow is not all zero
     r = probe_run(tmp_path / "pipe", inputs, noise_levels=(0.3,), batch_size=3)
     assert r["blocks"] == 4 and len(r["mean"]["motion_r2"]) == 4 and np.isfinite(r["mean"]["diffusion"])
+    # the command: the same figures (8 clips: probe_run's default batch) into a JSON file
+    from moalign.cli import main
+
+    argv = ["probe", "--model", str(tmp_path / "pipe"), "--data", str(data), "--latents", str(tmp_path / "lat"),
+            "--targets", str(tmp_path / "tgt"), "--teacher", str(stage1_run.folder), "--clips", "6",
+            "--noise-levels", "0.3", "--out", str(tmp_path / "p.json"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "p.json").read_text())
+    np.testing.assert_allclose(written["mean"]["motion_r2"], r["mean"]["motion_r2"], atol=1e-6)
     with pytest.raises(Exception, match="at least 4"):
         probe_inputs(tmp_path / "lat", tmp_path / "tgt", data, stage1_run.cfg.data, clips=3)

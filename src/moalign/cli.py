@@ -426,6 +426,50 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate_folder(args.videos, args.out, progress=not args.quiet, **{k: getattr(args, k) for k in keys})
 
 
+def _add_probe_parser(sub) -> None:
+    p = add_command(
+        sub, "probe", cmd_probe, "does a stage-2 transformer hold motion? held-out loss + probe R² per block"
+    )
+    p.add_argument(
+        "--model", required=True, help="stage-2 run folder (LoRA or full) or diffusers pipeline folder"
+    )
+    p.add_argument(
+        "--data", required=True, help="held-out clips with exact flow files (e.g. `moalign synth`)"
+    )
+    p.add_argument(
+        "--latents", required=True, help="`moalign latents` cache of --data (the model's pipeline)"
+    )
+    p.add_argument("--targets", required=True, help="`moalign targets` cache of --data (the stage-1 teacher)")
+    p.add_argument("--teacher", required=True, help="the stage-1 run of --targets (its clip sampling)")
+    p.add_argument("--state", help="a full fine-tune's RUN/checkpoint-N/transformer_trainable.safetensors")
+    p.add_argument("--clips", type=int, default=32, help="held-out clips (half fit the probes, half score)")
+    p.add_argument("--noise-levels", default="0.25,0.5,0.75", help="fractions of the training schedule")
+    p.add_argument("--out", help="JSON file to write (default: MODEL/probes.json)")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from moalign.evaluation.dit_probes import probe_inputs, probe_run
+    from moalign.run.atomic import write_json
+    from moalign.teacher import load_motion_teacher
+
+    levels = tuple(float(v) for v in args.noise_levels.split(","))
+    inputs = probe_inputs(
+        args.latents, args.targets, args.data, load_motion_teacher(args.teacher).data, args.clips
+    )
+    result = probe_run(args.model, inputs, state=args.state, device=args.device, noise_levels=levels)
+    out = Path(args.out) if args.out else Path(args.model) / "probes.json"
+    write_json(out, result)
+    rows = [f"block {k}: motion R² {m:.3f}, flow R² {f:.3f}" for k, (m, f) in
+            enumerate(zip(result["mean"]["motion_r2"], result["mean"]["flow_r2"], strict=True))]  # fmt: skip
+    logger.info(
+        f"[probe] held-out diffusion loss {result['mean']['diffusion']:.4f}; "
+        + "; ".join(rows)
+        + f" -> {out}"
+    )
+
+
 def _add_latents_parser(sub) -> None:
     p = add_command(sub, "latents", cmd_latents, "precompute VAE latents and prompt embeddings for stage 2")
     p.add_argument("--data", required=True, help="dataset folder")
@@ -519,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
         _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_generate_parser,
-        _add_judge_parser, _add_evaluate_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
+        _add_judge_parser, _add_evaluate_parser, _add_probe_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
     ):  # fmt: skip
         add(sub)
     return parser
