@@ -10,6 +10,8 @@ from moalign.cli import build_parser, main
 
 SUBCOMMANDS = [
     "demo",
+    "study",
+    "probe",
     "config",
     "synth",
     "flow",
