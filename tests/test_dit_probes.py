@@ -111,5 +111,10 @@ def test_probe_run_on_a_pipeline_with_playground_flow(playground, stage1_run, tm
     assert main(argv) == 0
     written = json.loads((tmp_path / "p.json").read_text())
     np.testing.assert_allclose(written["mean"]["motion_r2"], r["mean"]["motion_r2"], atol=1e-6)
+    assert (
+        written["model"] == str(tmp_path / "pipe") and written["state"] is None
+    )  # what the figures describe
+    with pytest.raises(Exception, match="not a checkpoint's transformer weights"):
+        probe_run(tmp_path / "pipe", inputs, state=tmp_path / "training_state.pt")
     with pytest.raises(Exception, match="at least 4"):
         probe_inputs(tmp_path / "lat", tmp_path / "tgt", data, stage1_run.cfg.data, clips=3)

@@ -125,6 +125,7 @@ def test_a_folder_made_with_other_settings_is_refused(tmp_path):
     arms = replace(
         recipe, demo=replace(recipe.demo, arm_training=replace(recipe.demo.arm_training, steps=12))
     )
-    with pytest.raises(MoalignError, match="demo.arm_training.steps: 2 -> 12"):
+    with pytest.raises(MoalignError, match="demo.arm_training.steps: 2 -> 12") as err:
         check_recipe(tmp_path, arms, DEMO_PARTS, "moalign demo")
+    assert f"moalign demo --out {tmp_path} --set demo.arm_training.steps=2" in str(err.value)  # the way back
     check_recipe(tmp_path, recipe, DEMO_PARTS, "moalign demo")  # the recorded settings still pass

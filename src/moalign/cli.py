@@ -415,7 +415,10 @@ def _add_evaluate_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft, GPU machines)")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="for RAFT, --teacher")
-    p.add_argument("--skip-bad-videos", action="store_true", help="skip unreadable videos, counted")
+    p.add_argument(
+        "--skip-bad-videos", action="store_true",
+        help="skip unreadable or too-short videos (with --teacher: too short for its clips), counted",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -441,10 +444,16 @@ def _add_probe_parser(sub) -> None:
     )
     p.add_argument("--targets", required=True, help="`moalign targets` cache of --data (the stage-1 teacher)")
     p.add_argument("--teacher", required=True, help="the stage-1 run of --targets (its clip sampling)")
-    p.add_argument("--state", help="a full fine-tune's RUN/checkpoint-N/transformer_trainable.safetensors")
+    p.add_argument(
+        "--state",
+        help="a full fine-tune's checkpoint: RUN/checkpoint-N (or its transformer_trainable.safetensors)",
+    )
     p.add_argument("--clips", type=int, default=32, help="held-out clips (half fit the probes, half score)")
     p.add_argument("--noise-levels", default="0.25,0.5,0.75", help="fractions of the training schedule")
-    p.add_argument("--out", help="JSON file to write (default: MODEL/probes.json)")
+    p.add_argument(
+        "--out",
+        help="JSON file to write (default: MODEL/probes.json, or CHECKPOINT/probes.json with --state)",
+    )
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -455,19 +464,21 @@ def cmd_probe(args: argparse.Namespace) -> None:
     from moalign.teacher import load_motion_teacher
 
     levels = tuple(float(v) for v in args.noise_levels.split(","))
+    state = Path(args.state) if args.state else None
+    if state is not None and state.is_dir():  # a checkpoint folder: its transformer weights
+        state = state / "transformer_trainable.safetensors"
     inputs = probe_inputs(
         args.latents, args.targets, args.data, load_motion_teacher(args.teacher).data, args.clips
     )
-    result = probe_run(args.model, inputs, state=args.state, device=args.device, noise_levels=levels)
-    out = Path(args.out) if args.out else Path(args.model) / "probes.json"
+    result = probe_run(args.model, inputs, state=state, device=args.device, noise_levels=levels)
+    result = {"model": str(args.model), "state": str(state) if state else None, **result}
+    out = Path(args.out) if args.out else (state.parent if state else Path(args.model)) / "probes.json"
     write_json(out, result)
-    rows = [f"block {k}: motion R² {m:.3f}, flow R² {f:.3f}" for k, (m, f) in
-            enumerate(zip(result["mean"]["motion_r2"], result["mean"]["flow_r2"], strict=True))]  # fmt: skip
     logger.info(
-        f"[probe] held-out diffusion loss {result['mean']['diffusion']:.4f}; "
-        + "; ".join(rows)
-        + f" -> {out}"
+        f"[probe] {result['clips']} held-out clips; diffusion loss {result['mean']['diffusion']:.4f} -> {out}"
     )
+    for k, (m, f) in enumerate(zip(result["mean"]["motion_r2"], result["mean"]["flow_r2"], strict=True)):
+        logger.info(f"[probe] block {k}: R² to motion tokens {m:.3f}, to flow {f:.3f}")
 
 
 def _add_latents_parser(sub) -> None:

@@ -185,6 +185,11 @@ def probe_run(
     pipe, spec = load_pipeline(model, transformer_only=True)
     transformer = pipe.transformer
     if state is not None:
+        if Path(state).name != "transformer_trainable.safetensors":
+            raise MoalignError(
+                f"{state} is not a checkpoint's transformer weights: pass RUN/checkpoint-N/"
+                "transformer_trainable.safetensors (the command also takes the checkpoint-N folder)"
+            )
         weights, _ = load_module_file(Path(state), "transformer_trainable")
         _, unexpected = transformer.load_state_dict(weights, strict=False)
         if unexpected:

@@ -113,14 +113,17 @@ def _teacher_features(
             try:
                 frames, _, _ = read_clip(path, teacher.data)
             except MoalignError as err:
+                reason = (
+                    f"{path} cannot be read as the teacher reads clips ({teacher.data.num_frames} frames, the data "
+                    f"config of {teacher_run}); is it shorter?"
+                )
                 if skipped is None:
                     raise MoalignError(
-                        f"{path} cannot be read as the teacher reads clips ({teacher.data.num_frames} frames, "
-                        f"the data config of {teacher_run}): {err}. Fréchet distances need videos at least that "
-                        "long: generate longer videos, drop --teacher, or pass --skip-bad-videos to leave such "
-                        "videos out of the distances (listed in evaluation.json)"
+                        f"{reason} Fréchet distances need videos at least that long: generate longer videos, drop "
+                        "--teacher, or pass --skip-bad-videos to leave such videos out of the distances (listed in "
+                        "evaluation.json)"
                     ) from err
-                skipped.append({"video": str(path), "reason": str(err)})
+                skipped.append({"video": str(path), "reason": reason})
                 continue
             frames = resize_center_crop(frames, teacher.data.height, teacher.data.width)
             tokens = encoder.encode(np.ascontiguousarray(frames)[None])  # (1, F'', H'', W'', D_v)
@@ -204,6 +207,11 @@ def evaluate_folder(
         f"[evaluate] {agg['num_videos']} videos: motion {agg['motion']['mean']:.2f} px/frame, "
         f"{100 * agg['static_share']:.0f}% near-static, warping error {agg['warp_error']['mean']:.4f}"
         + (f", {len(skipped)} skipped (reasons in evaluation.json)" if skipped else "")
+        + (
+            f"; {len(result['frechet_skipped'])} left out of the Fréchet distances (too short)"
+            if result.get("frechet_skipped")
+            else ""
+        )
         + f" -> {out}"
     )
     return result
@@ -270,6 +278,12 @@ def _report(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Skipped {len(result['skipped'])} video(s) (unreadable, or too short for the metrics): see evaluation.json.",
+        ]
+    if result.get("frechet_skipped"):
+        n = len(result["frechet_skipped"])
+        lines += [
+            "",
+            f"Left out of the Fréchet distances: {n} video(s) too short for the teacher's clips (evaluation.json).",
         ]
     lines += ["", "![motion per video](motion.png)", ""]
     return "\n".join(lines)

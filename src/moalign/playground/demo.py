@@ -116,6 +116,21 @@ def _done(path: Path) -> bool:
 DEMO_PARTS = ("synth", "pretrain", "stage1", "demo")  # the recipe parts a demo folder's steps are made from
 
 
+def _lookup(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _set_value(value: Any) -> str:
+    """A recorded value as `--set` takes it (lists comma-separated, booleans lower case, None as none)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value)
+
+
 def check_recipe(out: Path, recipe: Recipe, parts: tuple[str, ...], command: str) -> None:
     """Refuse to resume a folder made with other settings: OUT/recipe.json holds the recipe parts each command
     ran with (demo: `DEMO_PARTS`; study: those and `study`); a part present in both must be equal, since the
@@ -134,9 +149,12 @@ def check_recipe(out: Path, recipe: Recipe, parts: tuple[str, ...], command: str
         shown = "\n  ".join(changed[:12]) + (
             f"\n  ... and {len(changed) - 12} more" if len(changed) > 12 else ""
         )
+        keys = [line.split(": ", 1)[0] for line in changed]
+        recorded = " ".join(f"--set {k}={_set_value(_lookup(old, k))}" for k in keys[:12])
         raise MoalignError(
             f"{out} was made with other settings (on disk -> requested):\n  {shown}\nIts finished steps would be "
-            f"reused as they are. Use a new --out folder for these settings, or run `{command}` without them."
+            f"reused as they are. Use a new --out folder for these settings, or resume this folder with the "
+            f"settings it was made with: {command} --out {out} {recorded}"
         )
     write_json(path, {**old, **new})
 
