@@ -216,7 +216,9 @@ def _report(study, prompts, metrics, rows, lines, findings) -> str:
     stages = _stages(study.demo.d)
     training = study.training("moalign", cfg.seeds[0])
     primary = TITLES[cfg.primary_metric]
-    header = " | ".join(TITLES[m] for m in metrics)
+    header = " | ".join(
+        TITLES[m] + (f", block {study.aligned_block}" if m.startswith("probe") else "") for m in metrics
+    )
     start = "the same random init (from scratch)" if cfg.from_scratch else "the same base model"
     return f"""# moalign study
 
