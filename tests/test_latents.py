@@ -65,3 +65,31 @@ def test_cogvideox_text_length_follows_the_transformer(tmp_path):
     assert spec.text_length(None) == 226 and spec.text_length({"max_text_seq_length": 32}) == 32
     assert spec.text_length(tiny_transformer("cogvideox", max_text_seq_length=24).config) == 24
     assert get_backbone("wan").text_length({"max_text_seq_length": 32}) == 512
+
+
+def test_latents_takes_the_family_from_the_pipeline_folder(playground, tmp_path, capsys, monkeypatch):
+    from moalign.cli import main
+
+    clips = playground(2)
+    tiny_pipeline("wan").save_pretrained(tmp_path / "wan")
+    geometry = ["--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]
+    assert main(["latents", "--data", str(clips), "--model", str(tmp_path / "wan"), "--out", str(tmp_path / "lat"),
+                 *geometry]) == 0  # fmt: skip
+    cache = Cache(tmp_path / "lat", kind="latents")
+    assert tuple(cache[0]["latents"].shape) == (
+        4,
+        3,
+        4,
+        4,
+    )  # Wan's (C, F, H, W), not CogVideoX's (F, C, H, W)
+    assert cache.fingerprint["backbone"] == "wan"
+    # a --backbone that contradicts the folder names both
+    assert main(["latents", "--data", str(clips), "--model", str(tmp_path / "wan"), "--out", str(tmp_path / "l2"),
+                 "--backbone", "cogvideox", *geometry]) == 2  # fmt: skip
+    assert "--backbone cogvideox, but" in capsys.readouterr().err and not (tmp_path / "l2").exists()
+    # stage 2 from a relative --model: the run records the absolute folder, so generate works from anywhere
+    monkeypatch.chdir(tmp_path)
+    cfg = Stage2Config(backbone="wan", model="wan", align=AlignConfig(mode="none"), steps=1, batch_size=2)
+    train_stage2("lat", "run", cfg, progress=False)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"]
+    assert recorded == str(tmp_path / "wan") and recorded != cfg.model

@@ -487,7 +487,11 @@ def _add_latents_parser(sub) -> None:
     p.add_argument(
         "--model", required=True, help="diffusers pipeline folder or hub id (VAE and text encoder)"
     )
-    p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
+    p.add_argument(
+        "--backbone",
+        choices=list(BACKBONES),
+        help="backbone family (default: the --model pipeline's, else the preset's)",
+    )
     p.add_argument("--out", required=True, help=RESUMABLE)
     add_latents_options(p)
     add_cache_options(p)
@@ -495,8 +499,15 @@ def _add_latents_parser(sub) -> None:
     add_data_options(p)
 
 
+def _backbone(args: argparse.Namespace) -> str:
+    """--backbone, else the family of the --model pipeline folder (its model_index.json), else the preset's."""
+    from moalign.generate import pipeline_family
+
+    return pipeline_family(args.model, args.backbone) or _recipe(args).stage2.backbone
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
-    backbone = args.backbone or _recipe(args).stage2.backbone
+    backbone = _backbone(args)
     done = f"[latents] {backbone} latents and prompt embeddings of {args.data} in {args.out}"
     _precompute(
         args, {"latents": Path(args.out)}, done, model=args.model, backbone=backbone, latents_dtype=args.dtype,
@@ -544,7 +555,11 @@ def _add_precompute_parser(sub) -> None:
         "--raw", action="store_true", help="targets also hold raw encoder tokens (REPA / TRD arms)"
     )
     p.add_argument("--model", help="diffusers pipeline folder or hub id: latents + prompt embeddings cache")
-    p.add_argument("--backbone", choices=list(BACKBONES), help="backbone family (default: the preset's)")
+    p.add_argument(
+        "--backbone",
+        choices=list(BACKBONES),
+        help="backbone family (default: the --model pipeline's, else the preset's)",
+    )
     add_latents_options(p)
     add_cache_options(p)
     _add_preset(p, "stage1", "data.fps=8")
@@ -552,7 +567,7 @@ def _add_precompute_parser(sub) -> None:
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
-    backbone = args.backbone or _recipe(args).stage2.backbone
+    backbone = _backbone(args)
     _precompute(
         args, args.out, f"[precompute] caches of {args.data} in {args.out}", flow=args.flow,
         raft_weights=args.raft_weights, teacher=args.teacher, raw=args.raw, model=args.model, backbone=backbone,

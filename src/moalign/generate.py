@@ -63,6 +63,22 @@ def family(pipeline_class_name: str) -> str:
     return "cogvideox"
 
 
+def pipeline_family(model: str | os.PathLike | None, backbone: str | None = None) -> str | None:
+    """The backbone family of a local pipeline folder, from its model_index.json (None: no such folder, e.g. a
+    hub id); a given `backbone` that contradicts the folder is a user error naming both."""
+    index = Path(model) / "model_index.json" if model is not None else None
+    if index is None or not index.is_file():
+        return backbone
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    found = family(class_name)
+    if backbone is not None and backbone != found:
+        raise MoalignError(
+            f"--backbone {backbone}, but {model} is a {class_name} ({found}): drop --backbone, or pass a {backbone} "
+            "pipeline"
+        )
+    return found
+
+
 _NOT_TRANSFORMER = ("text_encoder", "tokenizer", "vae")  # pipeline components a probe does not need
 
 

@@ -13,7 +13,7 @@ the text encoder is in memory. Outputs: pytorch_lora_weights.safetensors (LoRA, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,13 @@ def _split(state: dict[str, torch.Tensor], names: list[str] | None = None) -> tu
     t = {n.removeprefix("transformer."): v for n, v in picked.items() if n.startswith("transformer.")}
     a = {n.removeprefix("aligner."): v for n, v in picked.items() if n.startswith("aligner.")}
     return t, a
+
+
+def _absolute_paths(cfg: Stage2Config) -> Stage2Config:
+    """`model` and `validation_pipeline` as absolute paths when they are local folders (hub ids stay as given), so
+    `moalign generate RUN` finds the base from any working directory."""
+    local = {k: getattr(cfg, k) for k in ("model", "validation_pipeline")}
+    return replace(cfg, **{k: str(Path(v).resolve()) for k, v in local.items() if v and Path(v).exists()})
 
 
 def _check_same_clips(latents: Cache, targets: Cache) -> None:
@@ -350,6 +357,7 @@ def train_stage2(
     done_metrics = finished_run(out_dir, resume, "stage-2", cfg.steps)
     if done_metrics is not None:
         return done_metrics
+    cfg = _absolute_paths(cfg)  # the run records where its base is, whatever the working directory
     spec = get_backbone(cfg.backbone)
     if cfg.model:
         spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
