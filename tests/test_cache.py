@@ -195,3 +195,18 @@ def test_damaged_cache_is_reported(tmp_path):
     (tmp_path / "shard-00001.safetensors").unlink()
     with pytest.raises(MoalignError, match="damaged.*shard-00001"):
         Cache(tmp_path)
+
+
+def test_a_header_written_by_another_rank_meanwhile_is_read_again(tmp_path, monkeypatch):
+    import moalign.data.cache_writer as cw
+
+    cw.CacheWriter(tmp_path / "c", "latents", {"a": 1}, num_items=4, shard_size=2)  # the other rank's header
+    real, calls = cw._read_header, []
+
+    def late(root):  # the first read happens just before the other rank renames its header in
+        calls.append(root)
+        return None if len(calls) == 1 else real(root)
+
+    monkeypatch.setattr(cw, "_read_header", late)
+    writer = cw.CacheWriter(tmp_path / "c", "latents", {"a": 1}, num_items=4, shard_size=2)
+    assert writer.num_shards == 2 and len(calls) == 2

@@ -92,6 +92,13 @@ class CacheWriter:
             and self.root.is_dir()
             and any(not p.name.startswith(".") for p in self.root.iterdir())
         ):
+            # the header may have appeared between the read and the listing (another rank renamed it in): read again
+            old = _read_header(self.root)
+        if (
+            old is None
+            and self.root.is_dir()
+            and any(not p.name.startswith(".") for p in self.root.iterdir())
+        ):
             # Never delete (or mix into) a folder that is not ours, even with overwrite=True.
             raise MoalignError(
                 f"{self.root} is not empty and holds no {_HEADER}, so it is not a moalign cache. "
