@@ -170,13 +170,3 @@ def test_debug_works_after_the_subcommand_too():
                  ["evaluate", "--videos", "/nonexistent-folder", "--debug"]):  # fmt: skip
         with pytest.raises(MoalignError, match="not a folder of videos"):
             main(argv)
-
-
-@pytest.mark.parametrize("argv", [["--version"], ["stage2", "--version"], ["evaluate", "--version"]])
-def test_version_anywhere(argv, capsys):
-    from moalign import __version__
-    from moalign.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"moalign {__version__}"

@@ -32,7 +32,6 @@ from moalign.run.arguments import (
     add_command,
     add_data_options,
     add_latents_options,
-    add_version,
     bind,
     command_line,
     cuda_available,
@@ -586,7 +585,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors too")
-    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,

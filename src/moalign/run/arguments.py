@@ -30,18 +30,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return text if "default" in text else f"{text} (default: %(default)s)".strip()
 
 
-def add_version(p: argparse.ArgumentParser) -> None:
-    """`--version`: prints "moalign X.Y.Z" and exits (on the top-level parser and every subcommand's)."""
-    from moalign import __version__
-
-    p.add_argument("--version", action="version", version=f"moalign {__version__}")
-
-
 def add_command(sub, name: str, fn, help: str, **kwargs) -> argparse.ArgumentParser:
     """The parser of subcommand `name`, which `fn(args)` runs; its --help shows the defaults."""
     p = sub.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
     p.set_defaults(fn=fn)
-    add_version(p)
     # also after the subcommand (`moalign evaluate ... --debug`); SUPPRESS keeps the top-level flag's value
     p.add_argument(
         "--debug",
