@@ -261,9 +261,9 @@ def _evaluate_all(study: _Study, prompts: list[str]) -> None:
     """Step 4 for the start model (per seed: its sampler seeds) and every arm x seed; finished ones skipped."""
     from moalign.evaluation.dit_probes import probe_inputs
 
-    inputs, base_probe = None, {}
+    inputs = None
     for seed in study.cfg.seeds:
-        for name in ("base", *study.cfg.arms):
+        for name in ("base", *study.cfg.arms):  # the start model first: its step-0 probe is every arm's too
             if _done(study.run(name, seed) / "study.json"):
                 continue
             if inputs is None:
@@ -273,13 +273,11 @@ def _evaluate_all(study: _Study, prompts: list[str]) -> None:
                     clips=study.cfg.eval_clips,
                 )  # fmt: skip
             model = study.start_model if name == "base" else study.run(name, seed)
-            step0 = None if name == "base" else base_probe.get(seed)
-            if step0 is None and name != "base":
-                step0 = _load_json(study.run("base", seed) / "study.json")["probes"]["0"]
+            step0 = (
+                None if name == "base" else _load_json(study.run("base", seed) / "study.json")["probes"]["0"]
+            )
             logger.info(f"[study] evaluating seed {seed}, {name}")
-            result = _evaluate(study, name, seed, model, prompts, inputs, step0)
-            if name == "base":
-                base_probe[seed] = result["probes"]["0"]
+            _evaluate(study, name, seed, model, prompts, inputs, step0)
 
 
 def _load_json(path: Path) -> dict:
