@@ -93,15 +93,75 @@ def test_resume_latest_is_safe_to_repeat(caches, tmp_path):
     assert again == first and (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
     with pytest.raises(MoalignError, match="finished stage-2 run"):
         train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
-    # more steps for a finished run: said, not silently ignored; its last checkpoint takes it further
+    # fewer steps than it ran: refused, naming a checkpoint to continue from
     with pytest.raises(
-        MoalignError, match=r"run of 4 steps and this command asks for 6.*--resume .*checkpoint-2"
+        MoalignError, match=r"run of 4 steps and this command asks for 3 \(fewer.*checkpoint-4"
     ):
-        train_stage2(caches / "latents", run, replace(cfg, steps=6), caches / "targets", resume="latest")
+        train_stage2(caches / "latents", run, replace(cfg, steps=3), caches / "targets", resume="latest")
+
+
+def test_resume_latest_extends_a_finished_run(caches, tmp_path):
+    """A finished 4-step run asked for 6 with --resume latest continues from its last step's checkpoint: steps 4
+    and 5 are trained on the 6-step LR schedule (as stated), and the result differs from the 4-step run."""
+    cfg = _cfg(lora_rank=4)
+    run = tmp_path / "run"
+    train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
+    assert (run / "checkpoint-4").is_dir()  # the last step is checkpointed (4 % checkpoint_every == 0 anyway)
+    before = load_file(run / "pytorch_lora_weights.safetensors")
     longer = train_stage2(
-        caches / "latents", run, replace(cfg, steps=6), caches / "targets", resume=str(run / "checkpoint-2")
+        caches / "latents", run, replace(cfg, steps=6), caches / "targets", resume="latest", progress=False
     )
-    assert longer["steps"] == 6
+    assert longer["steps"] == 6 and (run / "checkpoint-6").is_dir()
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "total" in r]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    # warm-up 1, cosine to 10% over 6 steps: the factor after step 4's update
+    from moalign.run.training import cosine_with_warmup
+
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = cosine_with_warmup(probe, cfg.warmup_steps, 6)
+    for _ in range(5):
+        sched.step()
+    lr4 = next(r["lr"] for r in rows if r["step"] == 4 and "total" in r)
+    assert lr4 == pytest.approx(sched.get_last_lr()[0], rel=1e-6)
+    after = load_file(run / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # a run that does not end on a checkpoint of its last step (e.g. from before it was written) is refused
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-6")
+    with pytest.raises(
+        MoalignError, match=r"run of 6 steps and this command asks for 8.*--resume .*checkpoint-4"
+    ):
+        train_stage2(caches / "latents", run, replace(cfg, steps=8), caches / "targets", resume="latest")
+
+
+def test_checkpoints_hold_weights_people_load(caches, tmp_path):
+    """checkpoint-N of a LoRA run loads with `load_lora_weights` (the last one equals the final file); of a full
+    fine-tune, its transformer/ loads with `from_pretrained` and equals the resume weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    run = tmp_path / "lora"
+    train_stage2(caches / "latents", run, _cfg(lora_rank=4), caches / "targets", progress=False)
+    final = load_file(run / "pytorch_lora_weights.safetensors")
+    last = load_file(run / "checkpoint-4" / "pytorch_lora_weights.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    mid = load_file(run / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(final[k], mid[k]) for k in final)
+    spec = get_backbone("cogvideox")
+    pipe = spec.pipeline_class(None, None, None, tiny_transformer("cogvideox"), spec.scheduler)
+    pipe.load_lora_weights(run / "checkpoint-2")
+    (adapter,) = pipe.get_active_adapters()  # one adapter, active
+    loaded = {n.replace(f".{adapter}", ""): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    assert {f"transformer.{n}" for n in loaded} == set(mid)
+    assert all(torch.equal(loaded[k.removeprefix("transformer.")].detach(), v) for k, v in mid.items())
+
+    full = tmp_path / "full"
+    train_stage2(caches / "latents", full, _cfg("trd"), caches / "targets", progress=False)
+    model = CogVideoXTransformer3DModel.from_pretrained(full / "checkpoint-2" / "transformer")
+    resume = load_file(full / "checkpoint-2" / "transformer_trainable.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in resume.items()) and len(resume) > 10
 
 
 def test_gradient_accumulation_equals_the_full_batch(caches, tmp_path):

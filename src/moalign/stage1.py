@@ -351,7 +351,9 @@ def train_stage1(
             val_epe, zero_epe = _validate(heads, prep, parts.val_ids, device)
             log.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
             logger.info(f"[stage1] step {done}: val_epe {val_epe:.4f} px (zero flow {zero_epe:.4f} px)")
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+        if (
+            done % cfg.checkpoint_every == 0 or done == cfg.steps
+        ) and accelerator.is_main_process:  # last: extendable
             _save_checkpoint(out_dir, done, accelerator.unwrap_model(heads), cfg, optimizer, scheduler)
 
     seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins

@@ -390,7 +390,7 @@ def train_stage2(
     log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to)
     data = _Batches(latents, targets, ids, cfg.align.teacher_key, cfg, micro, device)
     save = _Checkpointer(
-        accelerator, out_dir, cfg, {"stage2": to_dict(cfg), "token_grid": list(grid)}, trainable
+        accelerator, out_dir, cfg, spec, {"stage2": to_dict(cfg), "token_grid": list(grid)}, trainable
     )
 
     model.train()
@@ -420,22 +420,39 @@ def train_stage2(
             log.log(step, **scalars, lr=scheduler.get_last_lr()[0])
             bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
         watch(model, done, step, log)  # validation videos and their motion, when due
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the last step too: a run can be extended
             save.checkpoint(model, done, optimizer, scheduler, sharded)
 
     seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
-    return save.finish(model, spec, log, latents, launch, sharded, seen_all, len(ids), time.time() - t0)
+    return save.finish(model, log, latents, launch, sharded, seen_all, len(ids), time.time() - t0)
 
 
 @dataclass
 class _Checkpointer:
-    """Writes stage 2's checkpoints and its final outputs (every process joins; the main one writes)."""
+    """Writes stage 2's checkpoints and its final outputs (every process joins; the main one writes).
+
+    Each checkpoint-N/ holds what exact resume needs (transformer_trainable.safetensors, align_projector.safetensors,
+    training_state.pt) and the weights in the form people load: pytorch_lora_weights.safetensors for a LoRA run
+    (`pipe.load_lora_weights("RUN/checkpoint-N")`), transformer/ for a full fine-tune (`from_pretrained`).
+    """
 
     accelerator: Any
     out_dir: Path
     cfg: Stage2Config
+    spec: Any
     meta: dict[str, Any]
     trainable: list[str]
+
+    def save_loadable(self, model, folder: Path, full: dict, sharded: bool) -> None:
+        """The LoRA file or transformer/ folder into `folder` (main process); `full`: the gathered state dict."""
+        base = unwrap(model).transformer
+        gathered = (
+            _split(full)[0] if sharded else None
+        )  # else the module's own weights are whole: save from it
+        if self.cfg.lora_rank > 0:
+            save_lora(self.spec.pipeline_class, base, folder, state=gathered)
+        else:
+            save_transformer(base, folder / "transformer", state=gathered)
 
     def checkpoint(self, model, done: int, optimizer, scheduler, sharded: bool) -> None:
         acc, out_dir = self.accelerator, self.out_dir
@@ -456,10 +473,11 @@ class _Checkpointer:
                 training_state(None if sharded else optimizer, scheduler),
                 limit=self.cfg.checkpoint_limit,
                 partial=partial if sharded else None,
+                extra=lambda folder: self.save_loadable(model, folder, full, sharded),
             )
         acc.wait_for_everyone()
 
-    def finish(self, model, spec, log, latents: Cache, launch, sharded, seen_all, clips, seconds) -> dict:
+    def finish(self, model, log, latents: Cache, launch, sharded, seen_all, clips, seconds) -> dict:
         """Final phase: the LoRA file or transformer/, P_zeta, model card, metrics.json, loss curves."""
         acc, out_dir, cfg = self.accelerator, self.out_dir, self.cfg
         rows = [r for r in log.history if "total" in r][-10:]
@@ -473,16 +491,11 @@ class _Checkpointer:
         )  # fmt: skip
         full_state = full_state_dict(acc, model)  # every process joins (ZeRO-3 / FSDP gather here)
         if acc.is_main_process:
-            t_state, a_state = _split(full_state)
-            base = unwrap(model).transformer
-            gathered = t_state if sharded else None  # else the module's own weights are whole: save from it
-            if cfg.lora_rank > 0:
-                save_lora(spec.pipeline_class, base, out_dir, state=gathered)
-            else:
-                save_transformer(base, out_dir / "transformer", state=gathered)
+            a_state = _split(full_state)[1]
+            self.save_loadable(model, out_dir, full_state, sharded)
             save_module(out_dir / "align_projector.safetensors", a_state, "align_projector", self.meta)
             data = {k: latents.fingerprint.get(k) for k in ("num_clips", "manifest_sha256", "data")}
-            write_model_card(out_dir, to_dict(cfg), metrics, data, spec)
+            write_model_card(out_dir, to_dict(cfg), metrics, data, self.spec)
             write_json(out_dir / "metrics.json", metrics)
             series = {k: log.series(k) for k in ("diffusion", "align", "total")}
             plot_curves(

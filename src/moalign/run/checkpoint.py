@@ -130,6 +130,7 @@ def save_training_checkpoint(
     training_state: dict[str, Any],
     limit: int | None = None,
     partial: Path | None = None,
+    extra: Any = None,
 ) -> Path:
     """Write RUN/checkpoint-{step}/ atomically: one safetensors per trainable module plus training_state.pt.
 
@@ -139,6 +140,8 @@ def save_training_checkpoint(
         limit: keep at most this many checkpoint folders (oldest removed first).
         partial: a hidden folder other processes already wrote into (accelerate's sharded state); it is
             completed and renamed into place, so the checkpoint still appears at once or not at all.
+        extra: called with the folder before it is renamed into place, to write the checkpoint's weights in the
+            form people load (stage 2: pytorch_lora_weights.safetensors or transformer/).
     """
     final = run_dir / f"checkpoint-{step}"
 
@@ -146,6 +149,8 @@ def save_training_checkpoint(
         for stem, (module, kind, config) in modules.items():
             save_module(folder / f"{stem}.safetensors", module, kind, config)
         torch.save({"step": step, **training_state}, folder / "training_state.pt")
+        if extra is not None:
+            extra(folder)
 
     if partial is None:
         with atomic_path(final) as tmp:
@@ -200,8 +205,9 @@ def finished_run(
 
     A run folder is never overwritten without being asked: a finished run, or an unfinished one with
     checkpoints, is an error without --resume. So one launch command with `--resume latest` can be repeated
-    after a kill, and after the end, safely. A finished run asked for another number of `steps` is an error
-    too (it is not silently left as it is): train further from one of its checkpoints, explicitly.
+    after a kill, and after the end, safely. A finished run asked for more `steps` is extended from the
+    checkpoint of its last step (every run checkpoints its last step); the change of LR schedule is stated.
+    Fewer steps, or a run without that checkpoint, is an error naming the checkpoint to continue from.
     """
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
@@ -219,21 +225,35 @@ def finished_run(
     if resume != "latest":  # an explicit checkpoint-N: train again from there, as asked
         return None
     metrics = json.loads(path.read_text())
-    if steps is not None and metrics.get("steps") != steps:
+    finished = metrics.get("steps")
+    if steps is not None and finished != steps:
         ckpts = list_checkpoints(run_dir)
+        last = _checkpoint_step(ckpts[-1]) if ckpts else None
+        if isinstance(finished, int) and steps > finished and last is not None and last >= finished:
+            logger.info(
+                f"[{stage.replace('-', '')}] extending the finished run {run_dir} from {finished} to {steps} "
+                f"steps from {ckpts[-1].name}: the warm-up + cosine LR schedule is recomputed for {steps} steps "
+                "(the learning rate at the resumed step is the longer schedule's, higher than where the run "
+                "ended); its outputs are rewritten at the end"
+            )
+            return None
         further = (
-            f"continue from its last checkpoint with --resume {ckpts[-1]} (its outputs are rewritten), or "
+            f"continue from one of its checkpoints with --resume {ckpts[-1]} (its outputs are rewritten), or "
             if ckpts
             else ""
         )
+        shorter = "" if not isinstance(finished, int) or steps > finished else " (fewer steps than it ran)"
         raise MoalignError(
-            f"{run_dir} is a finished {stage} run of {metrics.get('steps')} steps and this command asks for "
-            f"{steps}: --resume latest does not extend a finished run; {further}choose a new --out"
+            f"{run_dir} is a finished {stage} run of {finished} steps and this command asks for "
+            f"{steps}{shorter}: --resume latest extends a finished run only to more steps from the checkpoint of "
+            f"its last step, which this run has not; {further}choose a new --out"
         )
-    logger.info(
-        f"[{stage.replace('-', '')}] {run_dir} is finished ({metrics.get('steps')} steps); nothing to do"
-    )
+    logger.info(f"[{stage.replace('-', '')}] {run_dir} is finished ({finished} steps); nothing to do")
     return metrics
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
 
 
 # config fields a resumed run may change: how long, how often it logs, checkpoints and validates
