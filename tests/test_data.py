@@ -203,7 +203,8 @@ def test_empty_manifest(tmp_path):
 
 def test_no_manifest_lists_what_was_looked_for(tmp_path):
     with pytest.raises(
-        MoalignError, match=r"metadata\.jsonl, metadata\.csv, and prompts\.txt \+ videos\.txt"
+        MoalignError,
+        match=r"no dataset manifest.*metadata\.jsonl, metadata\.csv, prompts\.txt \+ videos\.txt",
     ):
         read_manifest(tmp_path)
     with pytest.raises(MoalignError, match="dataset folder not found"):

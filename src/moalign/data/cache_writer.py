@@ -143,6 +143,7 @@ class CacheWriter:
         items: dict[int, dict[str, torch.Tensor]],
         skipped: dict[int, str] | None = None,
         written_by: tuple[int, int] = (0, 1),
+        skipped_clips: dict[int, dict[str, str]] | None = None,
     ) -> Path:
         """Write one shard atomically.
 
@@ -153,11 +154,18 @@ class CacheWriter:
                 together must cover `items_of(shard)` exactly.
             written_by: (rank, world size) of the process writing it, kept in the shard's metadata as
                 "process" = "rank/world_size" (provenance of multi-process builds).
+            skipped_clips: ``{index: {"video": path, "caption": text}}``: which clip each skipped item is, so
+                the manifest can name it (keys: a subset of `skipped`'s).
 
         Returns:
             The shard file's path.
         """
         skipped = dict(skipped or {})
+        clips = dict(skipped_clips or {})
+        if set(clips) - set(skipped):
+            raise ValueError(
+                f"shard {shard}: skipped_clips for items not skipped: {sorted(set(clips) - set(skipped))}"
+            )
         expected = set(self.items_of(shard))
         got, skip = set(items), set(skipped)
         if got & skip:
@@ -181,6 +189,9 @@ class CacheWriter:
             "shard": str(shard),
             "process": f"{written_by[0]}/{written_by[1]}",
             "skipped": json.dumps({str(k): str(v) for k, v in sorted(skipped.items())}),
+            "skipped_clips": json.dumps(
+                {str(k): {n: str(x) for n, x in v.items()} for k, v in sorted(clips.items())}
+            ),
         }
         path = self.shard_path(shard)
         save_safetensors(path, tensors, metadata=metadata)
@@ -188,6 +199,11 @@ class CacheWriter:
 
     def finalize(self) -> Path:
         """Check every shard, then write ``manifest.json``: the cache becomes readable by `Cache`.
+
+        The manifest keeps ``"skipped": {index: reason}`` (what `Cache.skipped` reads) and adds
+        ``"skipped_clips": {index: {"video", "caption", "reason"}}`` naming each skipped clip (video and
+        caption only where the shard recorded them: shards written before they were recorded hold the reason
+        alone).
 
         Returns:
             The cache folder.
@@ -205,6 +221,7 @@ class CacheWriter:
                 f"missing (first: {shard_name(missing[0])}). Re-run the same command to compute them."
             )
         skipped: dict[str, str] = {}
+        clips: dict[str, dict[str, str]] = {}
         for s in range(self.num_shards):
             path = self.shard_path(s)
             with safe_open(str(path), framework="pt") as f:
@@ -216,6 +233,7 @@ class CacheWriter:
                     "or pass --overwrite to rebuild the whole cache."
                 )
             skipped.update(json.loads(meta.get("skipped", "{}")))
+            clips.update(json.loads(meta.get("skipped_clips", "{}")))
         for tmp in self.root.glob(".*.tmp"):  # leftovers of killed runs: every shard is in place now
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -232,6 +250,10 @@ class CacheWriter:
                 "shards": [shard_name(s) for s in range(self.num_shards)],
                 "num_present": self.num_items - len(skipped),
                 "skipped": dict(sorted(skipped.items(), key=lambda kv: int(kv[0]))),
+                "skipped_clips": {
+                    k: {**clips.get(k, {}), "reason": reason}
+                    for k, reason in sorted(skipped.items(), key=lambda kv: int(kv[0]))
+                },
                 "complete": True,
             },
         )
@@ -251,7 +273,8 @@ def fill_cache(
     """Compute `compute(dataset[i])` for every item of this process's missing shards and write them.
 
     An unreadable clip (MoalignError from the dataset) raises, or with ``dataset.cfg.skip_bad_videos`` is
-    recorded as skipped with its reason. Errors from `compute` always raise. One process finalizes the cache
+    recorded as skipped with its reason, video path and caption (from ``dataset.records[index]`` when the
+    dataset has records). Errors from `compute` always raise. One process finalizes the cache
     when every shard is present; with several processes, call `finalize_cache` after they are all done.
 
     Returns:
@@ -266,6 +289,7 @@ def fill_cache(
         for shard in todo:
             items: dict[int, dict[str, torch.Tensor]] = {}
             skipped: dict[int, str] = {}
+            clips: dict[int, dict[str, str]] = {}
             for index in writer.items_of(shard):
                 try:
                     sample = dataset[index]
@@ -273,11 +297,14 @@ def fill_cache(
                     if not skip_bad:
                         raise
                     skipped[index] = str(err)
+                    clip = _clip_of(dataset, index)
+                    if clip:
+                        clips[index] = clip
                     bar.update(1)
                     continue
                 items[index] = compute(sample)
                 bar.update(1)
-            writer.write_shard(shard, items, skipped, written_by=(rank, world_size))
+            writer.write_shard(shard, items, skipped, written_by=(rank, world_size), skipped_clips=clips)
             if skipped:
                 logger.warning(
                     f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
@@ -285,6 +312,16 @@ def fill_cache(
     if world_size == 1 and not writer.shards_todo():
         return writer.finalize()
     return writer.root
+
+
+def _clip_of(dataset: Any, index: int) -> dict[str, str]:
+    """{"video", "caption"} of item `index` from the dataset's records (empty when it has none)."""
+    records = getattr(dataset, "records", None)
+    try:
+        record = records[index]  # type: ignore[index]
+    except (TypeError, IndexError, KeyError):
+        return {}
+    return {k: str(getattr(record, k)) for k in ("video", "caption") if hasattr(record, k)}
 
 
 def finalize_cache(root: str | os.PathLike) -> Path:

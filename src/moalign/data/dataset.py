@@ -1,7 +1,7 @@
 """`VideoClipDataset`: one loader for real data and the synthetic playground.
 
-A dataset is a folder with a manifest (`moalign/data/manifest.py`: metadata.jsonl, metadata.csv, or
-prompts.txt + videos.txt). Item i is clip i: a deterministic window of ``num_frames`` frames
+A dataset is a folder with a manifest (`moalign/data/manifest.py`: metadata.jsonl, metadata.csv, caption +
+video text files, a train/ split, or videos with .txt captions beside them). Item i is clip i: a deterministic window of ``num_frames`` frames
 (`moalign/data/sampling.py`; no random crops in time or space), resized so the frames cover the target size
 and centre-cropped (`moalign/data/geometry.py`), with its caption and, when the manifest has it, the
 ground-truth flow under exactly the same geometric transform. So cached teacher targets and flow fields stay
@@ -19,7 +19,15 @@ import torch
 
 from moalign.data.geometry import resize_center_crop, transform_flow, transform_valid
 from moalign.data.manifest import ClipRecord, read_manifest
-from moalign.data.sampling import _SKIP_HINT, DataConfig, _probe, is_consecutive, read_clip, sample_indices
+from moalign.data.sampling import (
+    _SKIP_HINT,
+    DataConfig,
+    _offsets,
+    _probe,
+    is_consecutive,
+    read_clip,
+    sample_indices,
+)
 from moalign.errors import MoalignError
 from moalign.run.console import get_logger
 
@@ -76,6 +84,40 @@ def _load_flow(
     return flow, valid
 
 
+DROP_KINDS = ("missing", "unreadable", "frame_rate", "too_short")
+
+
+def drop_reason(video: Path, cfg: DataConfig) -> tuple[str, str] | None:
+    """Why ``cfg.skip_bad_videos`` drops a video, from a header probe (frame count and rate, first frame).
+
+    The one rule for dropping: `VideoClipDataset` applies it at construction and `moalign.data.check`
+    reports it, so a check and a run drop the same videos.
+
+    Args:
+        video: the video file.
+        cfg: the data config (num_frames, fps, window).
+
+    Returns:
+        None when the video is kept, else (kind, message): kind is one of `DROP_KINDS`: "missing" (no such
+        file), "unreadable" (corrupt, not a video, no video stream, no frames), "frame_rate" (no usable rate
+        for cfg.fps, or cfg.fps above the native rate), "too_short" (fewer frames than the window spans);
+        the message is the MoalignError a run without skip_bad_videos would raise.
+    """
+    try:
+        count, fps = _probe(video)
+    except MoalignError as err:
+        return ("unreadable" if video.is_file() else "missing"), str(err)
+    try:
+        _offsets(fps, cfg, video)
+    except MoalignError as err:
+        return "frame_rate", str(err)
+    try:
+        sample_indices(count, fps, cfg, video=video)
+    except MoalignError as err:
+        return "too_short", str(err)
+    return None
+
+
 class VideoClipDataset(torch.utils.data.Dataset):
     """Deterministic video clips from a manifest folder.
 
@@ -93,7 +135,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
     (video path, reason). A video that still fails to decode later raises; it is never substituted.
 
     Args:
-        root: the dataset folder (see `read_manifest`).
+        root: the dataset folder (see `read_manifest`; cfg.caption_column / cfg.video_column pick the columns).
         cfg: the data config.
         records: use these records instead of reading the manifest (e.g. a train/validation split).
         load_flow: load the ground-truth flow of records that have a flow file.
@@ -110,7 +152,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.load_flow = load_flow
         self.skipped: list[tuple[str, str]] = []
-        records = read_manifest(root) if records is None else list(records)
+        if records is None:
+            records = read_manifest(root, cfg.caption_column, cfg.video_column)
+        records = list(records)
         if not records:
             raise MoalignError(f"no clips to load from {root}: the record list is empty.")
         if load_flow:
@@ -144,12 +188,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def _drop_bad(self, records: list[ClipRecord]) -> list[ClipRecord]:
         def check(r: ClipRecord) -> str | None:
-            try:
-                count, fps = _probe(r.video)
-                sample_indices(count, fps, self.cfg, video=r.video)
-            except MoalignError as err:
-                return str(err)
-            return None
+            found = drop_reason(r.video, self.cfg)
+            return None if found is None else found[1]
 
         workers = min(8, os.cpu_count() or 1, len(records))
         with ThreadPoolExecutor(max_workers=workers) as pool:

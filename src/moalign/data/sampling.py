@@ -32,6 +32,9 @@ class DataConfig:
         window: "start" (first frames of the video) or "center" (middle of the video).
         skip_bad_videos: False: an unreadable or too-short video raises MoalignError naming the file;
             True: such videos are probed at dataset construction, dropped and recorded in `skipped`.
+        caption_column, video_column: the exact manifest column holding the caption / video path (or, for
+            the text-file layout, the file name, e.g. "prompt.txt"); None: the usual names
+            (`moalign/data/manifest.py`). They choose which rows are read, not how a clip is cut.
 
     Raises:
         ValueError: a field is out of range (the message says which value to use instead).
@@ -43,6 +46,8 @@ class DataConfig:
     fps: float | None = None
     window: str = "start"
     skip_bad_videos: bool = False
+    caption_column: str | None = None
+    video_column: str | None = None
 
     def __post_init__(self) -> None:
         n = self.num_frames
@@ -69,6 +74,13 @@ class DataConfig:
             )
         if self.window not in WINDOWS:
             raise ValueError(f"window={self.window!r} is not one of {', '.join(WINDOWS)}. Pick one of those.")
+        for name in ("caption_column", "video_column"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(
+                    f"{name}={v!r} is not a column name. Pass the manifest column's name "
+                    f"(--set data.{name}=NAME), or leave it unset (None) for the usual names."
+                )
 
 
 WINDOWS = ("start", "center")
