@@ -196,7 +196,7 @@ def write_stage2_caches(root: Path, num_clips: int) -> None:
     encoder (4, 2, 2, 12) tokens, float16), seeded."""
     g = torch.Generator().manual_seed(0)
     ident = {"manifest_sha256": "abc", "num_clips": num_clips}
-    w = CacheWriter(root / "latents", "latents", ident, num_clips, shard_size=4)
+    w = CacheWriter(root / "latents", "latents", {**ident, "backbone": "cogvideox"}, num_clips, shard_size=4)
     for s in w.shards_todo():
         w.write_shard(s, {i: {"latents": torch.randn(3, 4, 8, 8, generator=g),
                               "prompt_embeds": torch.randn(226, 32, generator=g)} for i in w.items_of(s)})  # fmt: skip

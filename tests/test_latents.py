@@ -32,7 +32,7 @@ def test_latents_cache_shapes_determinism_and_stage2(family, playground, tmp_pat
     torch.testing.assert_close(again, item["latents"])
     # stage 2 trains on it (no alignment: no teacher needed), with validation videos through the pipeline
     pipe.save_pretrained(tmp_path / "pipe")
-    cfg = Stage2Config(backbone=family, align=AlignConfig(mode="none"), steps=2, batch_size=2, log_every=1,
+    cfg = Stage2Config(model="tiny-random", align=AlignConfig(mode="none"), steps=2, batch_size=2, log_every=1,
                        lora_rank=2, validation_prompts=("a red ball falls",), validate_every=2,
                        validation_pipeline=str(tmp_path / "pipe"), validation_frames=9, validation_size=(32, 32),
                        validation_steps=2, validation_judge=True)  # fmt: skip
@@ -91,5 +91,69 @@ def test_latents_takes_the_family_from_the_pipeline_folder(playground, tmp_path,
     monkeypatch.chdir(tmp_path)
     cfg = Stage2Config(backbone="wan", model="wan", align=AlignConfig(mode="none"), steps=1, batch_size=2)
     train_stage2("lat", "run", cfg, progress=False)
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"]
-    assert recorded == str(tmp_path / "wan") and recorded != cfg.model
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert recorded["model"] == str(tmp_path / "wan") and recorded["model"] != cfg.model
+    assert (recorded["validation_frames"], recorded["validation_size"]) == (9, [32, 32])  # the cache's clips
+
+
+def test_stage2_takes_backbone_model_and_geometry_from_the_latents_cache(playground, tmp_path, capsys):
+    """Stage 2 without --backbone or --model trains the pipeline the latents cache was made with (its family,
+    its transformer: not a random one), validates at the cache's geometry, and says so; a contradicting
+    --backbone, a cache made in memory, and model-loading failures are one-line errors."""
+    from moalign.cli import main
+
+    clips = playground(2)
+    tiny_pipeline("wan").save_pretrained(tmp_path / "wan")
+    geometry = ["--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]
+    assert main(["latents", "--data", str(clips), "--model", str(tmp_path / "wan"), "--out", str(tmp_path / "lat"),
+                 *geometry]) == 0  # fmt: skip
+    capsys.readouterr()
+    run = tmp_path / "run"
+    argv = ["stage2", "--latents", str(tmp_path / "lat"), "--out", str(run), "--align", "none", "--steps", "1",
+            "--set", "batch_size=2", "--set", "lora_rank=2", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    assert cfg["backbone"] == "wan" and cfg["model"] == str(tmp_path / "wan")
+    assert (cfg["validation_frames"], cfg["validation_size"]) == (9, [32, 32])
+    said = capsys.readouterr().out
+    assert f"model {tmp_path / 'wan'} (from the latents cache); family wan (from the latents cache)" in said
+    assert "clips of 9 frames at 32x32" in said
+    # the LoRA sits on the pipeline's own transformer: it loads into that pipeline
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tmp_path / "wan")
+    pipe.load_lora_weights(run)
+    assert pipe.get_active_adapters()
+    # a backbone that contradicts the cache names both
+    assert main([*argv[:4], str(tmp_path / "r2"), "--backbone", "cogvideox", *argv[5:]]) == 2
+    err = capsys.readouterr().err
+    assert "holds wan latents but the configuration asks for backbone cogvideox" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r2").exists()
+    # a model that does not load: one line naming it and the fix, no traceback
+    for model, what in ((str(tmp_path / "nothing"), "neither a diffusers pipeline"),
+                        ("nobody/no-such-model", "cannot load the WanTransformer3DModel from nobody/no-such-model")):  # fmt: skip
+        assert main([*argv, "--out", str(tmp_path / "r3"), "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert what in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stage2_refuses_to_train_a_random_model_unless_named(tmp_path):
+    """A cache made by a pipeline built in memory names no transformer: stage 2 stops instead of silently
+    training a random one; --model tiny-random asks for it by name."""
+    from dataclasses import replace
+
+    from conftest import write_stage2_caches
+
+    from moalign.errors import MoalignError
+
+    write_stage2_caches(tmp_path / "c", 4)  # its fingerprint names no model
+    cfg = Stage2Config(backbone="cogvideox", align=AlignConfig(mode="none"), steps=1, batch_size=2)
+    with pytest.raises(
+        MoalignError, match="no transformer to load: pass --model PIPELINE.*--model tiny-random"
+    ):
+        train_stage2(tmp_path / "c" / "latents", tmp_path / "run", cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    m = train_stage2(
+        tmp_path / "c" / "latents", tmp_path / "run", replace(cfg, model="tiny-random"), progress=False
+    )
+    assert m["steps"] == 1

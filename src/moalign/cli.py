@@ -72,8 +72,18 @@ def _add_preset(
 
 
 def _stage_config(args: argparse.Namespace, part: str):
-    """The command's part of the recipe: the preset's, then the bound flags, then `--set` (the last wins)."""
-    return overridden(getattr(_recipe(args), part), flag_overrides(args) + args.overrides)
+    """The command's part of the recipe: the preset's, then the bound flags, then `--set` (the last wins); the
+    preset and the clip geometry it gives are said first, so a real-data run never becomes a playground run
+    silently."""
+    cfg = overridden(getattr(_recipe(args), part), flag_overrides(args) + args.overrides)
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        fps = f"{data.fps:g} fps" if data.fps else "native fps"
+        logger.info(
+            f"[{args.command}] preset {args.preset}: clips of {data.num_frames} frames at {data.height}x{data.width}, "
+            f"{fps} (--preset, --num-frames, --height, --width, --fps change them)"
+        )
+    return cfg
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -318,21 +328,71 @@ def _add_stage2_parser(sub) -> None:
         p, "--layers", "align.layers", help="0-based block indices, e.g. 17 (the paper's 'layer 18') or 8,17"
     )
     bind(p, "--lora-rank", "lora_rank", type=int, help="LoRA rank (0: full fine-tune)")
-    bind(p, "--backbone", "backbone", choices=list(BACKBONES), help="backbone family")
-    bind(p, "--model", "model", help="diffusers pipeline or transformer folder, or hub id")
+    bind(
+        p,
+        "--backbone",
+        "backbone",
+        choices=list(BACKBONES),
+        help="backbone family (default: the latents cache's)",
+    )
+    bind(
+        p, "--model", "model",
+        help="diffusers pipeline or transformer folder, or hub id (default: the pipeline the latents cache was "
+        "made with); tiny-random: a randomly initialised tiny transformer",
+    )  # fmt: skip
     bind(p, "--steps", "steps", type=int, help="training steps")
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_preset(p, "stage2", "lr=1e-4 --set align.tau=10")
+    _add_preset(
+        p, "stage2", "lr=1e-4 --set align.tau=10", default=None,
+        preset_help="named recipe (default: the latents cache model's preset, else its family's; tiny for the "
+        "playground's caches)",
+    )  # fmt: skip
 
 
 def cmd_stage2(args: argparse.Namespace) -> None:
     from moalign.stage2 import train_stage2
 
+    if args.preset is None:
+        args.preset, why = _cache_preset(args.latents)
+    else:
+        why = "--preset"
+    logger.info(f"[stage2] preset {args.preset} ({why})")
+    cfg = _stage_config(args, "stage2")
+    named = {o.split("=", 1)[0].strip() for o in flag_overrides(args) + args.overrides}
+    if "model" not in named:  # the pipeline the latents were made with, not the preset's hub id
+        cfg = replace(cfg, model=None)
+    if "backbone" not in named and why != "--preset":
+        cfg = replace(cfg, backbone=None)
     train_stage2(
-        args.latents, args.out, _stage_config(args, "stage2"), targets_cache=args.targets, resume=args.resume,
-        progress=not args.quiet, command=command_line(),
+        args.latents, args.out, cfg, targets_cache=args.targets, resume=args.resume, progress=not args.quiet,
+        command=command_line(),
     )  # fmt: skip
+
+
+# the recipe a family's stage 2 takes when its latents cache's model is none of the presets'
+FAMILY_PRESETS = {"cogvideox": "cogvideox-2b", "wan": "wan2.1-1.3b"}
+
+
+def _cache_preset(latents: str) -> tuple[str, str]:
+    """The preset stage 2 takes without --preset, from the latents cache's model: the preset of that model (a hub
+    id, or a folder of the same name), else the family's (FAMILY_PRESETS); tiny for a cache made in memory (the
+    playground's). Returns (name, why)."""
+    from moalign.data.cache import Cache
+    from moalign.latents import LATENTS_KIND
+
+    fp = Cache(latents, kind=LATENTS_KIND).fingerprint
+    model, family = str(fp.get("model") or ""), fp.get("backbone")
+    if not model or model.endswith("(in memory)") or family not in FAMILY_PRESETS:
+        return "tiny", f"the latents cache {latents} was made by a pipeline built in memory: the playground's"
+    for name, fn in PRESETS.items():
+        preset_model = fn().stage2.model
+        if preset_model and Path(preset_model).name.lower() == Path(model).name.lower():
+            return name, f"the latents cache's model {model} is this preset's"
+    return FAMILY_PRESETS[family], (
+        f"the {family} family's recipe: the latents cache's model {model} is none of the presets' (pass --preset "
+        "to choose another)"
+    )
 
 
 _GENERATE_FLAGS = {  # GenerateConfig field -> help of its flag (--num-frames for num_frames, ...)

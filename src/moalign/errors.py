@@ -13,6 +13,34 @@ The rule, everywhere in the package:
   library's ValueError into a MoalignError with the same message.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class MoalignError(Exception):
     """A user-facing error: bad input, a missing file, a wrong checkpoint. The CLI prints it without a traceback."""
+
+
+@contextlib.contextmanager
+def loading(what: str, source: object) -> Iterator[None]:
+    """Turn a failed `from_pretrained` of `what` ("the CogVideoXPipeline") from `source` (a folder or hub id) into
+    one MoalignError line saying what failed and how to fix it: a missing file, a hub id that is not cached while
+    offline, an invalid id, or a folder of another model family (huggingface_hub and diffusers raise OSError,
+    ValueError or EnvironmentError for all of these)."""
+    try:
+        yield
+    except MoalignError:
+        raise
+    except (OSError, ValueError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        local = Path(str(source)).exists() or str(source).startswith((".", "/", "~"))
+        fix = (
+            "pass the folder of a downloaded diffusers pipeline (with model_index.json) or its transformer/ folder"
+            if local
+            else "check the hub id, or download it first (`hf download ID --local-dir DIR`, then pass DIR); "
+            "offline (HF_HUB_OFFLINE=1) only models already in the local cache load"
+        )
+        raise MoalignError(f"cannot load {what} from {source}: {first[:300]}. Fix: {fix}") from err

@@ -22,7 +22,7 @@ import torch
 from moalign.backbones import get_backbone
 from moalign.backbones.spec import dtype_kwargs, parse_dtype
 from moalign.data.video_io import write_video
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, loading
 from moalign.run.atomic import atomic_path, write_jsonl
 
 
@@ -112,7 +112,8 @@ def load_pipeline(
             raise MoalignError(
                 f"{run_cfg} names no base pipeline (its model is null): pass the base pipeline folder with --base"
             )
-        pipe = spec.pipeline_class.from_pretrained(base, **kw)
+        with loading(f"the base {spec.pipeline_class.__name__} of {path}", base):
+            pipe = spec.pipeline_class.from_pretrained(base, **kw)
         if (path / "pytorch_lora_weights.safetensors").is_file():
             pipe.load_lora_weights(path)
         elif (path / "transformer" / "config.json").is_file():
@@ -126,7 +127,8 @@ def load_pipeline(
         index = path / "model_index.json"
         backbone = family(json.loads(index.read_text()).get("_class_name", "") if index.is_file() else "")
     spec = get_backbone(backbone)
-    return spec.pipeline_class.from_pretrained(str(model), **kw), spec
+    with loading(f"the {spec.pipeline_class.__name__}", model):
+        return spec.pipeline_class.from_pretrained(str(model), **kw), spec
 
 
 def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:

@@ -64,12 +64,16 @@ from moalign.run.training import (
 logger = console.get_logger(__name__)
 
 
+RANDOM_MODEL = "tiny-random"  # Stage2Config.model naming the family's tiny transformer with random weights
+
+
 @dataclass(frozen=True)
 class Stage2Config:
     """Stage 2: which backbone, which alignment, how to train."""
 
-    backbone: str = "cogvideox"
-    # pipeline folder / transformer folder / hub id; None: the spec's tiny transformer
+    backbone: str | None = None  # "cogvideox" or "wan"; None: the latents cache's family
+    # pipeline folder / transformer folder / hub id; None: the pipeline the latents cache was made with;
+    # "tiny-random" (RANDOM_MODEL): the family's tiny transformer with random weights (tests, smoke runs)
     model: str | None = None
     align: AlignConfig = field(default_factory=AlignConfig)
     lora_rank: int = 0  # 0: full fine-tune
@@ -93,8 +97,8 @@ class Stage2Config:
     validation_prompts: tuple[str, ...] = ()
     validate_every: int = 0
     validation_pipeline: str | None = None  # default: `model`
-    validation_frames: int = 17
-    validation_size: tuple[int, int] = (64, 64)
+    validation_frames: int | None = None  # None: the latents cache's clip length
+    validation_size: tuple[int, int] | None = None  # (height, width); None: the latents cache's
     validation_steps: int = 25
     validation_judge: bool = False  # playground prompts: also log the toy judge's val_sa, val_pc, val_joint
 
@@ -106,9 +110,12 @@ class Stage2Config:
                 f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
             )
         check_report_to(self.report_to)
-        if self.validate_every and not (self.validation_prompts and (self.validation_pipeline or self.model)):
+        if self.validate_every and not self.validation_prompts:
+            raise ValueError("validate_every needs validation_prompts (--set validation_prompts=...)")
+        if self.validate_every and self.model == RANDOM_MODEL and not self.validation_pipeline:
             raise ValueError(
-                "validate_every needs validation_prompts and a pipeline folder (validation_pipeline or model)"
+                f"validate_every with model {RANDOM_MODEL!r} needs validation_pipeline (a pipeline folder whose "
+                "VAE and text encoder decode the validation videos)"
             )
 
 
@@ -173,6 +180,70 @@ def _absolute_paths(cfg: Stage2Config) -> Stage2Config:
     return replace(cfg, **{k: str(Path(v).resolve()) for k, v in local.items() if v and Path(v).exists()})
 
 
+def from_latents_cache(cfg: Stage2Config, latents: Cache, transformer_given: bool = False) -> Stage2Config:
+    """`cfg` with what it leaves open taken from the latents cache it trains on: the backbone family, the model
+    (the pipeline that made the cache) and the validation geometry (the cache's clips).
+
+    Raises:
+        MoalignError: the cache's family contradicts `cfg.backbone`, the model's pipeline folder is of another
+            family, or no model is configured and the cache was made by a pipeline built in memory (there is no
+            transformer to load: a random one is trained only when asked for by name, `RANDOM_MODEL`).
+    """
+    from moalign.generate import pipeline_family
+
+    fp = latents.fingerprint
+    family, cached = fp.get("backbone"), fp.get("model")
+    if cfg.backbone is not None and family is not None and family != cfg.backbone:
+        raise MoalignError(
+            f"{latents.root} holds {family} latents but the configuration asks for backbone {cfg.backbone} (the "
+            f"preset's or --backbone): drop --backbone, take a {family} --preset, or make latents with a "
+            f"{cfg.backbone} pipeline"
+        )
+    backbone = cfg.backbone or family
+    if backbone is None:
+        raise MoalignError(
+            f"{latents.root} does not say which backbone made it: pass --backbone cogvideox or wan"
+        )
+    model = cfg.model
+    if model is None and not transformer_given:
+        if not cached or str(cached).endswith("(in memory)"):
+            raise MoalignError(
+                f"{latents.root} was made by a pipeline built in memory ({cached or 'unknown'}), so there is no "
+                f"transformer to load: pass --model PIPELINE (folder or hub id), or --model {RANDOM_MODEL} to train "
+                f"a randomly initialised tiny {backbone} transformer (tests, smoke runs)"
+            )
+        model = str(cached)
+    if model is not None and model != RANDOM_MODEL:
+        pipeline_family(model, backbone)  # a pipeline folder of another family: an error naming both
+    data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
+    frames = cfg.validation_frames or data.get("num_frames") or 17
+    size = cfg.validation_size or (data.get("height", 64), data.get("width", 64))
+    try:
+        return replace(
+            cfg, backbone=backbone, model=model, validation_frames=frames, validation_size=tuple(size)
+        )
+    except ValueError as err:
+        raise MoalignError(f"bad stage-2 configuration: {err}") from err
+
+
+def _describe(cfg: Stage2Config, latents: Cache, given: Stage2Config, transformer_given: bool) -> str:
+    """One line: which model, family and geometry this run trains, and where each came from."""
+    if transformer_given:
+        model = "a transformer built in memory"
+    elif cfg.model == RANDOM_MODEL:
+        model = f"a RANDOMLY INITIALISED tiny {cfg.backbone} transformer ({RANDOM_MODEL})"
+    else:
+        model = f"{cfg.model}" + (" (from the latents cache)" if given.model is None else "")
+    data = latents.fingerprint.get("data") or {}
+    fps = data.get("fps")
+    geometry = (
+        f"{data.get('num_frames', '?')} frames at {data.get('height', '?')}x{data.get('width', '?')}"
+        + (f", {fps} fps" if fps else ", native fps")
+    )
+    family = cfg.backbone + (" (from the latents cache)" if given.backbone is None else "")
+    return f"[stage2] model {model}; family {family}; clips of {geometry} ({latents.root})"
+
+
 def _check_same_clips(latents: Cache, targets: Cache) -> None:
     a, b = latents.fingerprint.get("manifest_sha256"), targets.fingerprint.get("manifest_sha256")
     if a != b or len(latents) != len(targets):
@@ -201,7 +272,8 @@ def _trainable_transformer(
     """Set-up phase: the transformer (given, loaded from cfg.model, or the spec's tiny one), with LoRA adapters
     or fully trainable, gradient checkpointing as configured."""
     if transformer is None:
-        transformer = spec.load_transformer(cfg.model) if cfg.model else spec.tiny_transformer()
+        random = cfg.model == RANDOM_MODEL  # only when asked for by name (`from_latents_cache`)
+        transformer = spec.tiny_transformer() if random else spec.load_transformer(cfg.model)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
@@ -357,9 +429,11 @@ def train_stage2(
     done_metrics = finished_run(out_dir, resume, "stage-2", cfg.steps)
     if done_metrics is not None:
         return done_metrics
+    given = cfg
+    cfg = from_latents_cache(cfg, Cache(latents_cache, kind=LATENTS_KIND), transformer is not None)
     cfg = _absolute_paths(cfg)  # the run records where its base is, whatever the working directory
     spec = get_backbone(cfg.backbone)
-    if cfg.model:
+    if cfg.model and cfg.model != RANDOM_MODEL:
         spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
     # micro: clips per process and micro-batch
     accelerator, micro, launch = start_launch(
@@ -367,6 +441,7 @@ def train_stage2(
     )
     set_seed(cfg.seed)
     latents, targets, ids = _open_caches(cfg, latents_cache, targets_cache)
+    logger.info(_describe(cfg, latents, given, transformer is not None))
     transformer = _trainable_transformer(spec, cfg, transformer)
     aligner, grid = _build_aligner(spec, cfg, transformer, latents, targets, ids)
     model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))

@@ -25,6 +25,7 @@ from moalign.backbones.spec import (
     unwrap,
     vae_posterior_mean,
 )
+from moalign.errors import loading
 from moalign.losses import LossParts
 
 # The released transformers' architectures (diffusers configs of THUDM/CogVideoX-2b and -5b), for presets and
@@ -112,7 +113,8 @@ class CogVideoXSpec(BackboneSpec):
         if (p / "scheduler" / "scheduler_config.json").is_file() or not (
             p.exists() or model.startswith((".", "/"))
         ):
-            self.scheduler = CogVideoXDPMScheduler.from_pretrained(model, subfolder="scheduler")
+            with loading("the pipeline's scheduler", model):
+                self.scheduler = CogVideoXDPMScheduler.from_pretrained(model, subfolder="scheduler")
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.transformer_blocks

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, loading
 from moalign.losses import LossParts
 
 
@@ -33,16 +33,17 @@ class BackboneSpec:
         cls = getattr(diffusers, self.transformer_class_name)
         kw = dtype_kwargs(torch_dtype)
         p = Path(path)
-        if (p / "transformer" / "config.json").is_file():
-            return cls.from_pretrained(p, subfolder="transformer", **kw)
-        if (p / "config.json").is_file():
-            return cls.from_pretrained(p, **kw)
-        if p.exists() or path.startswith((".", "/")):
-            raise MoalignError(
-                f"{path} is neither a diffusers pipeline folder (with transformer/config.json) nor a "
-                f"{self.transformer_class_name} folder (with config.json). Pass the downloaded model's folder."
-            )
-        return cls.from_pretrained(path, subfolder="transformer", **kw)  # a hub id
+        with loading(f"the {self.transformer_class_name}", path):
+            if (p / "transformer" / "config.json").is_file():
+                return cls.from_pretrained(p, subfolder="transformer", **kw)
+            if (p / "config.json").is_file():
+                return cls.from_pretrained(p, **kw)
+            if p.exists() or path.startswith((".", "/")):
+                raise MoalignError(
+                    f"{path} is neither a diffusers pipeline folder (with transformer/config.json) nor a "
+                    f"{self.transformer_class_name} folder (with config.json). Pass the downloaded model's folder."
+                )
+            return cls.from_pretrained(path, subfolder="transformer", **kw)  # a hub id
 
     def use_pipeline_scheduler(self, model: str) -> None:
         """Train with the noise schedule of the pipeline `model` samples with (a folder or hub id); a no-op for
