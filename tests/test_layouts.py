@@ -14,7 +14,7 @@ from conftest import texture
 from moalign.data.cache import Cache
 from moalign.data.cache_writer import CacheWriter, fill_cache
 from moalign.data.dataset import VideoClipDataset
-from moalign.data.manifest import CAPTION_FILES, VIDEO_FILES, ClipRecord, open_manifest, read_manifest
+from moalign.data.manifest import ClipRecord, open_manifest, read_manifest
 from moalign.data.sampling import DataConfig
 from moalign.data.video_io import write_video
 from moalign.errors import MoalignError
@@ -39,8 +39,8 @@ def touch(path: Path, text: str | None = None) -> Path:
 # ------------------------------------------------------------------------------- text files (layout 3)
 
 
-@pytest.mark.parametrize("captions", CAPTION_FILES)
-@pytest.mark.parametrize("videos", VIDEO_FILES)
+@pytest.mark.parametrize("captions", ["prompts.txt", "prompt.txt", "captions.txt", "caption.txt"])
+@pytest.mark.parametrize("videos", ["videos.txt", "video.txt"])
 def test_text_file_names(tmp_path, captions, videos):
     touch(tmp_path / captions, f"{COMMAS}\n  second  \n")
     touch(tmp_path / videos, "videos/00000.mp4\n/abs/1.mp4\n")
@@ -51,13 +51,19 @@ def test_text_file_names(tmp_path, captions, videos):
     assert m.records[1].source.endswith(f"{videos}:2")
 
 
-@pytest.mark.parametrize("name", CAPTION_FILES + VIDEO_FILES)
+@pytest.mark.parametrize(
+    "name", ["prompts.txt", "prompt.txt", "captions.txt", "caption.txt", "videos.txt", "video.txt"]
+)
 def test_text_file_alone_names_it_and_what_is_missing(tmp_path, name):
     touch(tmp_path / name, "x\n")
     with pytest.raises(MoalignError) as info:
         read_manifest(tmp_path)
     msg = str(info.value)
-    lack = VIDEO_FILES if name in CAPTION_FILES else CAPTION_FILES
+    lack = (
+        ("videos.txt", "video.txt")
+        if name.startswith(("prompt", "caption"))
+        else ("prompts.txt", "caption.txt")
+    )
     assert f"has {name} but no " in msg and all(n in msg for n in lack)
 
 

@@ -18,7 +18,7 @@ Columns (1, 2): the video path is the first of video, video_path, path, file_nam
 first of caption, prompt, text, title; an optional ``flow`` column names a ground-truth flow file.
 ``caption_column`` / ``video_column`` (DataConfig fields, `--set data.caption_column=...`) name the exact
 column instead; in layout 3 they may name the text files (``caption_column="prompt.txt"``, as finetrainers'
-``--caption_column prompt.txt``). Captions are taken whole: never split on commas or stripped of them.
+``--caption_column prompt.txt``). A caption is taken whole: never split on commas.
 """
 
 from __future__ import annotations

@@ -1,0 +1,154 @@
+"""`check_dataset`: every problem of a dataset counted and named, and the drops agree with a real run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import texture
+from PIL import Image
+
+from moalign.data.check import PROBLEMS, check_dataset, crop_loss, format_report
+from moalign.data.dataset import DROP_KINDS, VideoClipDataset
+from moalign.data.sampling import DataConfig
+from moalign.data.video_io import write_video
+from moalign.errors import MoalignError
+
+CFG = DataConfig(num_frames=9, height=32, width=32)
+
+
+def make_video(path: Path, t: int = 9, h: int = 32, w: int = 32, seed: int = 0) -> None:
+    frames = np.stack([np.roll(texture(h, w, seed, blur=1.5), 2 * i, axis=1) for i in range(t)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, frames, 8.0)
+
+
+def clip(root: Path, name: str, caption: str | None, **video) -> None:
+    """root/name.mp4 (random bytes when video is {"bad": True}) and its sidecar caption (none when None)."""
+    if video.pop("bad", False):
+        (root / f"{name}.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    else:
+        make_video(root / f"{name}.mp4", **video)
+    if caption is not None:
+        (root / f"{name}.txt").write_text(caption)
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """A sidecar folder with one clip of each problem and one good clip."""
+    root = tmp_path / "data"
+    root.mkdir()
+    clip(root, "good", "a ball rolls, then stops")
+    clip(root, "bad", "unreadable", bad=True)
+    clip(root, "short", "too short", t=4, seed=1)
+    shutil.copy(root / "good.mp4", root / "good_copy.mp4")  # sorted after good.mp4
+    (root / "good_copy.txt").write_text("the same bytes as good")
+    clip(root, "nocap", None, seed=2)
+    clip(root, "tiny", "smaller than 32x32", h=16, w=16, seed=3)
+    clip(root, "wide", "  ", h=32, w=96, seed=4)  # empty caption, and a square crop drops 2/3
+    return root
+
+
+def names(report: dict, kind: str) -> list[str]:
+    return [Path(p["video"]).name for p in report["problems"][kind]]
+
+
+def test_every_problem_counted_and_named(messy, tmp_path):
+    report = check_dataset(messy, CFG, out_dir=tmp_path / "out", sample=4)
+    assert report["layout"] == "sidecar .txt captions" and report["num_clips"] == 7
+    expected = {
+        "missing": [],
+        "unreadable": ["bad.mp4"],
+        "frame_rate": [],
+        "too_short": ["short.mp4"],
+        "missing_caption": ["nocap.mp4"],
+        "empty_caption": ["wide.mp4"],
+        "small": ["tiny.mp4"],
+        "crop": ["wide.mp4"],
+        "duplicate_path": [],
+        "duplicate_content": ["good_copy.mp4"],  # the second copy is counted
+    }
+    assert {k: names(report, k) for k in PROBLEMS} == expected
+    assert report["counts"] == {k: len(v) for k, v in expected.items()}
+    assert "good.mp4" in report["problems"]["duplicate_content"][0]["detail"]
+    assert "has 4 frames" in report["problems"]["too_short"][0]["detail"]
+    assert "67%" in report["problems"]["crop"][0]["detail"]
+    assert report["num_ok"] == 1  # good.mp4 alone
+    assert report["would_drop"] == {
+        "count": 2,
+        "by_kind": {"missing": 0, "unreadable": 1, "frame_rate": 0, "too_short": 1},
+    }
+    assert len(report["run_stops"]) == 2  # the missing caption, and bad videos without --skip-bad-videos
+    by_name = {Path(c["video"]).name: c for c in report["clips"]}
+    assert by_name["wide.mp4"]["problems"] == ["empty_caption", "crop"]
+    assert (by_name["wide.mp4"]["width"], by_name["wide.mp4"]["height"]) == (96, 32)
+    assert by_name["good.mp4"]["problems"] == [] and by_name["bad.mp4"]["frames"] is None
+    # the files: the same report as JSON, and a contact sheet of 4 kept clips (first/middle/last + caption)
+    assert json.loads((tmp_path / "out" / "check_data.json").read_text()) == report
+    sheet = np.asarray(Image.open(report["contact_sheet"]))
+    assert sheet.shape[0] == 4 * 96 + 3 * 2 and sheet.shape[1] >= 3 * 96
+    assert report["sheet_errors"] == []
+    # the human lines name each problem with its count
+    text = "\n".join(format_report(report))
+    for kind in ("unreadable", "too_short", "missing_caption", "empty_caption", "small", "crop"):
+        assert f"{PROBLEMS[kind]}: 1, e.g. " in text
+    assert "a run drops 2: 1 unreadable, 1 too short" in text and "a run stops" in text
+    assert "check_data.json" in text and "contact_sheet.png" in text
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [CFG, DataConfig(num_frames=5, height=32, width=32, fps=4.0, window="center")],
+    ids=["native", "fps4"],
+)
+def test_dropped_count_equals_what_skip_bad_videos_drops(messy, cfg):
+    (messy / "nocap.txt").write_text("now captioned")  # a real run needs every caption
+    (messy / "gone.txt").write_text("its video is missing")  # not listed: sidecars start from videos
+    report = check_dataset(messy, replace(cfg, skip_bad_videos=True), sample=0)
+    dataset = VideoClipDataset(messy, replace(cfg, skip_bad_videos=True))
+    dropped = sorted(p["video"] for k in DROP_KINDS for p in report["problems"][k])
+    assert report["would_drop"]["count"] == len(dataset.skipped) == len(dropped) > 0
+    assert dropped == sorted(v for v, _ in dataset.skipped)
+    assert report["run_stops"] == [] and report["report"] is None  # no out_dir: nothing written
+
+
+def test_missing_file_and_duplicate_path_in_a_manifest(tmp_path):
+    make_video(tmp_path / "a.mp4")
+    make_video(tmp_path / "b.mp4", seed=5)
+    rows = [("a.mp4", "A"), ("gone.mp4", "G"), ("a.mp4", "A again"), ("b.mp4", "B")]
+    (tmp_path / "metadata.jsonl").write_text(
+        "".join(json.dumps({"video": v, "caption": c}) + "\n" for v, c in rows)
+    )
+    (tmp_path / "metadata.jsonl").write_text(
+        (tmp_path / "metadata.jsonl").read_text() + json.dumps({"video": "b.mp4"}) + "\n"  # no caption
+    )
+    report = check_dataset(tmp_path, replace(CFG, skip_bad_videos=True), sample=0)
+    assert names(report, "missing") == ["gone.mp4"]
+    assert [p["index"] for p in report["problems"]["duplicate_path"]] == [2, 4]
+    assert "clip 0" in report["problems"]["duplicate_path"][0]["detail"]
+    assert report["problems"]["missing_caption"][0]["index"] == 4
+    assert report["counts"]["duplicate_content"] == 0  # the same path is not also a content duplicate
+    assert report["would_drop"]["count"] == 1
+
+
+def test_clean_dataset_and_errors(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    clip(root, "a", "first")
+    clip(root, "b", "second", seed=1)
+    report = check_dataset(root, CFG, out_dir=tmp_path / "out", sample=16)
+    assert report["num_ok"] == 2 and not any(report["counts"].values()) and report["run_stops"] == []
+    assert "  no problems found" in format_report(report)
+    assert np.asarray(Image.open(report["contact_sheet"])).shape[0] == 2 * 96 + 2
+    with pytest.raises(MoalignError, match="no dataset manifest"):
+        check_dataset(tmp_path / "out", CFG)
+
+
+def test_crop_loss_threshold_examples():
+    assert crop_loss((32, 32), (32, 32)) == 0
+    assert crop_loss((720, 1280), (64, 64)) == pytest.approx(1 - 9 / 16, abs=0.01)  # 16:9 to square: 44%
+    assert crop_loss((480, 640), (480, 720)) == pytest.approx(1 - (4 / 3) / 1.5, abs=0.01)  # 4:3 to 3:2: 11%
