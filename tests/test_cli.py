@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     "demo",
     "study",
     "probe",
+    "export-lora",
     "config",
     "synth",
     "flow",

@@ -217,3 +217,16 @@ def test_alpha_that_disagrees_with_the_run_config_is_refused(tmp_path):
     run, _ = make_run(tmp_path, "wan", config={"backbone": "wan", "lora_rank": RANK, "lora_alpha": 16})
     with pytest.raises(MoalignError, match="lora_alpha=8"):
         export_lora(run)
+
+
+def test_cli_export_lora_writes_the_comfy_file(tmp_path):
+    """`moalign export-lora RUN` writes the default file; a full fine-tune folder is a one-line error (exit 2)."""
+    from moalign.cli import main
+
+    run, _ = make_run(tmp_path, "wan")
+    assert main(["export-lora", str(run)]) == 0
+    tensors, _ = read(run / "comfy" / f"{run.name}_comfy_lora.safetensors")
+    assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in tensors
+    (tmp_path / "full" / "transformer").mkdir(parents=True)
+    (tmp_path / "full" / "config.json").write_text('{"config": {"backbone": "wan", "lora_rank": 0}}')
+    assert main(["export-lora", str(tmp_path / "full")]) == 2

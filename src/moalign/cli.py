@@ -395,6 +395,27 @@ def _cache_preset(latents: str) -> tuple[str, str]:
     )
 
 
+def _add_export_lora_parser(sub) -> None:
+    p = add_command(
+        sub, "export-lora", cmd_export_lora, "write a stage-2 LoRA in another key layout (ComfyUI's native one)",
+        description="Convert RUN/pytorch_lora_weights.safetensors (diffusers layout) to the key layout ComfyUI "
+        "loads for Wan2.1 and CogVideoX (lora_down/lora_up/alpha; docs/export.md).",
+    )  # fmt: skip
+    p.add_argument("run", help="stage-2 LoRA run folder")
+    p.add_argument("--format", default="comfy", choices=["comfy"], help="target key layout")
+    p.add_argument(
+        "--out",
+        help="file, or a folder for the default name (default: RUN/comfy/NAME_comfy_lora.safetensors)",
+    )
+
+
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from moalign.run.export_lora import export_lora
+
+    path = export_lora(args.run, fmt=args.format, out=args.out)
+    logger.info(f"[export-lora] {args.format} LoRA of {args.run} -> {path}")
+
+
 _GENERATE_FLAGS = {  # GenerateConfig field -> help of its flag (--num-frames for num_frames, ...)
     "num_frames": "frames, 4k+1",
     "height": "frame height",
@@ -648,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
-        _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_generate_parser,
+        _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_export_lora_parser, _add_generate_parser,
         _add_judge_parser, _add_evaluate_parser, _add_probe_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
     ):  # fmt: skip
         add(sub)
