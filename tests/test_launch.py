@@ -75,6 +75,13 @@ def test_a_launch_asking_for_another_mixed_precision_is_refused(monkeypatch):
         make_accelerator("no")
 
 
+def test_a_launch_asking_for_other_accumulation_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(MoalignError, match="asks for 4 gradient accumulation steps, the run config for 2"):
+        make_accelerator("no", gradient_accumulation_steps=2)
+    make_accelerator("no", gradient_accumulation_steps=4)  # the same value: fine
+
+
 def test_deepspeed_with_the_cpu_flag_is_refused(monkeypatch):
     """ACCELERATE_USE_CPU turns DeepSpeed off inside accelerate: said, not silently run as DDP."""
     saved = dict(PartialState._shared_state)

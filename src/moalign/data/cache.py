@@ -240,6 +240,8 @@ def _data_config(dataset: Any) -> dict[str, Any]:
     cfg = dataset.cfg
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
     d.pop("skip_bad_videos", None)  # decides whether bad clips raise or are skipped, not what a clip holds
+    for name in ("caption_column", "video_column"):  # which column is read: the manifest hash pins the clips
+        d.pop(name, None)
     return json.loads(json.dumps(d, default=str))
 
 

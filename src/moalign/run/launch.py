@@ -71,8 +71,9 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     accelerate maps an FSDP config to plain multi-CPU DDP; here it is mapped to FSDP, as on GPUs (FSDP2 runs on
     CPU over gloo: the tests and CPU debugging use it).
 
-    Mixed precision is the run config's; a launch asking for another one (`accelerate launch --mixed_precision`,
-    or `mixed_precision` in its config file) is refused.
+    Mixed precision and gradient accumulation are the run config's; a launch asking for others (`accelerate
+    launch --mixed_precision / --gradient_accumulation_steps`, or the same in its config file) is refused, both
+    values named.
 
     accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision. In a
     single process (the demo, a notebook, tests) each stage may bring its own, so the state is reset between
@@ -88,6 +89,13 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
             f"the accelerate launch asks for mixed precision {launched}, the run config for {mixed_precision}: set "
             f"it once, in the run config (--set mixed_precision={launched}; the real-model presets use bf16), and "
             "leave it out of the launch"
+        )
+    accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if accumulation is not None and accumulation.strip() not in ("", "1", str(gradient_accumulation_steps)):
+        raise MoalignError(
+            f"the accelerate launch asks for {accumulation.strip()} gradient accumulation steps, the run config for "
+            f"{gradient_accumulation_steps}: set it once, in the run config (--set gradient_accumulation_steps="
+            f"{accumulation.strip()}), and leave it out of the launch"
         )
     state = launch_state()
     if state.num_processes == 1:
