@@ -1,6 +1,7 @@
 """Stage 2's validation videos and their motion: what `validate_every` makes, and the check that fine-tuning
 has not taken the motion away (motion: `moalign/evaluation/video.py`). With `validation_judge` (playground
-prompts) the toy judge scores every validation folder too (val_sa, val_pc, val_joint in the log)."""
+prompts) the toy judge scores every validation folder too (val_sa, val_pc, val_joint in the log). The videos go
+to the run's trackers too (`RunLogger.log_media`: wandb videos, TensorBoard frame strips)."""
 
 from __future__ import annotations
 
@@ -79,16 +80,38 @@ def check_motion(step: int, motion: float, base: float | None) -> None:
         )
 
 
+def log_videos(log: Any, step: int, folder: Path) -> None:
+    """Send a validation folder's videos to the run's trackers as "validation/video_<i>", captioned with their
+    prompts (the folder's metadata.jsonl, written by `moalign/generate.py`)."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line]
+    for i, row in enumerate(rows):
+        log.log_media(step, f"validation/video_{i}", folder / row["video"], caption=row["caption"])
+
+
 class MotionWatch:
     """Stage 2's validation: videos every `validate_every` steps (main process only), their mean motion logged
-    as `val_motion`, and a warning when it falls under half of the base model's (`base_motion`, step 0)."""
+    as `val_motion`, and a warning when it falls under half of the base model's (`base_motion`, step 0). The
+    videos go to the trackers at the step they are logged with; with `log`, the base model's step-0 videos too
+    (when made in this launch), with their mean motion as `val_motion_base`."""
 
     def __init__(
-        self, spec: Any, cfg: Stage2Config, out_dir: Path, device: Any, main: bool, model, start_step: int
+        self,
+        spec: Any,
+        cfg: Stage2Config,
+        out_dir: Path,
+        device: Any,
+        main: bool,
+        model,
+        start_step: int,
+        log: Any = None,
     ):
         self.spec, self.cfg, self.out_dir, self.device = spec, cfg, out_dir, device
         self.enabled = bool(cfg.validate_every) and main
+        made_here = self.enabled and not (out_dir / "validation" / "step-0" / "motion.json").is_file()
         self.base = base_motion(spec, model, cfg, out_dir, device, start_step) if self.enabled else None
+        if log is not None and made_here and self.base is not None:
+            log.log(0, val_motion_base=self.base)
+            log_videos(log, 0, out_dir / "validation" / "step-0")
 
     def __call__(self, model: Any, done: int, step: int, log: Any) -> None:
         if not self.enabled or done % self.cfg.validate_every:
@@ -97,5 +120,6 @@ class MotionWatch:
         motion = validate(self.spec, unwrap(model).transformer, self.cfg, out, self.device)
         judged = judge_validation(out) if self.cfg.validation_judge else {}
         log.log(step, val_motion=motion, **judged)
+        log_videos(log, step, out)
         check_motion(done, motion, self.base)
         model.train()

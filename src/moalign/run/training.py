@@ -15,35 +15,55 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from moalign.errors import MoalignError
+from moalign.run.atomic import write_json
 from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
 
-REPORT_TO = ("none", "tensorboard")
+# report_to -> the trackers beside RUN/log.jsonl (which is always written)
+REPORT_TO = {
+    "none": (),
+    "tensorboard": ("tensorboard",),
+    "wandb": ("wandb",),
+    "all": ("tensorboard", "wandb"),
+}
+WANDB_RUN = "wandb_run.json"  # RUN/wandb_run.json: the wandb run id (and project) a resumed run continues
 
 
 def check_report_to(value: str) -> None:
-    """`report_to` names a logger we have: "none" (RUN/log.jsonl only) or "tensorboard"."""
+    """`report_to` names a tracker setting we have: "none" (RUN/log.jsonl only), "tensorboard", "wandb", "all"."""
     if value not in REPORT_TO:
         raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {value!r}")
 
 
 class RunLogger:
-    """Logs scalars to RUN/log.jsonl (append-only), optionally to TensorBoard (RUN/tensorboard/), and keeps the
-    history for curve plots.
+    """Logs scalars to RUN/log.jsonl (append-only) and to the trackers `report_to` names: TensorBoard
+    (RUN/tensorboard/) and wandb (project $WANDB_PROJECT or "moalign", run named after the run folder, the run's
+    config); keeps the history for curve plots. `log_media` sends validation videos to the trackers.
 
     Only the main process writes; others keep the history in memory. A resumed run drops what a killed run
-    logged after its last checkpoint, from both the JSON log and (through `purge_step`) TensorBoard's view.
+    logged after its last checkpoint from the JSON log and (through `purge_step`) from TensorBoard's view, and
+    continues the same wandb run (its id is in RUN/wandb_run.json): wandb cannot take points back, so steps the
+    wandb server already holds are not sent again.
     """
 
     def __init__(
-        self, run_dir: Path, enabled: bool = True, resume_from_step: int = -1, report_to: str = "none"
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        resume_from_step: int = -1,
+        report_to: str = "none",
+        config: dict[str, Any] | None = None,
     ):
         check_report_to(report_to)
         self.path = run_dir / "log.jsonl"
@@ -55,17 +75,13 @@ class RunLogger:
             self.history = [r for r in read_log(run_dir) if r.get("step", 0) <= resume_from_step]
             if enabled:
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        self.tensorboard = None
-        if enabled and report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise MoalignError(
-                    "report_to=tensorboard needs the tensorboard package: pip install tensorboard "
-                    "(or --set report_to=none)"
-                ) from err
-            # TensorBoard hides events of earlier files at steps >= purge_step: a killed run's tail
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_from_step + 1)
+        trackers = REPORT_TO[report_to] if enabled else ()
+        self.tensorboard = _TensorBoard(run_dir, resume_from_step) if "tensorboard" in trackers else None
+        self.wandb = _Wandb(run_dir, config or {}) if "wandb" in trackers else None
+
+    @property
+    def trackers(self) -> list[Any]:
+        return [t for t in (self.tensorboard, self.wandb) if t is not None]
 
     def log(self, step: int, **scalars: float) -> None:
         row = {"step": step, "time_s": round(time.time() - self.start, 2), **scalars}
@@ -73,19 +89,134 @@ class RunLogger:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for name, value in scalars.items():
-                self.tensorboard.add_scalar(name, value, step)
+        for tracker in self.trackers:
+            tracker.scalars(step, scalars)
+
+    def log_media(
+        self,
+        step: int,
+        name: str,
+        video: str | os.PathLike | np.ndarray,
+        caption: str | None = None,
+        fps: float = 8.0,
+    ) -> None:
+        """One video to the trackers (RUN/log.jsonl keeps scalars only; the video stays where it was written).
+
+        Args:
+            step: the step it belongs to (the step of the scalars logged with it).
+            name: its tag, e.g. "validation/video_0".
+            video: an mp4 (or any file `read_video` decodes) or uint8 frames (T, H, W, 3).
+            caption: shown under it in wandb (e.g. the prompt).
+            fps: frame rate of `frames` (a file keeps its own).
+
+        wandb gets the mp4 (`wandb.Video`); TensorBoard an image of up to 8 evenly spaced frames in a row, since
+        its `add_video` needs moviepy 1.x, which moalign does not depend on.
+        """
+        if not self.trackers:
+            return
+        path = Path(video) if isinstance(video, (str, os.PathLike)) else None
+        frames = None if path is not None else np.asarray(video)
+        for tracker in self.trackers:
+            tracker.video(step, name, path, frames, caption, fps)
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer (the JSON log is written line by line)."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
+        """Flush and close the trackers (the JSON log is written line by line)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.tensorboard = self.wandb = None
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged scalar."""
         return series(self.history, key)
+
+
+def frame_strip(frames: np.ndarray, count: int = 8) -> np.ndarray:
+    """Up to `count` evenly spaced frames side by side: uint8 (T, H, W, 3) -> (H, count * W, 3)."""
+    idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    return np.concatenate([frames[i] for i in idx], axis=1)
+
+
+class _TensorBoard:
+    """RUN/tensorboard/ through torch's SummaryWriter."""
+
+    def __init__(self, run_dir: Path, resume_from_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise MoalignError(
+                "report_to=tensorboard needs the tensorboard package: pip install tensorboard "
+                "(or --set report_to=none)"
+            ) from err
+        # TensorBoard hides events of earlier files at steps >= purge_step: a killed run's tail
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_from_step + 1)
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def video(self, step, name, path, frames, caption, fps) -> None:
+        if frames is None:
+            from moalign.data.video_io import read_video
+
+            frames, _ = read_video(path)
+        self.writer.add_image(name, frame_strip(frames), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """One wandb run per run folder: started with an id recorded in RUN/wandb_run.json, continued with it."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError as err:
+            raise MoalignError(
+                "report_to=wandb needs the wandb package: pip install 'moalign[wandb]' (or pip install wandb), "
+                "or --set report_to=tensorboard"
+            ) from err
+        record = run_dir / WANDB_RUN
+        if record.is_file():  # a resumed run (or a restart before the first checkpoint): the same wandb run
+            ids = json.loads(record.read_text())
+        else:
+            ids = {"id": secrets.token_hex(6), "project": os.environ.get("WANDB_PROJECT") or "moalign"}
+            write_json(record, ids)  # before wandb starts, so a run killed at any point is continued
+        try:
+            self.run = wandb.init(
+                project=ids["project"], id=ids["id"], name=run_dir.name, resume="allow",
+                dir=os.environ.get("WANDB_DIR") or str(run_dir),  # default RUN/wandb/; read at every start
+                reinit="create_new",  # its own run even when another is active in this process
+            )  # fmt: skip
+        except wandb.Error as err:
+            raise MoalignError(
+                f"report_to=wandb could not start wandb run {ids['id']} (project {ids['project']}): {err}. "
+                "Log in with `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline "
+                "(`wandb sync` later), or --set report_to=tensorboard"
+            ) from err
+        self.run.config.update(config, allow_val_change=True)  # `steps` etc. may change on resume
+        # the steps the server already holds (0 for a new or offline run): a killed run's tail, not sent again
+        self.first_step = self.run.starting_step
+        self.video_type = wandb.Video
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if step >= self.first_step:
+            self.run.log(scalars, step=step)
+
+    def video(self, step, name, path, frames, caption, fps) -> None:
+        if step < self.first_step:
+            return
+        if path is not None:
+            self.run.log({name: self.video_type(str(path), caption=caption)}, step=step)
+            return
+        from moalign.data.video_io import write_video
+
+        with tempfile.TemporaryDirectory() as tmp:  # wandb copies the file into its run folder in `log`
+            write_video(Path(tmp) / "video.mp4", frames, fps=fps)
+            self.run.log({name: self.video_type(str(Path(tmp) / "video.mp4"), caption=caption)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -176,12 +307,16 @@ def open_run(
     report_to: str = "none",
 ) -> RunLogger:
     """Create the run folder and its RUN/config.json on the main process; the run's logger, continuing after
-    `start_step` (what a killed run logged later is dropped)."""
+    `start_step` (what a killed run logged later is dropped), with `config` as the wandb run's config."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(run_dir, config, command, launch=launch)
     return RunLogger(
-        run_dir, enabled=accelerator.is_main_process, resume_from_step=start_step - 1, report_to=report_to
+        run_dir,
+        enabled=accelerator.is_main_process,
+        resume_from_step=start_step - 1,
+        report_to=report_to,
+        config=config,
     )
 
 
