@@ -1,6 +1,8 @@
 """Flags bound to config fields (src/moalign/run/arguments.py `bind`): each is the matching `--set`, `--set` wins,
 choices come from the registries, `moalign generate` takes its settings from GenerateConfig and presets."""
 
+import json
+
 import pytest
 
 from moalign.alignment import ALIGN_MODES
@@ -31,7 +33,7 @@ BOUND = {
         ["synth", "--out", "o"], "synth",
         ["--num-clips", "5", "--seed", "3", "--num-frames", "9", "--height", "32", "--width", "48",
          "--fps", "4", "--motions", "roll,static"],
-        ["num_clips=5", "seed=3", "num_frames=9", "height=32", "width=48", "fps=4.0", "motions=roll,static"],
+        ["num_clips=5", "seed=3", "num_frames=9", "height=32", "width=48", "fps=4.0", "motions=['roll', 'static']"],
     ),
     "flow": (["flow", "--data", "d", "--out", "o"], "stage1", DATA_FLAGS, DATA_SETS),
     "precompute": (["precompute", "--data", "d", "--out", "o"], "stage1", DATA_FLAGS, DATA_SETS),
@@ -170,3 +172,110 @@ def test_debug_works_after_the_subcommand_too():
                  ["evaluate", "--videos", "/nonexistent-folder", "--debug"]):  # fmt: skip
         with pytest.raises(MoalignError, match="not a folder of videos"):
             main(argv)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["stage2", "--version"], ["evaluate", "--version"]])
+def test_version_anywhere(argv, capsys):
+    from moalign import __version__
+    from moalign.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"moalign {__version__}"
+
+
+def test_help_does_not_import_torch():
+    """`moalign --help` and every subcommand's --help build the parser without torch (instant), and show the
+    defaults."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from moalign.cli import main\n"
+        "for argv in (['--help'], ['stage2', '--help'], ['generate', '--help'], ['study', '--help']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    assert 'usage: moalign' in out.getvalue(), argv\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_choices_mirror_the_registries():
+    """The torch-free names of run/choices.py are the registries' (a new mode or preset is added in both)."""
+    from dataclasses import fields
+
+    from moalign.alignment import ALIGN_MODES
+    from moalign.backbones import BACKBONES
+    from moalign.backbones.spec import DTYPES
+    from moalign.data.flow import FLOW_METHODS
+    from moalign.playground.scenes import MOTIONS
+    from moalign.presets import PRESETS, Recipe
+    from moalign.run import choices
+    from moalign.run.training import REPORT_TO
+
+    assert choices.ALIGN_MODES == tuple(ALIGN_MODES) and choices.BACKBONES == tuple(BACKBONES)
+    assert choices.FLOW_METHODS == tuple(FLOW_METHODS) and choices.MOTIONS == tuple(MOTIONS)
+    assert choices.PRESETS == tuple(PRESETS) and choices.DTYPES == tuple(DTYPES)
+    assert choices.RECIPE_PARTS == tuple(f.name for f in fields(Recipe))
+    assert choices.REPORT_TO == tuple(REPORT_TO)
+
+
+@pytest.mark.parametrize(
+    "key, hint",
+    [
+        ("tau=3", "did you mean align.tau?"),
+        ("learning_rate=1e-4", "did you mean lr?"),
+        ("stpes=3", "did you mean steps?"),
+        ("align.lamda=1", "did you mean align.lam"),
+        ("data.fps=8", "stage 2 has no clip sampling: its clips are the latents cache's"),
+    ],
+)
+def test_unknown_keys_name_the_closest_fields(key, hint, capsys):
+    from moalign.cli import main
+
+    assert main(["config", "--part", "stage2", "--set", key]) == 2
+    err = capsys.readouterr().err
+    assert hint in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_strings_are_never_split_on_commas(capsys):
+    """A prompt with a comma stays one prompt, from --set, a repeatable flag or a JSON list; names lists
+    (--motions) still take commas."""
+    from moalign.cli import main
+
+    def stage2(*argv):
+        assert main(["config", "--part", "stage2", *argv]) == 0
+        return json.loads(capsys.readouterr().out)["validation_prompts"]
+
+    assert stage2("--set", "validation_prompts=a red ball, bouncing") == ["a red ball, bouncing"]
+    assert stage2("--set", 'validation_prompts=["a red ball, bouncing", "a cube"]') == [
+        "a red ball, bouncing",
+        "a cube",
+    ]
+    assert main(["config", "--part", "synth", "--set", "motions=['roll', 'static']"]) == 0
+    assert json.loads(capsys.readouterr().out)["motions"] == ["roll", "static"]
+
+
+def test_config_file_yaml_json_and_partial(tmp_path, capsys):
+    """--config takes YAML or JSON with some or all fields (the rest stay the preset's); flags and --set win over
+    it; a bad file is one line naming it."""
+    from moalign.cli import main
+
+    (tmp_path / "a.yaml").write_text(
+        "lr: 0.5\nalign:\n  tau: 3\nvalidation_prompts:\n  - a red ball, bouncing\n"
+    )
+    assert main(["config", "--part", "stage2", "--config", str(tmp_path / "a.yaml"), "--set", "steps=7"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["lr"], cfg["align"]["tau"], cfg["steps"]) == (0.5, 3.0, 7)
+    assert (
+        cfg["validation_prompts"] == ["a red ball, bouncing"] and cfg["align"]["mode"] == "moalign"
+    )  # preset's
+    (tmp_path / "b.json").write_text('{"lr": 0.25, "align": {"taux": 3}}')
+    assert main(["config", "--part", "stage2", "--config", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "b.json" in err and "'taux': did you mean tau?" in err

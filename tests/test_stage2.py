@@ -16,6 +16,7 @@ from moalign.errors import MoalignError
 from moalign.stage2 import Stage2Config, train_stage2
 
 N = 6
+LORA = "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +264,25 @@ def test_cli_stage2_runs_from_caches(caches, tmp_path, capsys):
     # a bad value reaching the config is refused by moalign itself (exit 2, no traceback)
     assert main(argv[:-1] + ["--set", "align.bogus=1", "--quiet"]) == 2
     assert "unknown config field" in capsys.readouterr().err
+
+
+def test_cli_config_round_trip_of_a_runs_config_json(caches, tmp_path):
+    """A run's config.json is valid --config: the same command on it gives the same resolved config (a repeat),
+    and with --steps and --resume latest on the run's own folder, it extends the run."""
+    from moalign.cli import main
+
+    run = tmp_path / "a"
+    argv = ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"), "--quiet"]
+    assert main([*argv, "--out", str(run), "--model", "tiny-random", "--align", "motion-trd", "--layers", "1",
+                 "--lora-rank", "2", "--steps", "2", "--lr", "0.003", "--batch-size", "2",
+                 "--validation-prompt", "a red ball, bouncing", "--set", "align.projector.hidden_dim=8"]) == 0  # fmt: skip
+    first = json.loads((run / "config.json").read_text())["config"]
+    assert first["lr"] == 0.003 and first["validation_prompts"] == ["a red ball, bouncing"]
+    assert main([*argv, "--out", str(tmp_path / "b"), "--config", str(run / "config.json")]) == 0
+    again = json.loads((tmp_path / "b" / "config.json").read_text())["config"]
+    assert again == first
+    a, b = load_file(run / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "b" / LORA)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run, repeated from its folder
+    assert main([*argv, "--out", str(run), "--config", str(run / "config.json"), "--steps", "4",
+                 "--resume", "latest"]) == 0  # fmt: skip
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4 and (run / "checkpoint-4").is_dir()

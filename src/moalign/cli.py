@@ -14,16 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from moalign.alignment import ALIGN_MODES
-from moalign.backbones import BACKBONES
-from moalign.data.flow import FLOW_METHODS
 from moalign.errors import MoalignError
 from moalign.generate import GenerateConfig
-from moalign.playground.scenes import MOTIONS
-from moalign.presets import PRESETS, Recipe, get_preset
 from moalign.run import console
 from moalign.run.arguments import (
     RESUMABLE,
@@ -32,11 +27,23 @@ from moalign.run.arguments import (
     add_command,
     add_data_options,
     add_latents_options,
+    add_training_options,
+    add_version,
     bind,
+    comma_list,
     command_line,
-    cuda_available,
+    default_device,
     flag_overrides,
     overridden,
+    read_config_file,
+)
+from moalign.run.choices import (
+    ALIGN_MODES,
+    BACKBONES,
+    FLOW_METHODS,
+    MOTIONS,
+    PRESETS,
+    RECIPE_PARTS,
 )
 
 logger = console.get_logger(__name__)
@@ -65,19 +72,26 @@ def _add_preset(
     )
     where = "the whole recipe" if part == "recipe" else f"the preset's {part} config"
     listing = "" if part == "recipe" else f"; `moalign config --part {part}` lists the fields"
+    shows = "moalign config" if part == "recipe" else f"moalign config --part {part}"
+    p.add_argument(
+        "--config", metavar="FILE", dest="config_file",
+        help=f"YAML or JSON file of {where}'s fields (all or some, as `{shows}` prints them; a run's config.json "
+        "too): applied after the preset, before the flags and --set",
+    )  # fmt: skip
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a field of {where}, e.g. --set {example} (repeatable{listing})",
+        help=f"override a field of {where}, e.g. --set {example} (repeatable{listing}); a list of strings as "
+        '--set \'validation_prompts=["a, b", "c"]\': strings are never split on commas',
     )  # fmt: skip
 
 
-def _stage_config(args: argparse.Namespace, part: str):
+def _stage_config(args: argparse.Namespace, part: str, announce: bool = True):
     """The command's part of the recipe: the preset's, then the bound flags, then `--set` (the last wins); the
     preset and the clip geometry it gives are said first, so a real-data run never becomes a playground run
     silently."""
-    cfg = overridden(getattr(_recipe(args), part), flag_overrides(args) + args.overrides)
+    cfg = overridden(_configured(args, part), flag_overrides(args) + args.overrides)
     data = getattr(cfg, "data", None)
-    if data is not None:
+    if data is not None and announce:
         fps = f"{data.fps:g} fps" if data.fps else "native fps"
         logger.info(
             f"[{args.command}] preset {args.preset}: clips of {data.num_frames} frames at {data.height}x{data.width}, "
@@ -86,8 +100,22 @@ def _stage_config(args: argparse.Namespace, part: str):
     return cfg
 
 
-def _recipe(args: argparse.Namespace) -> Recipe:
+def _configured(args: argparse.Namespace, part: str):
+    """The preset's `part` (or the whole recipe, part "recipe") with the --config file's fields on top; the names
+    the file sets go to `args.named` (with those of the flags and --set: what the user chose)."""
+    base = _recipe(args) if part == "recipe" else getattr(_recipe(args), part)
+    named = {o.split("=", 1)[0].strip() for o in flag_overrides(args) + args.overrides}
+    if getattr(args, "config_file", None):
+        base, keys = read_config_file(args.config_file, base, part)
+        named |= keys
+    args.named = named
+    return base
+
+
+def _recipe(args: argparse.Namespace):
     """The `--preset` recipe; without one (generate's default) every field keeps its default."""
+    from moalign.presets import Recipe, get_preset
+
     return get_preset(args.preset) if args.preset is not None else Recipe()
 
 
@@ -110,7 +138,7 @@ def _add_demo_parser(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from moalign.playground.demo import run_demo
 
-    recipe = overridden(_recipe(args), args.overrides)  # whole-recipe keys: stage1.steps=500
+    recipe = overridden(_configured(args, "recipe"), args.overrides)  # whole-recipe keys: stage1.steps=500
     run_demo(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
 
 
@@ -125,12 +153,10 @@ def _add_study_parser(sub) -> None:
         "--out", default="runs/study", help="study folder; a finished demo folder is reused (resumable)"
     )
     bind(
-        p,
-        "--arms",
-        "study.arms",
+        p, "--arms", "study.arms", type=comma_list,
         help="comma-separated align modes with none, or 'all' (default: none,trd,moalign)",
-    )
-    bind(p, "--seeds", "study.seeds", help="comma-separated training seeds (default: 0,1,2)")
+    )  # fmt: skip
+    bind(p, "--seeds", "study.seeds", type=comma_list, help="comma-separated training seeds (default: 0,1,2)")
     bind(p, "--from-scratch", "study.from_scratch", action="store_const", const="true",
          help="train every arm from the same random init (REPA's setting; default: from the base model)")  # fmt: skip
     _add_preset(
@@ -143,28 +169,32 @@ def _add_study_parser(sub) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from moalign.playground.study import ALL_ARMS, run_study
 
-    overrides = [
-        o.replace("study.arms=all", f"study.arms={','.join(ALL_ARMS)}") for o in flag_overrides(args)
-    ]
-    recipe = overridden(_recipe(args), overrides + args.overrides)
+    if args.arms == ["all"]:
+        args.arms = list(ALL_ARMS)
+    recipe = overridden(_configured(args, "recipe"), flag_overrides(args) + args.overrides)
     run_study(args.out, preset=args.preset, progress=not args.quiet, recipe=recipe)
 
 
 def _add_config_parser(sub) -> None:
     p = add_command(sub, "config", cmd_config, "print a preset's resolved configuration as JSON")
     _add_preset(p, "recipe", "stage2.lr=1e-4", preset_help="named recipe (default: tiny)")
-    p.add_argument("--part", choices=[f.name for f in fields(Recipe)], help="only this stage's config")
+    p.add_argument("--part", choices=list(RECIPE_PARTS), help="only this stage's config")
     p.add_argument("--list", action="store_true", help="list the presets")
 
 
 def cmd_config(args: argparse.Namespace) -> None:
+    from moalign.presets import PRESETS
     from moalign.run.serialize import to_dict
 
     if args.list:
         for name, fn in PRESETS.items():
             print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return
-    cfg = _stage_config(args, args.part) if args.part else overridden(_recipe(args), args.overrides)
+    cfg = (
+        _stage_config(args, args.part, announce=False)
+        if args.part
+        else overridden(_configured(args, "recipe"), args.overrides)
+    )
     print(json.dumps(to_dict(cfg), indent=2))
 
 
@@ -179,7 +209,7 @@ def _add_synth_parser(sub) -> None:
     bind(p, "--height", "height", type=int, help="frame height, divisible by 16")
     bind(p, "--width", "width", type=int, help="frame width, divisible by 16")
     bind(p, "--fps", "fps", type=float, help="frame rate written to the mp4 files")
-    bind(p, "--motions", "motions", help=f"comma-separated scene mix of {','.join(MOTIONS)}")
+    bind(p, "--motions", "motions", type=comma_list, help=f"comma-separated scene mix of {','.join(MOTIONS)}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset(p, "synth", "num_clips=64")
 
@@ -296,6 +326,7 @@ def _add_stage1_parser(sub) -> None:
     p.add_argument("--resume", help="'latest' or a checkpoint-N folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_preset(p, "stage1", "lr=3e-4 --set data.fps=8")
+    add_training_options(p, "stage1")
     add_data_options(p)
 
 
@@ -348,6 +379,7 @@ def _add_stage2_parser(sub) -> None:
         preset_help="named recipe (default: the latents cache model's preset, else its family's; tiny for the "
         "playground's caches)",
     )  # fmt: skip
+    add_training_options(p, "stage2")
 
 
 def cmd_stage2(args: argparse.Namespace) -> None:
@@ -359,7 +391,7 @@ def cmd_stage2(args: argparse.Namespace) -> None:
         why = "--preset"
     logger.info(f"[stage2] preset {args.preset} ({why})")
     cfg = _stage_config(args, "stage2")
-    named = {o.split("=", 1)[0].strip() for o in flag_overrides(args) + args.overrides}
+    named = args.named  # the fields the user set: --config file, flags, --set
     if "model" not in named:  # the pipeline the latents were made with, not the preset's hub id
         cfg = replace(cfg, model=None)
     if "backbone" not in named and why != "--preset":
@@ -380,6 +412,7 @@ def _cache_preset(latents: str) -> tuple[str, str]:
     playground's). Returns (name, why)."""
     from moalign.data.cache import Cache
     from moalign.latents import LATENTS_KIND
+    from moalign.presets import PRESETS
 
     fp = Cache(latents, kind=LATENTS_KIND).fingerprint
     model, family = str(fp.get("model") or ""), fp.get("backbone")
@@ -446,7 +479,7 @@ def _add_generate_parser(sub) -> None:
         value = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
         bind(g, flag, name, type=type(value), help=f"{text} (default: {value}, or the --preset's)")
-    p.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="torch device")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     add_latents_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -457,7 +490,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg = _stage_config(args, "generate")
     rows = generate(
         args.model, read_prompts(args.prompts), args.out, **asdict(cfg), backbone=args.backbone,
-        base=args.base, device=args.device, dtype=args.dtype, vae_tiling=args.vae_tiling,
+        base=args.base, device=args.device or default_device(), dtype=args.dtype, vae_tiling=args.vae_tiling,
         progress=not args.quiet,
     )  # fmt: skip
     logger.info(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
@@ -495,7 +528,7 @@ def _add_evaluate_parser(sub) -> None:
         help="optical flow: dis and farneback on CPU (OpenCV), raft on a GPU with --raft-weights",
     )  # fmt: skip
     p.add_argument("--raft-weights", help="local RAFT weights file (--flow raft, GPU machines)")
-    p.add_argument("--device", default="cuda" if cuda_available() else "cpu", help="for RAFT, --teacher")
+    p.add_argument("--device", help="for RAFT, --teacher (default: cuda when available, else cpu)")
     p.add_argument(
         "--skip-bad-videos", action="store_true",
         help="skip unreadable or too-short videos (with --teacher: too short for its clips), counted",
@@ -506,6 +539,7 @@ def _add_evaluate_parser(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from moalign.evaluation.folder import evaluate_folder
 
+    args.device = args.device or default_device()
     keys = ("reference", "teacher", "skip_bad_videos", "device", "flow", "raft_weights")
     evaluate_folder(args.videos, args.out, progress=not args.quiet, **{k: getattr(args, k) for k in keys})
 
@@ -535,7 +569,7 @@ def _add_probe_parser(sub) -> None:
         "--out",
         help="JSON file to write (default: MODEL/probes.json, or CHECKPOINT/probes.json with --state)",
     )
-    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -551,7 +585,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
     inputs = probe_inputs(
         args.latents, args.targets, args.data, load_motion_teacher(args.teacher).data, args.clips
     )
-    result = probe_run(args.model, inputs, state=state, device=args.device, noise_levels=levels)
+    result = probe_run(
+        args.model, inputs, state=state, device=args.device or default_device(), noise_levels=levels
+    )
     result = {"model": str(args.model), "state": str(state) if state else None, **result}
     out = Path(args.out) if args.out else (state.parent if state else Path(args.model)) / "probes.json"
     write_json(out, result)
@@ -666,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for input errors too")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,

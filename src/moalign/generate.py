@@ -14,16 +14,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from moalign.backbones import get_backbone
-from moalign.backbones.spec import dtype_kwargs, parse_dtype
 from moalign.data.video_io import write_video
 from moalign.errors import MoalignError, loading
 from moalign.run.atomic import atomic_path, write_jsonl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,9 @@ def load_pipeline(
     Returns:
         (pipeline, backbone spec).
     """
+    from moalign.backbones import get_backbone  # torch: imported when a command runs, not for --help
+    from moalign.backbones.spec import dtype_kwargs
+
     path = Path(model)
     kw = {**dtype_kwargs(torch_dtype), **(dict.fromkeys(_NOT_TRANSFORMER) if transformer_only else {})}
     run_cfg = path / "config.json"
@@ -175,7 +178,11 @@ def generate(
             memory, several times faster).
         vae_tiling: decode in spatial tiles (the VAE's `enable_tiling`; less memory at 480p).
     """
+    import torch
     from PIL import Image
+
+    from moalign.backbones import get_backbone
+    from moalign.backbones.spec import parse_dtype
 
     if not prompts:
         raise MoalignError("no prompts to generate: the prompts file is empty")

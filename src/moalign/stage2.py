@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -101,6 +101,12 @@ class Stage2Config:
     validation_size: tuple[int, int] | None = None  # (height, width); None: the latents cache's
     validation_steps: int = 25
     validation_judge: bool = False  # playground prompts: also log the toy judge's val_sa, val_pc, val_joint
+
+    # what `--set` says about a name stage 2 does not have (run/serialize.py did_you_mean)
+    unknown_field_hints: ClassVar[dict[str, str]] = {
+        "data": "stage 2 has no clip sampling: its clips are the latents cache's (set --num-frames, --height, "
+        "--width, --fps when making the latents with `moalign latents` or `moalign precompute`)",
+    }
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:

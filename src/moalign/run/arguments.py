@@ -10,8 +10,8 @@ import argparse
 import shlex
 import sys
 
-from moalign.backbones.spec import DTYPES
 from moalign.errors import MoalignError
+from moalign.run.choices import DTYPES, MIXED_PRECISION, REPORT_TO
 
 RESUMABLE = "cache folder (resumable: re-run the same command after a stop)"
 
@@ -30,10 +30,18 @@ class HelpFormatter(argparse.HelpFormatter):
         return text if "default" in text else f"{text} (default: %(default)s)".strip()
 
 
+def add_version(p: argparse.ArgumentParser) -> None:
+    """`--version`: prints "moalign X.Y.Z" and exits (on the top-level parser and every subcommand's)."""
+    from moalign import __version__
+
+    p.add_argument("--version", action="version", version=f"moalign {__version__}")
+
+
 def add_command(sub, name: str, fn, help: str, **kwargs) -> argparse.ArgumentParser:
     """The parser of subcommand `name`, which `fn(args)` runs; its --help shows the defaults."""
     p = sub.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
     p.set_defaults(fn=fn)
+    add_version(p)
     # also after the subcommand (`moalign evaluate ... --debug`); SUPPRESS keeps the top-level flag's value
     p.add_argument(
         "--debug",
@@ -58,11 +66,20 @@ def bind(p, flag: str, path: str, **kwargs) -> None:
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """`PATH=VALUE`, in `--set`'s form, for every bound flag given on the command line (see `bind`)."""
+    """`PATH=VALUE`, in `--set`'s form, for every bound flag given on the command line (see `bind`); a list (a
+    repeatable flag, or a `comma_list` one) as a list literal, so no string in it is split on commas."""
     bound = getattr(args, "bound", {})
-    return [
-        f"{path}={getattr(args, dest)}" for dest, path in bound.items() if getattr(args, dest) is not None
-    ]
+    out = []
+    for dest, path in bound.items():
+        value = getattr(args, dest)
+        if value is not None:
+            out.append(f"{path}={value!r}" if isinstance(value, list) else f"{path}={value}")
+    return out
+
+
+def comma_list(text: str) -> list[str]:
+    """The `type` of a flag taking comma-separated names (`--arms none,moalign`): names never hold commas."""
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -80,6 +97,40 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_training_options(p: argparse.ArgumentParser, stage: str) -> None:
+    """The knobs people tune every day, as flags (each a shorthand for its `--set`)."""
+    g = p.add_argument_group(
+        f"training (overrides the preset's {stage} config; `moalign config --part {stage}`)"
+    )
+    bind(g, "--lr", "lr", type=float, help="peak learning rate (warm-up, then cosine to 10%%)")
+    bind(g, "--batch-size", "batch_size", type=int, help="global batch per optimizer step (all processes)")
+    bind(g, "--mixed-precision", "mixed_precision", choices=list(MIXED_PRECISION), help="autocast dtype")
+    bind(g, "--checkpoint-every", "checkpoint_every", type=int, help="steps between checkpoint-N folders")
+    bind(g, "--seed", "seed", type=int, help="seed of the batches, noise and initialisation")
+    bind(
+        g, "--report-to", "report_to", choices=list(REPORT_TO),
+        help="trackers beside RUN/log.jsonl (wandb: pip install wandb)",
+    )  # fmt: skip
+    if stage == "stage2":
+        bind(
+            g, "--gradient-accumulation-steps", "gradient_accumulation_steps", type=int,
+            help="micro-batches per process and step (same result, less memory)",
+        )  # fmt: skip
+        bind(g, "--gradient-checkpointing", "gradient_checkpointing", action="store_const", const="true",
+             help="recompute activations in the backward pass (less memory, ~30%% slower)")  # fmt: skip
+        bind(
+            g, "--validation-prompt", "validation_prompts", action="append", metavar="PROMPT",
+            help="a validation prompt, commas and all (repeatable; one video each)",
+        )  # fmt: skip
+        bind(
+            g,
+            "--validate-every",
+            "validate_every",
+            type=int,
+            help="steps between validation videos (0: never)",
+        )
+
+
 def overridden(cfg, overrides: list[str]):
     """`cfg` with `--set KEY=VALUE` overrides applied; a bad key or value is a user error."""
     from moalign.run.serialize import apply_overrides
@@ -88,6 +139,60 @@ def overridden(cfg, overrides: list[str]):
         return apply_overrides(cfg, overrides)
     except (ValueError, TypeError) as err:
         raise MoalignError(f"bad configuration: {err}") from err
+
+
+def read_config_file(path: str, cfg, part: str) -> tuple[object, set[str]]:
+    """`cfg` (the preset's part `part`, or the whole recipe for part "recipe") with the fields a `--config` file
+    sets, and the names of those fields.
+
+    The file is YAML (.yaml/.yml) or JSON and holds the keys `moalign config [--part PART]` prints, all or some
+    (the rest keep the preset's values); a run's config.json (its "config" entry) and a whole-recipe file (its
+    PART entry) are taken too, so a run can be repeated or extended from its folder.
+
+    Raises:
+        MoalignError: the file is missing, unreadable, not a mapping, or has unknown keys (the closest valid
+            names are given).
+    """
+    import json
+    from pathlib import Path
+
+    from moalign.run.serialize import from_dict, to_dict
+
+    file = Path(path)
+    if not file.is_file():
+        raise MoalignError(
+            f"--config {path}: no such file. Pass a YAML or JSON file (e.g. a run's config.json)"
+        )
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml / json / decoding errors: all a bad file
+        raise MoalignError(
+            f"--config {path}: not readable as {file.suffix or 'JSON'} ({err}). Fix the file."
+        ) from err
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "command" in data:
+        data = data["config"]  # a run folder's config.json
+    names = set(to_dict(cfg))
+    if isinstance(data, dict) and part in data and part not in names and isinstance(data[part], dict):
+        data = data[part]  # a whole recipe (`moalign config` output) given to one stage
+    if not isinstance(data, dict):
+        raise MoalignError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}")
+
+    def merge(base: dict, new: dict) -> dict:
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = merge(base[k], v) if isinstance(base.get(k), dict) and isinstance(v, dict) else v
+        return out
+
+    try:
+        return from_dict(type(cfg), merge(to_dict(cfg), data)), set(data)
+    except (ValueError, TypeError) as err:
+        raise MoalignError(f"--config {path}: {err}") from err
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -109,10 +214,8 @@ def add_latents_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="VAE in spatial tiles (less memory at 480p+)")
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
+def default_device() -> str:
+    """ "cuda" when torch sees a GPU, else "cpu" (asked when a command runs, so --help never imports torch)."""
+    import torch
 
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return "cuda" if torch.cuda.is_available() else "cpu"
