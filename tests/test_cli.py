@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     "study",
     "probe",
     "export-lora",
+    "push",
     "config",
     "synth",
     "flow",

@@ -215,3 +215,23 @@ def test_the_config_batch_is_the_global_batch():
         "global batch of 32 clips per optimizer step (4 processes x 4 micro-batches of 2 clips per process)"
         in text
     )
+
+
+def test_cli_push_uploads_the_run_and_fails_in_one_line(finished_run, monkeypatch, capsys):
+    """`moalign push RUN --repo-id` uploads (up to the Hub call, which is stubbed) and prints the URL; an
+    unfinished folder is a one-line error (exit 2)."""
+    from huggingface_hub import HfApi
+
+    from moalign.cli import main
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: calls.update(
+        files=sorted(op.path_in_repo for op in operations)))  # fmt: skip
+    assert main(["push", str(finished_run), "--repo-id", "me/run", "--include", "validation/*"]) == 0
+    assert "https://huggingface.co/me/run" in capsys.readouterr().out
+    assert "pytorch_lora_weights.safetensors" in calls["files"]
+    assert "validation/step-2/video_00000.mp4" in calls["files"]
+    assert main(["push", str(finished_run / "checkpoint-2"), "--repo-id", "me/run"]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished stage-2 run" in err and len(err.strip().splitlines()) == 1

@@ -203,8 +203,8 @@ def test_tensorboard_log_follows_the_json_log(caches, tmp_path):
     board = [(e.step, e.value) for e in events.Scalars("total")]
     assert [s for s, _ in board] == [s for s, _ in logged] == [0, 1, 2, 3]
     assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
-    with pytest.raises(ValueError, match="report_to must be one of none, tensorboard"):
-        _cfg(report_to="wandb")
+    with pytest.raises(ValueError, match="report_to must be one of none, tensorboard, wandb, all"):
+        _cfg(report_to="comet")
 
 
 def test_lora_under_bf16_keeps_the_base_in_bf16_and_trains_float32_adapters(caches, tmp_path):

@@ -380,6 +380,10 @@ def _add_stage2_parser(sub) -> None:
         "playground's caches)",
     )  # fmt: skip
     add_training_options(p, "stage2")
+    p.add_argument(
+        "--push-to-hub", metavar="REPO_ID",
+        help="when the run is finished, upload it to this Hub model repo (as `moalign push RUN --repo-id`)",
+    )  # fmt: skip
 
 
 def cmd_stage2(args: argparse.Namespace) -> None:
@@ -400,6 +404,36 @@ def cmd_stage2(args: argparse.Namespace) -> None:
         args.latents, args.out, cfg, targets_cache=args.targets, resume=args.resume, progress=not args.quiet,
         command=command_line(),
     )  # fmt: skip
+    if args.push_to_hub and console.is_main_process():
+        _push(args.out, args.push_to_hub)
+
+
+def _add_push_parser(sub) -> None:
+    p = add_command(
+        sub, "push", cmd_push, "upload a finished stage-2 run to a Hugging Face Hub model repo",
+        description="Uploads the weights (LoRA file or transformer/), the model card, config, metrics and loss "
+        "curve in one commit; checkpoints, validation videos and tracker logs stay local unless --include names "
+        "them. Authentication: HF_TOKEN, or `hf auth login` once.",
+    )  # fmt: skip
+    p.add_argument("run", help="finished stage-2 run folder")
+    p.add_argument("--repo-id", required=True, help="user/name or org/name (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--message", help="commit message (default: moalign stage-2 run NAME)")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="also upload these files, e.g. 'validation/*' or 'checkpoint-*' (repeatable)")  # fmt: skip
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    _push(
+        args.run, args.repo_id, private=args.private, commit_message=args.message, include=tuple(args.include)
+    )
+
+
+def _push(run: str, repo_id: str, **kwargs) -> None:
+    from moalign.run.hub import push_to_hub
+
+    url = push_to_hub(run, repo_id, **kwargs)
+    logger.info(f"[push] {run} -> {url}")
 
 
 # the recipe a family's stage 2 takes when its latents cache's model is none of the presets'
@@ -706,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
-        _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_export_lora_parser, _add_generate_parser,
+        _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_export_lora_parser, _add_push_parser, _add_generate_parser,
         _add_judge_parser, _add_evaluate_parser, _add_probe_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
     ):  # fmt: skip
         add(sub)

@@ -101,6 +101,7 @@ class Stage2Config:
     validation_size: tuple[int, int] | None = None  # (height, width); None: the latents cache's
     validation_steps: int = 25
     validation_judge: bool = False  # playground prompts: also log the toy judge's val_sa, val_pc, val_joint
+    license: str | None = None  # the model card's license (None: the base pipeline's card's, else "other")
 
     # what `--set` says about a name stage 2 does not have (run/serialize.py did_you_mean)
     unknown_field_hints: ClassVar[dict[str, str]] = {
@@ -475,7 +476,7 @@ def train_stage2(
     )
 
     model.train()
-    watch = MotionWatch(spec, cfg, out_dir, device, accelerator.is_main_process, model, start_step)
+    watch = MotionWatch(spec, cfg, out_dir, device, accelerator.is_main_process, model, start_step, log=log)
     t0 = time.time()
     seen = 0  # clips this process trained on in this launch: its share of every global batch
     bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc=f"stage2 ({cfg.align.mode})")

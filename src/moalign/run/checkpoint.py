@@ -259,7 +259,7 @@ def _checkpoint_step(path: Path) -> int:
 # config fields a resumed run may change: how long, how often it logs, checkpoints and validates
 RESUMABLE_CHANGES = (
     "steps", "log_every", "checkpoint_every", "checkpoint_limit", "val_every", "validate_every", "report_to",
-    "probe_clips",
+    "probe_clips", "license",
     "validation_prompts", "validation_frames", "validation_size", "validation_steps",
 )  # fmt: skip
 
