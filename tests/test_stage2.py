@@ -286,3 +286,31 @@ def test_cli_config_round_trip_of_a_runs_config_json(caches, tmp_path):
     assert main([*argv, "--out", str(run), "--config", str(run / "config.json"), "--steps", "4",
                  "--resume", "latest"]) == 0  # fmt: skip
     assert json.loads((run / "metrics.json").read_text())["steps"] == 4 and (run / "checkpoint-4").is_dir()
+
+
+def test_lora_targets_feed_forward_too(caches, tmp_path):
+    """lora_targets=attention,feed-forward puts adapters on the blocks' FeedForward as well; the file loads into
+    the pipeline; an unknown module name is a one-line error naming the groups."""
+    run = tmp_path / "ff"
+    train_stage2(caches / "latents", run, _cfg(lora_rank=2, lora_targets=("attention", "feed-forward")),
+                 caches / "targets", progress=False)  # fmt: skip
+    keys = set(load_file(run / LORA))
+    assert "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight" in keys
+    assert "transformer.transformer_blocks.0.ff.net.2.lora_B.weight" in keys
+    assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    default = set(load_file(_lora_only(caches, tmp_path)))
+    assert not any(".ff." in k for k in default)  # attention only by default
+    spec = get_backbone("cogvideox")
+    pipe = spec.pipeline_class(None, None, None, tiny_transformer("cogvideox"), spec.scheduler)
+    pipe.load_lora_weights(run)
+    assert any("ff.net.2.lora_B" in n for n, _ in pipe.transformer.named_parameters())
+    with pytest.raises(
+        MoalignError, match="cannot put LoRA on \\['nonexistent'\\].*groups: attention, feed-forward"
+    ):
+        train_stage2(caches / "latents", tmp_path / "bad", _cfg(lora_rank=2, lora_targets=("nonexistent",)),
+                     caches / "targets", progress=False)  # fmt: skip
+
+
+def _lora_only(caches, tmp_path):
+    train_stage2(caches / "latents", tmp_path / "att", _cfg(lora_rank=2), caches / "targets", progress=False)
+    return tmp_path / "att" / LORA

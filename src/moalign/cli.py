@@ -360,6 +360,10 @@ def _add_stage2_parser(sub) -> None:
     )
     bind(p, "--lora-rank", "lora_rank", type=int, help="LoRA rank (0: full fine-tune)")
     bind(
+        p, "--lora-targets", "lora_targets", type=comma_list,
+        help="where the LoRA goes: attention, feed-forward (comma-separated), or module names (default: attention)",
+    )  # fmt: skip
+    bind(
         p,
         "--backbone",
         "backbone",

@@ -45,7 +45,7 @@ from moalign.run.launch import (
     reduce_scalars,
     start_launch,
 )
-from moalign.run.lora import add_lora, save_lora
+from moalign.run.lora import add_lora, lora_target_modules, save_lora
 from moalign.run.modelcard import write_model_card
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
@@ -78,6 +78,8 @@ class Stage2Config:
     align: AlignConfig = field(default_factory=AlignConfig)
     lora_rank: int = 0  # 0: full fine-tune
     lora_alpha: float | None = None  # None: equal to the rank
+    # where the LoRA adapters go: "attention" (q, k, v, out of every attention), "feed-forward", or module names
+    lora_targets: tuple[str, ...] = ("attention",)
     steps: int = 200  # optimizer steps
     batch_size: int = 4  # the global batch: split over processes, then into gradient_accumulation_steps
     gradient_accumulation_steps: int = 1  # micro-batches per process and step (same result, less memory)
@@ -112,6 +114,10 @@ class Stage2Config:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+        if not self.lora_targets or not all(isinstance(t, str) and t.strip() for t in self.lora_targets):
+            raise ValueError(
+                f"lora_targets must name modules or groups (attention, feed-forward), got {self.lora_targets!r}"
+            )
         if self.gradient_accumulation_steps < 1:
             raise ValueError(
                 f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
@@ -289,7 +295,9 @@ def _trainable_transformer(
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         if half is not None:
             transformer.to(half)
-        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+        add_lora(
+            transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, lora_target_modules(cfg.lora_targets)
+        )
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

@@ -17,6 +17,22 @@ from torch import nn
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as the diffusers examples do
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# named groups of `lora_targets`: module-name suffixes peft matches in both families' blocks
+LORA_TARGET_GROUPS = {
+    "attention": LORA_TARGETS,  # self- and cross-attention q, k, v, out (CogVideoX attn1; Wan attn1, attn2)
+    "feed-forward": ("net.0.proj", "net.2"),  # the blocks' FeedForward (CogVideoX ff.net.*, Wan ffn.net.*)
+}
+
+
+def lora_target_modules(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """`Stage2Config.lora_targets` -> module-name suffixes for peft: a group name ("attention",
+    "feed-forward") stands for its modules, anything else is a module name (e.g. "proj_out")."""
+    out: list[str] = []
+    for t in targets:
+        for name in LORA_TARGET_GROUPS.get(t, (t,)):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
 
 
 def add_lora(
@@ -25,10 +41,18 @@ def add_lora(
     """Freeze the transformer and add a LoRA adapter (B initialised to zero: training starts at the base)."""
     from peft import LoraConfig
 
+    from moalign.errors import MoalignError
+
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
-    )
+    try:
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
+        )
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise MoalignError(
+            f"cannot put LoRA on {list(target_modules)}: {str(err).splitlines()[0]}. Fix lora_targets (groups: "
+            f"{', '.join(LORA_TARGET_GROUPS)}, or module names of the transformer)"
+        ) from err
 
 
 def save_lora(
