@@ -152,3 +152,20 @@ def test_crop_loss_threshold_examples():
     assert crop_loss((32, 32), (32, 32)) == 0
     assert crop_loss((720, 1280), (64, 64)) == pytest.approx(1 - 9 / 16, abs=0.01)  # 16:9 to square: 44%
     assert crop_loss((480, 640), (480, 720)) == pytest.approx(1 - (4 / 3) / 1.5, abs=0.01)  # 4:3 to 3:2: 11%
+
+
+def test_cli_check_data_prints_every_problem_and_exits_1_when_a_run_would_stop(messy, tmp_path, capsys):
+    from moalign.cli import main
+
+    argv = ["check-data", "--data", str(messy), "--out", str(tmp_path / "o"), "--num-frames", "9", "--height", "32",
+            "--width", "32", "--sample", "2"]  # fmt: skip
+    assert main(argv) == 1  # unreadable / too-short videos and a missing caption stop a run
+    out = capsys.readouterr().out
+    assert "[check-data] checked 7 clips" in out and "too short for the clip window: 1" in out
+    assert "no caption: 1" in out and "a run stops" in out
+    report = json.loads((tmp_path / "o" / "check_data.json").read_text())
+    assert report["counts"]["unreadable"] == 1 and (tmp_path / "o" / "contact_sheet.png").is_file()
+    for name in ("bad", "short", "nocap"):
+        for f in messy.glob(f"{name}.*"):
+            f.unlink()
+    assert main(argv) == 0  # only warnings left (small, crop, duplicates, empty caption)

@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "push",
     "config",
     "synth",
+    "check-data",
     "flow",
     "convert-videomaev2",
     "pretrain-encoder",

@@ -18,13 +18,16 @@ def _config(argv: list[str], part: str):
     return _stage_config(build_parser().parse_args(argv), part)
 
 
-DATA_FLAGS = ["--num-frames", "9", "--height", "32", "--width", "48", "--fps", "4", "--skip-bad-videos"]
+DATA_FLAGS = ["--num-frames", "9", "--height", "32", "--width", "48", "--fps", "4", "--skip-bad-videos",
+              "--caption-column", "prompt, short", "--video-column", "file_name"]  # fmt: skip
 DATA_SETS = [
     "data.num_frames=9",
     "data.height=32",
     "data.width=48",
     "data.fps=4.0",
     "data.skip_bad_videos=True",
+    "data.caption_column=prompt, short",
+    "data.video_column=file_name",
 ]
 
 # command line without the bound flags, the recipe part it configures, the bound flags, the same as --set

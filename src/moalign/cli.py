@@ -307,6 +307,35 @@ def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
     pretrain_encoder(args.data, args.out, cfg, progress=not args.quiet, command=command_line())
 
 
+def _add_check_data_parser(sub) -> None:
+    p = add_command(
+        sub, "check-data", cmd_check_data, "read a whole dataset once and report every problem, with counts",
+        description="Probes every video of a dataset (any layout: docs/data.md) for the clip config a run would "
+        "use and reports unreadable, too-short, small, badly cropped and duplicate videos and missing captions, "
+        "with counts and what a run would drop; writes OUT/check_data.json and OUT/contact_sheet.png. Exit "
+        "status 1 when a run with these settings would stop.",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--out", help="folder for check_data.json and contact_sheet.png (default: runs/check-data/NAME)"
+    )
+    p.add_argument("--sample", type=int, default=16, help="clips on the contact sheet (0: none)")
+    p.add_argument("--examples", type=int, default=3, help="clips named per problem in the printed report")
+    _add_preset(p, "stage1", "data.fps=8")
+    add_data_options(p)
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from moalign.data.check import check_dataset, format_report
+
+    data = _stage_config(args, "stage1").data
+    out = Path(args.out) if args.out else Path("runs") / "check-data" / Path(args.data).resolve().name
+    report = check_dataset(args.data, data, out, sample=args.sample)
+    for line in format_report(report, examples=args.examples):
+        logger.info(f"[check-data] {line}")
+    return 1 if report["run_stops"] else 0
+
+
 def _add_stage1_parser(sub) -> None:
     p = add_command(
         sub,
@@ -743,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
-        _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_flow_parser, _add_convert_parser,
+        _add_demo_parser, _add_study_parser, _add_config_parser, _add_synth_parser, _add_check_data_parser, _add_flow_parser, _add_convert_parser,
         _add_pretrain_encoder_parser, _add_stage1_parser, _add_stage2_parser, _add_export_lora_parser, _add_push_parser, _add_generate_parser,
         _add_judge_parser, _add_evaluate_parser, _add_probe_parser, _add_latents_parser, _add_targets_parser, _add_precompute_parser,
     ):  # fmt: skip
@@ -757,13 +786,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         console.quiet_libraries()
     try:
-        args.fn(args)
+        status = args.fn(args)
     except MoalignError as err:
         if args.debug:
             raise
         print(f"moalign {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0  # a command may return its own exit status (check-data: 1 when a run would stop)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         g, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
         help="skip unreadable or too-short videos (counted in the log) instead of stopping with an error",
     )  # fmt: skip
+    bind(g, "--caption-column", "data.caption_column",
+         help="the manifest's caption column (or the captions .txt file), e.g. prompt (default: the first of "
+         "caption, prompt, text, title)")  # fmt: skip
+    bind(g, "--video-column", "data.video_column",
+         help="the manifest's video column (or the videos .txt file), e.g. file_name (default: the first of video, "
+         "video_path, path, file_name, file)")  # fmt: skip
 
 
 def add_training_options(p: argparse.ArgumentParser, stage: str) -> None:
