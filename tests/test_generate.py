@@ -80,3 +80,21 @@ def test_family_of_a_pipeline_class_comes_from_the_backbone_registry():
     assert family("WanPipeline") == "wan" and family("CogVideoXPipeline") == "cogvideox"
     assert {family(make().pipeline_class.__name__) for make in BACKBONES.values()} == set(BACKBONES)
     assert family("SomethingElsePipeline") == "cogvideox"  # the default, as before
+
+
+def test_dtype_auto_and_cpu_offload(tmp_path, monkeypatch):
+    """--dtype auto is bfloat16 on CUDA and float32 on CPU; --cpu-offload goes through diffusers'
+    enable_model_cpu_offload (stand-in here: no GPU) instead of moving the whole pipeline, and needs CUDA."""
+    from moalign.generate import auto_dtype
+
+    assert auto_dtype("auto", "cuda") == auto_dtype("auto", "cuda:1") == "bfloat16"
+    assert auto_dtype("auto", "cpu") == "float32" and auto_dtype("float16", "cuda") == "float16"
+    pipe = tiny_pipeline("cogvideox")
+    kw = dict(num_frames=5, height=16, width=16, steps=1, progress=False)
+    with pytest.raises(MoalignError, match="--cpu-offload .* needs a CUDA device"):
+        generate(None, ["a ball"], tmp_path / "x", pipeline=pipe, cpu_offload=True, **kw)
+    calls = []
+    monkeypatch.setattr(type(pipe), "enable_model_cpu_offload", lambda self, device: calls.append(device))
+    monkeypatch.setattr(type(pipe), "to", lambda self, *a, **k: calls.append(("to", a)) or self)
+    generate(None, ["a ball"], tmp_path / "y", pipeline=pipe, cpu_offload=True, device="cuda", **kw)
+    assert calls == ["cuda"] and (tmp_path / "y" / "video_00000.mp4").is_file()

@@ -314,3 +314,46 @@ def test_lora_targets_feed_forward_too(caches, tmp_path):
 def _lora_only(caches, tmp_path):
     train_stage2(caches / "latents", tmp_path / "att", _cfg(lora_rank=2), caches / "targets", progress=False)
     return tmp_path / "att" / LORA
+
+
+def test_fp8_storage_of_the_frozen_base(caches, tmp_path):
+    """base_storage_dtype=float8_e4m3fn keeps the frozen base's block weights in fp8 (a quarter of float32) while
+    the LoRA adapters train in float32; the loss stays close to the full-precision run's."""
+    ref = train_stage2(caches / "latents", tmp_path / "ref", _cfg(lora_rank=2), caches / "targets",
+                       transformer=tiny_transformer("cogvideox"), progress=False)  # fmt: skip
+    transformer = tiny_transformer("cogvideox")
+    m = train_stage2(caches / "latents", tmp_path / "fp8", _cfg(lora_rank=2, base_storage_dtype="float8_e4m3fn"),
+                     caches / "targets", transformer=transformer, progress=False)  # fmt: skip
+    dtypes = {n: p.dtype for n, p in transformer.named_parameters()}
+    assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
+    assert dtypes["transformer_blocks.0.ff.net.2.weight"] == torch.float8_e4m3fn
+    assert dtypes["transformer_blocks.0.attn1.to_q.lora_A.default.weight"] == torch.float32
+    assert all(v.dtype == torch.float32 for v in load_file(tmp_path / "fp8" / LORA).values())
+    assert m["diffusion"] == pytest.approx(ref["diffusion"], rel=0.1) and m["diffusion"] != ref["diffusion"]
+    with pytest.raises(ValueError, match="full fine-tune trains every weight"):
+        _cfg(lora_rank=0, base_storage_dtype="float8_e4m3fn")
+
+
+def test_adamw8bit_comes_from_bitsandbytes(caches, tmp_path, monkeypatch):
+    """optimizer=adamw8bit builds bitsandbytes' AdamW8bit (a stand-in module here: CI has no bitsandbytes), and
+    says how to install it when it is missing."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(MoalignError, match=r"needs bitsandbytes: pip install 'moalign\[bnb\]'"):
+        train_stage2(
+            caches / "latents", tmp_path / "a", _cfg(lora_rank=2, optimizer="adamw8bit"), caches / "targets"
+        )
+    made = []
+
+    class AdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            made.append(kw)
+            super().__init__(params, **kw)
+
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    train_stage2(caches / "latents", tmp_path / "b", _cfg(lora_rank=2, optimizer="adamw8bit"), caches / "targets",
+                 progress=False)  # fmt: skip
+    assert made == [{"lr": 1e-3, "weight_decay": 0.0}]

@@ -547,7 +547,11 @@ def _add_generate_parser(sub) -> None:
         flag = "--" + name.replace("_", "-")
         bind(g, flag, name, type=type(value), help=f"{text} (default: {value}, or the --preset's)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    add_latents_options(p)
+    add_latents_options(p, auto=True)
+    p.add_argument(
+        "--cpu-offload", action="store_true",
+        help="keep each model on the CPU until it runs (peak GPU memory: the largest model; CUDA only)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -558,6 +562,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     rows = generate(
         args.model, read_prompts(args.prompts), args.out, **asdict(cfg), backbone=args.backbone,
         base=args.base, device=args.device or default_device(), dtype=args.dtype, vae_tiling=args.vae_tiling,
+        cpu_offload=args.cpu_offload,
         progress=not args.quiet,
     )  # fmt: skip
     logger.info(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")

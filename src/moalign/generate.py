@@ -161,8 +161,9 @@ def generate(
     base: str | None = None,
     pipeline: Any = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     vae_tiling: bool = False,
+    cpu_offload: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Generate one video per prompt; returns the manifest rows.
@@ -174,9 +175,15 @@ def generate(
         num_frames, height, width: the clip geometry (4k+1 frames; sizes divisible by 16).
         steps, guidance_scale: sampler settings.
         seed: video i uses seed + i.
-        dtype: weights' dtype when the pipeline is loaded here ("bfloat16" or "float16" on a GPU: half the
-            memory, several times faster).
+        dtype: weights' dtype when the pipeline is loaded here: "auto" (bfloat16 on CUDA, float32 on CPU),
+            "float32", "bfloat16" or "float16" (16 bit on a GPU: half the memory, several times faster).
         vae_tiling: decode in spatial tiles (the VAE's `enable_tiling`; less memory at 480p).
+        cpu_offload: keep each model (text encoder, transformer, VAE) on the CPU until the pipeline calls it
+            (diffusers' `enable_model_cpu_offload`): peak GPU memory is the largest model instead of all of them,
+            a little slower; CUDA only.
+
+    Raises:
+        MoalignError: no prompts; cpu_offload on a CPU device; a model that does not load.
     """
     import torch
     from PIL import Image
@@ -186,14 +193,22 @@ def generate(
 
     if not prompts:
         raise MoalignError("no prompts to generate: the prompts file is empty")
-    torch_dtype = parse_dtype(dtype)
+    if cpu_offload and not str(device).startswith("cuda"):
+        raise MoalignError(
+            f"--cpu-offload keeps models on the CPU and moves each to the GPU when it runs: it needs a CUDA device "
+            f"(--device cuda), not {device}"
+        )
+    torch_dtype = parse_dtype(auto_dtype(dtype, device))
     if pipeline is None:
         pipeline, spec = load_pipeline(model, backbone, base, torch_dtype=torch_dtype)
     else:
         spec = get_backbone(backbone or family(type(pipeline).__name__))
     # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
     text_length = spec.text_length(pipeline.transformer.config)
-    pipeline.to(device)
+    if cpu_offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
     if vae_tiling:
         pipeline.vae.enable_tiling()
     pipeline.set_progress_bar_config(disable=not progress)
@@ -224,6 +239,14 @@ def generate(
     with atomic_path(out_dir / "contact_sheet.png") as tmp:
         Image.fromarray(contact_sheet(videos)).save(tmp, format="PNG")
     return rows
+
+
+def auto_dtype(dtype: str, device: str) -> str:
+    """`dtype`, with "auto" resolved for `device`: "bfloat16" on CUDA (what the released models run in), else
+    "float32" (CPUs are slow and inexact in 16 bit)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

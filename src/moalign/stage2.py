@@ -65,6 +65,8 @@ logger = console.get_logger(__name__)
 
 
 RANDOM_MODEL = "tiny-random"  # Stage2Config.model naming the family's tiny transformer with random weights
+OPTIMIZERS = ("adamw", "adamw8bit")
+STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ class Stage2Config:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
+    # "adamw" (torch) or "adamw8bit" (bitsandbytes' AdamW8bit: optimizer state in 8 bit, a quarter of AdamW's;
+    # pip install 'moalign[bnb]')
+    optimizer: str = "adamw"
+    # LoRA runs: store the frozen base's weights in this dtype ("float8_e4m3fn": half of bf16) and upcast each
+    # layer to the compute dtype as it runs (diffusers' layerwise casting); None: the base stays as loaded
+    base_storage_dtype: str | None = None
     seed: int = 0
     log_every: int = 10
     report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
@@ -114,6 +122,17 @@ class Stage2Config:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.base_storage_dtype is not None and self.base_storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"base_storage_dtype must be one of {', '.join(STORAGE_DTYPES)} or None, got {self.base_storage_dtype!r}"
+            )
+        if self.base_storage_dtype is not None and self.lora_rank == 0:
+            raise ValueError(
+                "base_storage_dtype stores the frozen base of a LoRA run in low precision; a full fine-tune "
+                "trains every weight: set lora_rank > 0 or base_storage_dtype=None"
+            )
         if not self.lora_targets or not all(isinstance(t, str) and t.strip() for t in self.lora_targets):
             raise ValueError(
                 f"lora_targets must name modules or groups (attention, feed-forward), got {self.lora_targets!r}"
@@ -295,6 +314,12 @@ def _trainable_transformer(
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         if half is not None:
             transformer.to(half)
+        if (
+            cfg.base_storage_dtype is not None
+        ):  # before the adapters: they stay float32, untouched by the casting
+            transformer.enable_layerwise_casting(
+                storage_dtype=getattr(torch, cfg.base_storage_dtype), compute_dtype=half or torch.float32
+            )
         add_lora(
             transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, lora_target_modules(cfg.lora_targets)
         )
@@ -347,8 +372,19 @@ def _build_aligner(
 
 
 def _optimizer(model: torch.nn.Module, cfg: Stage2Config) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters and the warm-up + cosine LR schedule."""
-    optimizer = torch.optim.AdamW(
+    """AdamW (torch's, or bitsandbytes' 8-bit one) over the trainable parameters and the warm-up + cosine LR
+    schedule."""
+    cls = torch.optim.AdamW
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise MoalignError(
+                "optimizer adamw8bit needs bitsandbytes: pip install 'moalign[bnb]' (or pip install bitsandbytes), "
+                "or use --set optimizer=adamw"
+            ) from err
+        cls = bitsandbytes.optim.AdamW8bit
+    optimizer = cls(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     return optimizer, cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)

@@ -295,7 +295,7 @@ def _generate_and_judge(demo: _Demo, prompts: list[str]) -> None:
             generate(
                 run, prompts, videos, num_frames=cfg.base.num_frames, height=cfg.base.height,
                 width=cfg.base.width, steps=cfg.generation_steps, guidance_scale=cfg.guidance_scale,
-                seed=cfg.eval_seed, progress=False, device=demo.device,
+                seed=cfg.eval_seed, progress=False, device=demo.device, dtype="float32",
             )  # fmt: skip
         if not _done(videos / "judge.json"):
             judge_folder(videos)

@@ -229,7 +229,7 @@ def _evaluate(study: _Study, name: str, seed: int, model: Path, prompts: list[st
         generate(
             model, prompts, videos, num_frames=dc.base.num_frames, height=dc.base.height, width=dc.base.width,
             steps=dc.generation_steps, guidance_scale=dc.guidance_scale, seed=cfg.eval_seed + 10_000 * seed,
-            progress=False, device=demo.device,
+            progress=False, device=demo.device, dtype="float32",  # the study measures at one precision
         )  # fmt: skip
     judged = judge_folder(videos)
     measured = evaluate_folder(

@@ -210,12 +210,14 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_latents_options(p: argparse.ArgumentParser) -> None:
+def add_latents_options(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    """--dtype and --vae-tiling; `auto`: --dtype also takes "auto" (bfloat16 on CUDA, float32 on CPU), its default."""
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=list(DTYPES),
-        help="weights' dtype (caches: also the stored tensors)",
+        default="auto" if auto else "float32",
+        choices=(["auto"] if auto else []) + list(DTYPES),
+        help="weights' dtype"
+        + (": auto is bfloat16 on CUDA, float32 on CPU" if auto else " (caches: also the stored tensors)"),
     )
     p.add_argument("--vae-tiling", action="store_true", help="VAE in spatial tiles (less memory at 480p+)")
 
