@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moalign.data.video_io import read_video, rgb_to_yuv, write_video
+from moalign.data.video_io import _BT709_LIMITED, read_video, rgb_to_yuv, write_video
 from moalign.errors import MoalignError
 
 
@@ -39,9 +39,59 @@ def test_rgb_to_yuv_known_colours():
     px = np.array([[[[0, 0, 0], [255, 255, 255]], [[255, 0, 0], [0, 0, 255]]]], np.uint8)  # (1, 2, 2, 3)
     (yuv,) = rgb_to_yuv(px, "yuv444p")
     y, u, v = yuv
-    assert y.tolist() == [[16, 235], [82, 41]]  # BT.601 limited range
+    assert y.tolist() == [[16, 235], [63, 32]]  # BT.709 limited range (BT.601 would give red 82, blue 41)
     assert u[0].tolist() == [128, 128] and v[0].tolist() == [128, 128]  # greys carry no chroma
-    assert v[1, 0] > 200 and u[1, 1] > 200  # red -> high V, blue -> high U
+    assert v[1, 0] == 240 and u[1, 1] == 240  # red -> top of the V range, blue -> top of U
+
+
+def test_bt709_matrix_matches_the_standard():
+    """The integer matrix is BT.709's (Kr = 0.2126, Kb = 0.0722) in limited range, within rounding."""
+    kr, kb = 0.2126, 0.0722
+    kg = 1 - kr - kb
+    want = np.array(
+        [
+            np.array([kr, kg, kb]) * 219 / 255,
+            np.array([-kr, -kg, 1 - kb]) / (2 * (1 - kb)) * 224 / 255,
+            np.array([1 - kr, -kg, -kb]) / (2 * (1 - kr)) * 224 / 255,
+        ]
+    )
+    assert np.abs(_BT709_LIMITED / 2**16 - want).max() <= 1 / 2**16
+    assert _BT709_LIMITED[1:].sum(axis=1).tolist() == [0, 0]  # greys get exactly 128 chroma
+    greys = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None, None], 3, axis=3)  # (1, 256, 1, 3)
+    (yuv,) = rgb_to_yuv(greys, "yuv444p")
+    assert (yuv[1:] == 128).all() and yuv[0, 0, 0] == 16 and yuv[0, -1, 0] == 235
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_files_are_tagged_bt709_limited_range(tmp_path, pix_fmt):
+    """Players read the matrix, primaries, transfer and range from the file instead of guessing."""
+    import av
+
+    write_video(tmp_path / "a.mp4", _clip(), pix_fmt=pix_fmt)
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        assert ctx.pix_fmt == pix_fmt
+        # AVCOL_PRI_BT709 / AVCOL_TRC_BT709 / AVCOL_SPC_BT709 are 1, AVCOL_RANGE_MPEG ("tv", limited) is 1
+        assert (ctx.color_primaries, ctx.color_trc, ctx.colorspace, ctx.color_range) == (1, 1, 1, 1)
+        frame = next(container.decode(stream))
+        assert (frame.colorspace, frame.color_range) == (1, 1)
+    assert b"colrnclx" in (tmp_path / "a.mp4").read_bytes()  # the mp4 container says so too
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_grey_and_saturated_colours_round_trip(tmp_path, pix_fmt):
+    """The tags match the conversion: a decoder that follows them gets the colours back.
+
+    A BT.601 conversion tagged BT.709 decodes red as about (255, 24, 0); the tolerance is far below that.
+    """
+    colours = [[128, 128, 128], [255, 0, 0], [0, 255, 0], [0, 0, 255], [40, 200, 90]]
+    frames = (
+        np.array(colours, np.uint8)[:, None, None, :].repeat(16, axis=1).repeat(16, axis=2)
+    )  # (5, 16, 16, 3)
+    write_video(tmp_path / "c.mp4", frames, crf=0, pix_fmt=pix_fmt)
+    back, _ = read_video(tmp_path / "c.mp4")
+    assert np.abs(back.astype(int) - frames).max() <= 3
 
 
 def test_errors_name_the_file(tmp_path):

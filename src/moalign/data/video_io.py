@@ -1,6 +1,7 @@
 """Reading and writing video files with PyAV (no system ffmpeg needed).
 
-Frames are always uint8 RGB arrays of shape (T, H, W, 3).
+Frames are always uint8 RGB arrays of shape (T, H, W, 3). Files we write are BT.709, limited range, and
+say so in the stream (H.264 VUI and the mp4 `colr` box), so players need not guess.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         path: a video file PyAV/ffmpeg can decode (mp4, webm, avi, mkv, gif, ...).
 
     Returns:
-        frames: uint8 array (T, H, W, 3), RGB.
+        frames: uint8 array (T, H, W, 3), RGB, converted with the YUV matrix and range the file is tagged
+            with (BT.601 when untagged, as swscale assumes).
         fps: the stream's average frame rate (frames per second).
 
     Raises:
@@ -40,7 +42,7 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            frames = [_to_rgb(frame) for frame in container.decode(stream)]
     except MoalignError:
         raise
     except Exception as err:  # PyAV raises many error types for corrupt data
@@ -59,30 +61,63 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return np.stack(frames), fps
 
 
+# swscale's names for the YUV matrices PyAV can be told about, by AVColorSpace value (libavutil/pixfmt.h).
+_SWS_MATRIX = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "SMPTE170M", 7: "SMPTE240M"}
+
+
+def _to_rgb(frame) -> np.ndarray:
+    """One decoded frame -> uint8 RGB (H, W, 3), with the YUV matrix and range the file is tagged with."""
+    matrix = _SWS_MATRIX.get(frame.colorspace)
+    if matrix is None:  # untagged (swscale then assumes BT.601), RGB or palette input
+        return frame.to_ndarray(format="rgb24")
+    # Named explicitly because older PyAV converted with BT.601 whatever the tag; the destination matrix
+    # only has to differ from the source so that those versions apply it (RGB output ignores it).
+    return frame.to_ndarray(
+        format="rgb24", src_colorspace=matrix, dst_colorspace="DEFAULT", src_color_range=frame.color_range
+    )
+
+
+# BT.709 (ITU-R BT.709-6, Kr = 0.2126, Kb = 0.0722) RGB -> limited-range YCbCr, scaled by 2**16:
+# Y row = (Kr, Kg, Kb) * 219/255, Cb = (-Kr, -Kg, 1 - Kb) / (2 (1 - Kb)) * 224/255,
+# Cr = (1 - Kr, -Kg, -Kb) / (2 (1 - Kr)) * 224/255, each rounded; chroma rows sum to exactly 0 so greys
+# carry no chroma. (3 YCbCr, 3 RGB); tests/test_video_io.py re-derives it.
+_BT709_LIMITED = np.array(
+    [[11966, 40254, 4064], [-6596, -22188, 28784], [28784, -26145, -2639]],
+    dtype=np.int64,
+)
+
+# AVColorPrimaries / AVColorTransferCharacteristic / AVColorSpace BT709 and AVColorRange MPEG (limited, "tv")
+_TAG_BT709 = 1
+_TAG_LIMITED_RANGE = 1
+
+
 def rgb_to_yuv(frames: np.ndarray, pix_fmt: str = "yuv420p") -> list[np.ndarray]:
-    """uint8 RGB (T, H, W, 3) -> planar YUV frames (BT.601, limited range) in integer arithmetic.
+    """uint8 RGB (T, H, W, 3) -> planar YUV frames (BT.709, limited range) in integer arithmetic.
 
     Done here rather than by libswscale because swscale's SIMD and C paths round differently and which
-    one runs depends on buffer alignment, so the same frames could encode to different bytes.
+    one runs depends on buffer alignment, so the same frames could encode to different bytes. The matrix
+    and range are the ones `write_video` tags the stream with.
 
     Returns:
         per frame: (H * 3 // 2, W) for "yuv420p" (Y plane, then U, then V), (3, H, W) for "yuv444p".
     """
-    rgb = frames.astype(np.int32)
+    rgb = frames.astype(np.int64)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16  # (T, H, W)
-    u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
-    v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
+    (yr, yg, yb), (ur, ug, ub), (vr, vg, vb) = _BT709_LIMITED.tolist()
+    half = 1 << 15  # rounds to nearest
+    y = ((yr * r + yg * g + yb * b + half) >> 16) + 16  # (T, H, W), 16..235
+    u = ((ur * r + ug * g + ub * b + half) >> 16) + 128  # 16..240
+    v = ((vr * r + vg * g + vb * b + half) >> 16) + 128
     if pix_fmt == "yuv444p":
         return list(np.stack([y, u, v], axis=1).astype(np.uint8))  # (T, 3, H, W)
     if pix_fmt != "yuv420p":
         raise ValueError(f"pix_fmt must be 'yuv420p' or 'yuv444p', got {pix_fmt!r}")
     t, h, w = y.shape
 
-    def half(c: np.ndarray) -> np.ndarray:  # 2x2 mean, rounded: (T, H, W) -> (T, H/2, W/2)
+    def subsample(c: np.ndarray) -> np.ndarray:  # 2x2 mean, rounded: (T, H, W) -> (T, H/2, W/2)
         return (c.reshape(t, h // 2, 2, w // 2, 2).sum(axis=(2, 4)) + 2) >> 2
 
-    planes = [y.reshape(t, h * w), half(u).reshape(t, -1), half(v).reshape(t, -1)]
+    planes = [y.reshape(t, h * w), subsample(u).reshape(t, -1), subsample(v).reshape(t, -1)]
     return list(np.concatenate(planes, axis=1).reshape(t, h * 3 // 2, w).astype(np.uint8))
 
 
@@ -101,7 +136,11 @@ def write_video(
         fps: frame rate stored in the file.
         crf: x264 quality (0 = lossless, 12 = visually lossless, 23 = x264 default).
         pix_fmt: "yuv420p" plays everywhere; "yuv444p" keeps full colour resolution. The colour conversion
-            is ours (`rgb_to_yuv`), so the same frames always give the same bytes.
+            is ours (`rgb_to_yuv`: BT.709 matrix, limited range), so the same frames always give the same
+            bytes; the stream is tagged BT.709 (matrix, primaries, transfer) and limited ("tv") range to match.
+
+    Raises:
+        ValueError: frames are not uint8 (T, H, W, 3), or odd-sized for yuv420p.
     """
     import av
 
@@ -113,10 +152,16 @@ def write_video(
         raise ValueError(f"yuv420p needs even frame sizes, got {h}x{w}")
     planes = rgb_to_yuv(frames, pix_fmt)
     with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
+        # write_colr is the default in recent FFmpeg; asked for so that older builds write the box too
+        with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+write_colr"}) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
             stream.thread_count = 1
+            # libx264 writes these into the H.264 VUI and the mp4 muxer into a `colr` (nclx) box. Without
+            # them players guess (BT.601 for SD, BT.709 for HD) and colours shift.
+            ctx = stream.codec_context
+            ctx.colorspace = ctx.color_primaries = ctx.color_trc = _TAG_BT709
+            ctx.color_range = _TAG_LIMITED_RANGE
             # same input, same bytes. x264's macroblock-tree rate control (mbtree) gave different bytes for
             # the same frames in about 1 of 15 encodes (4 distinct files in 60, with every thread setting
             # pinned); without it 60 of 60 were identical. It only trades a little compression.
