@@ -122,6 +122,107 @@ def test_evaluate_bad_inputs_name_the_file(plain_folder, tmp_path, capsys):
     ]
 
 
+def test_evaluate_reads_sidecar_captions(plain_folder, tmp_path):
+    """A folder of videos with same-stem .txt captions is evaluated with its captions; one without is None."""
+    import csv
+    import shutil
+
+    from moalign.evaluation.folder import evaluate_folder
+
+    root = tmp_path / "sidecar"
+    shutil.copytree(plain_folder, root)
+    (root / "static.mp4").with_suffix(".txt").write_text("a still view, nothing moves\n")
+    evaluate_folder(root, tmp_path / "ev", progress=False)
+    rows = {
+        Path(r["video"]).name: r["caption"] for r in csv.DictReader(open(tmp_path / "ev" / "metrics.csv"))
+    }
+    assert rows == {"static.mp4": "a still view, nothing moves", "pan.mp4": ""}  # None is written empty
+
+
+def _layout(root: Path, layout: str) -> None:
+    """Two placeholder videos (find_videos lists, it does not decode) and their captions in `layout`."""
+    base = root / "train" if layout == "train/metadata.jsonl" else root
+    (base / "clips").mkdir(parents=True)
+    for name in ("a.mp4", "b.MOV"):
+        (base / "clips" / name).write_bytes(b"")
+    if layout == "sidecar":
+        (base / "clips" / "a.txt").write_text("cap a")
+        (base / "clips" / "b.txt").write_text("cap b")
+    elif layout.endswith("metadata.jsonl"):
+        rows = [
+            '{"file_name": "clips/a.mp4", "text": "cap a"}',
+            '{"file_name": "clips/b.MOV", "text": "cap b"}',
+        ]
+        (base / "metadata.jsonl").write_text("\n".join(rows))
+    elif layout == "metadata.csv":
+        (base / "metadata.csv").write_text("video_path,prompt\nclips/a.mp4,cap a\nclips/b.MOV,cap b\n")
+    else:
+        captions, videos = layout.split(" + ")
+        (base / captions).write_text("cap a\ncap b\n")
+        (base / videos).write_text("clips/a.mp4\nclips/b.MOV\n")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "metadata.jsonl",
+        "metadata.csv",
+        "prompts.txt + videos.txt",
+        "prompt.txt + video.txt",
+        "captions.txt + videos.txt",
+        "caption.txt + video.txt",
+        "train/metadata.jsonl",
+        "sidecar",
+    ],
+)
+def test_find_videos_reads_every_dataset_layout(tmp_path, layout):
+    from moalign.evaluation.folder import find_videos
+
+    _layout(tmp_path, layout)
+    found = find_videos(tmp_path)
+    assert [(p.name, c) for p, c in found] == [("a.mp4", "cap a"), ("b.MOV", "cap b")]
+
+
+def test_find_videos_uses_the_manifest_modules_suffixes(tmp_path):
+    """One list of video suffixes (moalign/data/manifest.py); evaluation keeps no copy of its own."""
+    import moalign.evaluation.folder as folder
+    from moalign.data.manifest import VIDEO_SUFFIXES
+
+    assert "VIDEO_SUFFIXES" not in vars(folder) and "MANIFESTS" not in vars(folder)
+    for suffix in VIDEO_SUFFIXES:
+        (tmp_path / f"v{suffix.upper()}").write_bytes(b"")
+    (tmp_path / "notes.md").write_text("not a video")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x.mp4").write_bytes(b"")
+    found = folder.find_videos(tmp_path)
+    assert sorted(p.suffix.lower() for p, _ in found) == sorted(VIDEO_SUFFIXES)
+    assert all(c is None for _, c in found)
+
+
+def test_find_videos_errors(tmp_path):
+    """Nothing there is an error saying so; a malformed manifest is reported, never read as bare videos."""
+    from moalign.evaluation.folder import find_videos
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoalignError, match=r"empty holds no videos \(.mp4.*\) and no manifest"):
+        find_videos(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    _layout(bad, "metadata.jsonl")
+    (bad / "metadata.jsonl").write_text('{"file_name": "clips/a.mp4", "text": "cap a"}\n{not json\n')
+    with pytest.raises(MoalignError, match=r"metadata.jsonl:2: malformed JSON"):
+        find_videos(bad)
+    lone = tmp_path / "lone"
+    _layout(lone, "prompts.txt + videos.txt")
+    (lone / "videos.txt").unlink()
+    with pytest.raises(MoalignError, match=r"has prompts.txt but no videos.txt or video.txt"):
+        find_videos(lone)
+    uneven = tmp_path / "uneven"
+    _layout(uneven, "prompt.txt + video.txt")
+    (uneven / "prompt.txt").write_text("only one caption\n")
+    with pytest.raises(MoalignError, match=r"prompt.txt has 1 lines but .*video.txt has 2"):
+        find_videos(uneven)
+
+
 def test_frechet_in_the_teacher_spaces(playground, stage1_run, plain_folder, tmp_path):
     from moalign.evaluation.folder import evaluate_folder
 

@@ -14,7 +14,7 @@ from conftest import texture
 from moalign.data.cache import Cache
 from moalign.data.cache_writer import CacheWriter, fill_cache
 from moalign.data.dataset import VideoClipDataset
-from moalign.data.manifest import ClipRecord, open_manifest, read_manifest
+from moalign.data.manifest import ClipRecord, NoManifestError, open_manifest, read_manifest
 from moalign.data.sampling import DataConfig
 from moalign.data.video_io import write_video
 from moalign.errors import MoalignError
@@ -148,8 +148,19 @@ def test_sidecar_video_without_caption_is_named(tmp_path):
 
 def test_videos_without_any_caption_are_no_dataset(tmp_path):
     touch(tmp_path / "a.mp4")
-    with pytest.raises(MoalignError, match=r"no dataset manifest.*holds 1 videos, but none has a caption"):
+    with pytest.raises(NoManifestError, match=r"no dataset manifest.*holds 1 videos, but none has a caption"):
         read_manifest(tmp_path)
+
+
+def test_no_manifest_is_its_own_error_and_a_malformed_one_is_not(tmp_path):
+    """NoManifestError (a MoalignError) means "no layout here"; `moalign evaluate` falls back on it only."""
+    with pytest.raises(NoManifestError, match="no dataset manifest"):
+        read_manifest(tmp_path)
+    touch(tmp_path / "a.mp4")
+    touch(tmp_path / "metadata.jsonl", "{not json\n")
+    with pytest.raises(MoalignError, match="malformed JSON") as info:
+        read_manifest(tmp_path)
+    assert not isinstance(info.value, NoManifestError)
 
 
 # --------------------------------------------------------------------------------- split folder (layout 4)

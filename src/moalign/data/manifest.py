@@ -58,6 +58,15 @@ SPLIT = "train"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 
 
+class NoManifestError(MoalignError):
+    """A folder holds none of the layouts: no manifest file and no video with a caption beside it.
+
+    Raised by `open_manifest` / `read_manifest` (the message lists what was looked for), so that a caller for
+    whom captions are optional (`moalign.evaluation.folder.find_videos`) can tell "nothing here" from a
+    malformed manifest, which stays a plain MoalignError.
+    """
+
+
 LOOKED_FOR = (
     "metadata.jsonl, metadata.csv, prompts.txt + videos.txt (or prompt.txt / captions.txt / caption.txt + "
     "video.txt), the same in a train/ subfolder, and videos (" + ", ".join(VIDEO_SUFFIXES) + ") with a "
@@ -130,7 +139,9 @@ def read_manifest(
         absolute paths.
 
     Raises:
-        MoalignError: no layout applies, a malformed line, a missing column (an explicit column names the
+        NoManifestError: (a MoalignError) no layout applies: no manifest file, and no video below the folder
+            or none with a caption beside it.
+        MoalignError: a malformed line, a missing column (an explicit column names the
             file, the column and the columns the file has), an empty manifest, a lone caption or video text
             file, text files of different lengths, or a sidecar video without its .txt; the message names
             the file and line and the fix.
@@ -325,7 +336,7 @@ def _read_sidecar(root: Path, cols: _Columns) -> Manifest:
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not videos:
-        raise MoalignError(
+        raise NoManifestError(
             f"no dataset manifest in {root}: looked for {LOOKED_FOR}. Add one of them (one "
             "clip per line/row with a video path and a caption), or point --data at the right folder."
         )
@@ -341,7 +352,7 @@ def _read_sidecar(root: Path, cols: _Columns) -> Manifest:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         first = videos[missing[0]]
         if len(missing) == len(videos):
-            raise MoalignError(
+            raise NoManifestError(
                 f"no dataset manifest in {root}: looked for {LOOKED_FOR}. It holds {len(videos)} videos, but none "
                 f"has a caption file beside it (e.g. {first.name} without {first.with_suffix('.txt').name}). Add "
                 "a same-stem .txt caption next to each video, or write a metadata.jsonl / metadata.csv."

@@ -24,29 +24,36 @@ from moalign.run.atomic import atomic_path, write_json, write_text
 
 logger = console.get_logger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".gif")
-MANIFESTS = ("metadata.jsonl", "metadata.csv", "prompts.txt")
 SUMMARISED = ("motion", "motion_top", "flicker", "warp_error", "occluded", "flow_acceleration", "smoothness")
 
 
 def find_videos(folder: str | os.PathLike) -> list[tuple[Path, str | None]]:
-    """(video path, caption or None) for a folder: its manifest's rows when it has one, else every video file
-    below it (sorted).
+    """(video path, caption or None) for each video of a folder, in the dataset's order.
+
+    The folder is read as a dataset (`moalign.data.manifest.open_manifest`, every layout: metadata.jsonl /
+    .csv, prompts.txt / prompt.txt / captions.txt / caption.txt + videos.txt / video.txt, a train/ split,
+    sidecar .txt captions). Captions are optional here: a folder of bare videos gives every video below it
+    (`manifest.VIDEO_SUFFIXES`, hidden files and folders left out, sorted by path) with caption None, and so
+    does a video without its sidecar .txt or a manifest row without a caption column.
 
     Raises:
-        MoalignError: the folder does not exist or holds no videos.
+        MoalignError: the folder does not exist, holds no videos and no manifest, or its manifest is
+            malformed (the message names the file and line).
     """
-    from moalign.data.manifest import read_manifest
+    from moalign.data.manifest import VIDEO_SUFFIXES, NoManifestError, open_manifest
 
     root = Path(folder)
     if not root.is_dir():
         raise MoalignError(f"{root} is not a folder of videos: pass --videos / --reference DIR")
-    if any((root / name).is_file() for name in MANIFESTS):
-        return [(r.video, r.caption) for r in read_manifest(root)]
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-    if not found:
-        raise MoalignError(f"{root} holds no videos ({', '.join(VIDEO_SUFFIXES)}) and no manifest")
-    return [(p, None) for p in found]
+    try:
+        manifest = open_manifest(root, missing_captions_ok=True)
+    except NoManifestError as err:  # a malformed manifest is not caught: it is the user's to fix
+        raise MoalignError(
+            f"{root} holds no videos ({', '.join(VIDEO_SUFFIXES)}) and no manifest: pass the folder the videos "
+            "are in as --videos / --reference"
+        ) from err
+    missing = set(manifest.missing_captions)
+    return [(r.video, None if i in missing else r.caption) for i, r in enumerate(manifest.records)]
 
 
 def _measure(videos: list[tuple[Path, str | None]], skip_bad: bool, progress: bool, desc: str, estimator):
