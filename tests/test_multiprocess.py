@@ -37,7 +37,8 @@ def _args(caches, out, *extra):
     return ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"), "--out", str(out),
             "--align", "moalign", "--layers", "1", "--steps", str(STEPS), "--set", "batch_size=4", "--set", "lr=1e-3",
             "--set", "warmup_steps=1", "--set", "align.projector.hidden_dim=8", "--set", "checkpoint_every=2",
-            "--set", "log_every=1", "--set", "report_to=none", "--resume", "latest", "--quiet", *extra]  # fmt: skip
+            "--set", "log_every=1", "--set", "report_to=none", "--resume", "latest", "--model", "tiny-random", "--quiet",
+            *extra]  # fmt: skip
 
 
 def _weights(run):
