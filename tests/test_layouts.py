@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import texture
 
-from moalign.data.cache import Cache
-from moalign.data.cache_writer import CacheWriter, fill_cache
+from moalign.data.cache import Cache, dataset_identity
+from moalign.data.cache_writer import CacheWriter, fill_cache, finalize_cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.manifest import ClipRecord, NoManifestError, open_manifest, read_manifest
 from moalign.data.sampling import DataConfig
@@ -311,3 +311,79 @@ def test_cache_manifest_from_shards_without_clip_names(tmp_path):
     assert Cache(tmp_path).skipped == {1: "bad"}
     with pytest.raises(ValueError, match="skipped_clips for items not skipped"):
         writer.write_shard(0, {0: {"x": torch.zeros(1)}}, skipped_clips={0: {"video": "v"}})
+
+
+def _dropping_dataset(root: Path) -> tuple[list[Path], Path]:
+    """good_a.mp4, broken.mp4 (not a video), good_b.mp4 in a metadata.jsonl, rows 0, 1, 2."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_video(root / "good_a.mp4", seed=1)
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    make_video(root / "good_b.mp4", seed=2)
+    rows = [{"video": n, "caption": f"{n}, with a comma"} for n in ("good_a.mp4", "broken.mp4", "good_b.mp4")]
+    touch(root / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return [root / "good_a.mp4", root / "good_b.mp4"], root / "broken.mp4"
+
+
+def _frames_mean(sample: dict) -> dict[str, torch.Tensor]:
+    return {"mean": sample["frames"].float().mean().reshape(1)}
+
+
+def test_cache_manifest_lists_clips_dropped_at_construction(tmp_path):
+    """A clip the dataset drops never gets an index; every cache still names it, its caption, row and reason,
+    and an uninterrupted, a resumed and a two-process build write the same manifest."""
+    _dropping_dataset(tmp_path / "data")
+    cfg = DataConfig(num_frames=5, height=16, width=16, skip_bad_videos=True)
+
+    def dataset() -> VideoClipDataset:  # each process builds its own
+        return VideoClipDataset(tmp_path / "data", cfg, load_flow=False)
+
+    ds = dataset()
+    assert len(ds) == 2 and [r.video.name for r in ds.records] == ["good_a.mp4", "good_b.mp4"]
+    fp = {"test": 1, **dataset_identity(ds)}
+
+    def writer(name: str) -> CacheWriter:
+        return CacheWriter(tmp_path / name, "test", fp, len(ds), shard_size=1)
+
+    fill_cache(writer("one"), dataset(), _frames_mean, desc="t", progress=False)
+    fill_cache(writer("resumed"), dataset(), _frames_mean, desc="t", progress=False, rank=0, world_size=2)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()  # "killed" after shard 0
+    fill_cache(writer("resumed"), dataset(), _frames_mean, desc="t", progress=False)  # resume, one process
+    for rank in (1, 0):  # two processes, then one of them finalizes without a dataset
+        fill_cache(writer("two"), dataset(), _frames_mean, desc="t", progress=False, rank=rank, world_size=2)
+    finalize_cache(tmp_path / "two")
+
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    (dropped,) = manifest["dropped_clips"]
+    broken = (tmp_path / "data" / "broken.mp4").resolve()
+    assert {k: v for k, v in dropped.items() if k != "reason"} == {
+        "video": str(broken),
+        "caption": "broken.mp4, with a comma",
+        "kind": "unreadable",
+        "row": 1,
+        "source": f"{(tmp_path / 'data' / 'metadata.jsonl').resolve()}:2",
+    }
+    assert dropped["reason"].startswith(f"cannot decode video {broken}") and "re-encode" in dropped["reason"]
+    assert manifest["skipped"] == {} and manifest["skipped_clips"] == {}  # skipped: decoded badly later
+    for name in ("resumed", "two"):
+        assert json.loads((tmp_path / name / "manifest.json").read_text()) == manifest, name
+    # the fingerprint does not hold the drops, and the cache reads as before
+    assert "dropped" not in (tmp_path / "one" / "cache.json").read_text()
+    cache = Cache(tmp_path / "one", "test", fp)
+    assert cache.indices == [0, 1] and cache.skipped == {}
+
+
+def test_cache_without_dropped_clips_file_still_finalizes_and_opens(tmp_path):
+    # caches begun before drops were recorded (or filled without fill_cache): an empty list; old manifests open
+    writer = CacheWriter(tmp_path, "test", {"n": 1}, 1, shard_size=1)
+    writer.write_shard(0, {0: {"x": torch.zeros(1)}})
+    writer.finalize()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["dropped_clips"] == []
+    del manifest["dropped_clips"], manifest["skipped_clips"]  # what an older moalign wrote
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert Cache(tmp_path, "test").indices == [0]
+    (tmp_path / "dropped_clips.json").write_text("{broken")
+    with pytest.raises(MoalignError, match=r"dropped_clips.json is unreadable.*Delete it and re-run"):
+        writer.finalize()
+    with pytest.raises(ValueError, match="needs 'video' and 'reason'"):
+        writer.record_dropped([{"video": "v.mp4"}])

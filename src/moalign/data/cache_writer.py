@@ -1,6 +1,10 @@
 """Writing `moalign.data.cache` folders: one shard at a time, atomically, resumable, split across processes.
 
-See `moalign/data/cache.py` for the layout and why a killed run is safe to restart.
+See `moalign/data/cache.py` for the layout and why a killed run is safe to restart. One file more than that
+layout: ``dropped_clips.json``, the clips the dataset dropped at construction (``skip_bad_videos``), written
+by `fill_cache` before any shard and copied into ``manifest.json`` by `CacheWriter.finalize`. Those clips
+have no cache index, so no shard can record them; a file of its own lets the process that finalizes a
+multi-process cache (`finalize_cache`, which has no dataset) list them too.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from moalign.run import console
 from moalign.run.atomic import save_safetensors, write_json
 
 logger = console.get_logger(__name__)
+
+_DROPPED = "dropped_clips.json"
+
+# keys of one dropped clip, as `VideoClipDataset.dropped` holds them
+_DROPPED_KEYS = ("video", "caption", "reason", "kind", "row", "source")
 
 
 class CacheWriter:
@@ -197,13 +206,59 @@ class CacheWriter:
         save_safetensors(path, tensors, metadata=metadata)
         return path
 
+    def record_dropped(self, clips: list[dict[str, Any]]) -> Path:
+        """Write ``dropped_clips.json``: the clips the dataset dropped before indexing, for `finalize`.
+
+        Every process of a build may call it with the same list (each write is atomic; identical content);
+        a resumed build rewrites it from its own dataset, so the manifest names the drops of the dataset the
+        cache was last filled from. The file is not part of the fingerprint: dropping decides which clips
+        get an index, and the fingerprint already pins the kept clips (`dataset_identity`).
+
+        Args:
+            clips: one dict per dropped clip with keys "video" and "reason", and optionally "caption",
+                "kind", "row" (0-based manifest row, int) and "source" (as `VideoClipDataset.dropped` holds
+                them). Written sorted by (row, video).
+
+        Raises:
+            ValueError: a clip lacks "video" or "reason", or has another key.
+
+        Returns:
+            The file's path.
+        """
+        rows = []
+        for clip in clips:
+            unknown = set(clip) - set(_DROPPED_KEYS)
+            if unknown or not {"video", "reason"} <= set(clip):
+                raise ValueError(
+                    f"a dropped clip needs 'video' and 'reason' and only {_DROPPED_KEYS}, got {clip}"
+                )
+            rows.append({k: clip[k] if k == "row" else str(clip[k]) for k in _DROPPED_KEYS if k in clip})
+        rows.sort(key=lambda c: (c.get("row", -1), c["video"]))
+        path = self.root / _DROPPED
+        write_json(path, {"dropped_clips": rows})
+        return path
+
+    def _read_dropped(self) -> list[dict[str, Any]]:
+        path = self.root / _DROPPED
+        if not path.is_file():  # built before drops were recorded, or not through fill_cache
+            return []
+        try:
+            return list(json.loads(path.read_text())["dropped_clips"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MoalignError(
+                f"{path} is unreadable ({type(err).__name__}: {err}). Delete it and re-run the same command "
+                "(it is rewritten from the dataset; the shards are kept)."
+            ) from err
+
     def finalize(self) -> Path:
         """Check every shard, then write ``manifest.json``: the cache becomes readable by `Cache`.
 
         The manifest keeps ``"skipped": {index: reason}`` (what `Cache.skipped` reads) and adds
         ``"skipped_clips": {index: {"video", "caption", "reason"}}`` naming each skipped clip (video and
         caption only where the shard recorded them: shards written before they were recorded hold the reason
-        alone).
+        alone), and ``"dropped_clips": [{"video", "caption", "reason", "kind", "row", "source"}]``: the clips
+        the dataset dropped at construction, which have no index (from ``dropped_clips.json``, see
+        `record_dropped`; empty when the cache was built without it).
 
         Returns:
             The cache folder.
@@ -234,6 +289,7 @@ class CacheWriter:
                 )
             skipped.update(json.loads(meta.get("skipped", "{}")))
             clips.update(json.loads(meta.get("skipped_clips", "{}")))
+        dropped = self._read_dropped()
         for tmp in self.root.glob(".*.tmp"):  # leftovers of killed runs: every shard is in place now
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -254,6 +310,7 @@ class CacheWriter:
                     k: {**clips.get(k, {}), "reason": reason}
                     for k, reason in sorted(skipped.items(), key=lambda kv: int(kv[0]))
                 },
+                "dropped_clips": dropped,
                 "complete": True,
             },
         )
@@ -274,13 +331,17 @@ def fill_cache(
 
     An unreadable clip (MoalignError from the dataset) raises, or with ``dataset.cfg.skip_bad_videos`` is
     recorded as skipped with its reason, video path and caption (from ``dataset.records[index]`` when the
-    dataset has records). Errors from `compute` always raise. One process finalizes the cache
-    when every shard is present; with several processes, call `finalize_cache` after they are all done.
+    dataset has records). The clips the dataset dropped at construction (``dataset.dropped``, see
+    `VideoClipDataset`) are recorded first (`CacheWriter.record_dropped`), by every process, so the manifest
+    lists them under "dropped_clips" however the cache is finalized. Errors from `compute` always raise. One
+    process finalizes the cache when every shard is present; with several processes, call `finalize_cache`
+    after they are all done.
 
     Returns:
         The cache folder.
     """
     skip_bad = bool(getattr(dataset.cfg, "skip_bad_videos", False))
+    writer.record_dropped(list(getattr(dataset, "dropped", None) or []))
     todo = writer.shards_todo(rank, world_size)
     bar = console.progress(
         total=sum(len(writer.items_of(s)) for s in todo), desc=desc, unit="clip", enabled=progress

@@ -132,7 +132,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     With cfg.skip_bad_videos, every video is probed at construction (header frame count and rate, first
     frame decoded) and missing, unreadable or too-short ones are dropped and listed in `skipped` as
-    (video path, reason). A video that still fails to decode later raises; it is never substituted.
+    (video path, reason), and in `dropped` as one dict per clip, in manifest order: "video" (absolute path),
+    "caption", "reason" (the MoalignError message a run without skip_bad_videos would raise), "kind" (one of
+    `DROP_KINDS`), "row" (the record's `ClipRecord.index`, 0-based manifest row) and "source" (file:line or
+    the sidecar caption file; "" for records passed in without one). Caches built from the dataset list
+    them (`moalign.data.cache_writer.fill_cache`). A video that still fails to decode later raises; it is
+    never substituted.
 
     Args:
         root: the dataset folder (see `read_manifest`; cfg.caption_column / cfg.video_column pick the columns).
@@ -152,6 +157,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.load_flow = load_flow
         self.skipped: list[tuple[str, str]] = []
+        self.dropped: list[dict[str, str | int]] = []
         if records is None:
             records = read_manifest(root, cfg.caption_column, cfg.video_column)
         records = list(records)
@@ -187,19 +193,26 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 raise MoalignError(_flow_needs_native(r.flow, float(native), self.cfg))
 
     def _drop_bad(self, records: list[ClipRecord]) -> list[ClipRecord]:
-        def check(r: ClipRecord) -> str | None:
-            found = drop_reason(r.video, self.cfg)
-            return None if found is None else found[1]
-
         workers = min(8, os.cpu_count() or 1, len(records))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(check, records))
+            found = list(pool.map(lambda r: drop_reason(r.video, self.cfg), records))
         kept = []
-        for r, reason in zip(records, reasons, strict=True):
-            if reason is None:
+        for r, drop in zip(records, found, strict=True):
+            if drop is None:
                 kept.append(r)
-            else:
-                self.skipped.append((str(r.video), reason))
+                continue
+            kind, reason = drop
+            self.skipped.append((str(r.video), reason))
+            self.dropped.append(
+                {
+                    "video": str(r.video),
+                    "caption": r.caption,
+                    "reason": reason,
+                    "kind": kind,
+                    "row": r.index,
+                    "source": r.source,
+                }
+            )
         if self.skipped:
             logger.warning(
                 "skipped %d of %d videos (unreadable or too short); first: %s",
