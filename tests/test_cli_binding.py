@@ -148,14 +148,14 @@ def test_generate_command_passes_its_config_to_generate(tmp_path, monkeypatch, c
     kwargs = calls[0]
     expected = dict(num_frames=81, height=480, width=832, steps=3, guidance_scale=5.0, fps=16.0, seed=4)
     assert {k: kwargs[k] for k in expected} == expected
-    assert kwargs["dtype"] == "float32" and kwargs["device"] == "cpu"
+    assert kwargs["dtype"] == "auto" and kwargs["device"] == "cpu"
     assert main(argv + ["--set", "steps=0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
 
 
 def test_help_shows_defaults(capsys):
     for argv, shown in [
-        (["generate", "--help"], ["(default: 49, or the --preset's)", "(default: float32)"]),
+        (["generate", "--help"], ["(default: 49, or the --preset's)", "(default: auto)"]),
         (["flow", "--help"], ["(default: dis)", "(default: 64)"]),
         (["stage2", "--help"], ["(default: the preset's)", "{" + ",".join(ALIGN_MODES) + "}"]),
     ]:

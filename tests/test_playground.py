@@ -394,7 +394,7 @@ def test_config_roundtrip_and_auto_scaling():
     assert res.gravity == pytest.approx(3.0) and res.floor_height == 16
     assert from_dict(SynthConfig, json.loads(json.dumps(to_dict(cfg.resolved())))) == res
     assert res.resolved() == res
-    assert apply_overrides(SynthConfig(), ["motions=bounce,roll"]).motions == ("bounce", "roll")
+    assert apply_overrides(SynthConfig(), ["motions=['bounce', 'roll']"]).motions == ("bounce", "roll")
 
 
 def test_clips_are_deterministic_and_independent_of_num_clips():

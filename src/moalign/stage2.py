@@ -405,8 +405,16 @@ def _resume_weights(ckpt: Path | None, model: Stage2Model, optimizer, scheduler)
     return restore_training_state(ckpt, optimizer, scheduler)
 
 
-def _resume_sharded(accelerator, ckpt: Path | None, sharded: bool, scheduler, start_step: int) -> int:
-    """Load a DeepSpeed / FSDP checkpoint through accelerate (every process joins); the step to continue from."""
+def _resume_sharded(
+    accelerator, ckpt: Path | None, sharded: bool, scheduler, start_step: int, validate_every: int = 0
+) -> int:
+    """Load a DeepSpeed / FSDP checkpoint through accelerate (every process joins); the step to continue from.
+    Validation needs the whole transformer in one process: refused under sharding."""
+    if sharded and validate_every:
+        raise MoalignError(
+            "validation videos need the whole transformer in one process; with DeepSpeed / FSDP generate from "
+            "the checkpoints instead (--set validate_every=0)"
+        )
     if ckpt is not None and (ckpt / ACCELERATE_STATE).is_dir():
         if not sharded:
             raise MoalignError(
@@ -506,12 +514,7 @@ def train_stage2(
     # DeepSpeed ZeRO and FSDP shard the optimizer state (ZeRO-3 and FSDP the weights too): their checkpoints go
     # through accelerate's save_state / load_state, which every process joins
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    start_step = _resume_sharded(accelerator, ckpt, sharded, scheduler, start_step)
-    if sharded and cfg.validate_every:
-        raise MoalignError(
-            "validation videos need the whole transformer in one process; with DeepSpeed / FSDP generate from "
-            "the checkpoints instead (--set validate_every=0)"
-        )
+    start_step = _resume_sharded(accelerator, ckpt, sharded, scheduler, start_step, cfg.validate_every)
     device = accelerator.device
     log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to)
     data = _Batches(latents, targets, ids, cfg.align.teacher_key, cfg, micro, device)

@@ -124,34 +124,7 @@ def check_dataset(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         probed = list(pool.map(probe, records))
 
-    missing_captions = set(manifest.missing_captions)
-    clips = []
-    target = (data_cfg.height, data_cfg.width)
-    for r, (dropped, header) in zip(records, probed, strict=True):
-        if dropped is not None:
-            note(dropped[0], r, dropped[1])
-        if r.index in missing_captions:
-            note("missing_caption", r, f"no caption for {r.video} ({r.source})")
-        elif not r.caption.strip():
-            note("empty_caption", r, f"empty caption ({r.source})")
-        if dropped is None and header is not None and header["height"] > 0 and header["width"] > 0:
-            h, w = header["height"], header["width"]
-            if h < target[0] or w < target[1]:
-                note(
-                    "small", r, f"{w}x{h} (width x height) is smaller than the clip's {target[1]}x{target[0]}"
-                )
-            loss = crop_loss((h, w), target)
-            if loss > MAX_CROP_LOSS:
-                note("crop", r, f"{w}x{h} cut to {target[1]}x{target[0]} drops {loss:.0%} of the frame")
-        clips.append(
-            {
-                "index": r.index,
-                "video": str(r.video),
-                "caption": r.caption,
-                **(header or {"frames": None, "fps": None, "height": None, "width": None}),
-                "problems": [],
-            }
-        )
+    clips = _clip_problems(records, probed, set(manifest.missing_captions), data_cfg, note)
     _duplicates(records, note)
     by_index = {c["index"]: c for c in clips}
     for kind, rows in problems.items():
@@ -160,18 +133,7 @@ def check_dataset(
 
     by_kind = {k: len(problems[k]) for k in DROP_KINDS}
     n_drop = sum(by_kind.values())
-    run_stops = []
-    if problems["missing_caption"]:
-        run_stops.append(
-            f"{len(problems['missing_caption'])} clip(s) have no caption: reading the manifest fails (first: "
-            f"{problems['missing_caption'][0]['video']}). Add the captions or remove those videos."
-        )
-    if n_drop and not data_cfg.skip_bad_videos:
-        first = next(problems[k][0] for k in DROP_KINDS if problems[k])
-        run_stops.append(
-            f"{n_drop} video(s) are missing, unreadable or too short and skip_bad_videos is off: the run stops at "
-            f"the first of them (e.g. {first['video']}). Fix them, or pass --skip-bad-videos to drop them."
-        )
+    run_stops = _run_stops(problems, n_drop, data_cfg)
     report: dict[str, Any] = {
         "data": str(Path(data_dir).expanduser().resolve()),
         "layout": manifest.layout,
@@ -190,20 +152,74 @@ def check_dataset(
         "contact_sheet": None,
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        if sample > 0:
-            dropped_idx = {row["index"] for k in DROP_KINDS for row in problems[k]}
-            kept = [r for r in records if r.index not in dropped_idx]
-            sheet = _sheet(kept, data_cfg, sample, report["sheet_errors"])
-            if sheet is not None:
-                from PIL import Image
-
-                with atomic_path(out / SHEET_NAME) as tmp:
-                    Image.fromarray(sheet).save(tmp, format="PNG")
-                report["contact_sheet"] = str(out / SHEET_NAME)
-        report["report"] = str(out / REPORT_NAME)
-        write_json(out / REPORT_NAME, report)
+        _write(Path(out_dir), records, problems, data_cfg, sample, report)
     return report
+
+
+def _clip_problems(records, probed, missing_captions: set[int], data_cfg: DataConfig, note) -> list[dict]:
+    """Per clip: the header facts, each problem `note`d (drops, captions, size, crop); problems filled later."""
+    clips = []
+    target = (data_cfg.height, data_cfg.width)
+    for r, (dropped, header) in zip(records, probed, strict=True):
+        if dropped is not None:
+            note(dropped[0], r, dropped[1])
+        if r.index in missing_captions:
+            note("missing_caption", r, f"no caption for {r.video} ({r.source})")
+        elif not r.caption.strip():
+            note("empty_caption", r, f"empty caption ({r.source})")
+        if dropped is None and header is not None and header["height"] > 0 and header["width"] > 0:
+            h, w = header["height"], header["width"]
+            if h < target[0] or w < target[1]:
+                note(
+                    "small", r, f"{w}x{h} (width x height) is smaller than the clip's {target[1]}x{target[0]}"
+                )
+            loss = crop_loss((h, w), target)
+            if loss > MAX_CROP_LOSS:
+                note("crop", r, f"{w}x{h} cut to {target[1]}x{target[0]} drops {loss:.0%} of the frame")
+        empty = {"frames": None, "fps": None, "height": None, "width": None}
+        clips.append(
+            {
+                "index": r.index,
+                "video": str(r.video),
+                "caption": r.caption,
+                **(header or empty),
+                "problems": [],
+            }
+        )
+    return clips
+
+
+def _run_stops(problems: dict[str, list[dict]], n_drop: int, data_cfg: DataConfig) -> list[str]:
+    """Why a run with `data_cfg` as given stops (missing captions; a bad video without skip_bad_videos)."""
+    run_stops = []
+    if problems["missing_caption"]:
+        run_stops.append(
+            f"{len(problems['missing_caption'])} clip(s) have no caption: reading the manifest fails (first: "
+            f"{problems['missing_caption'][0]['video']}). Add the captions or remove those videos."
+        )
+    if n_drop and not data_cfg.skip_bad_videos:
+        first = next(problems[k][0] for k in DROP_KINDS if problems[k])
+        run_stops.append(
+            f"{n_drop} video(s) are missing, unreadable or too short and skip_bad_videos is off: the run stops at "
+            f"the first of them (e.g. {first['video']}). Fix them, or pass --skip-bad-videos to drop them."
+        )
+    return run_stops
+
+
+def _write(out: Path, records, problems: dict, data_cfg: DataConfig, sample: int, report: dict) -> None:
+    """OUT/contact_sheet.png (a sample of the kept clips) and OUT/check_data.json, atomically."""
+    if sample > 0:
+        dropped_idx = {row["index"] for k in DROP_KINDS for row in problems[k]}
+        kept = [r for r in records if r.index not in dropped_idx]
+        sheet = _sheet(kept, data_cfg, sample, report["sheet_errors"])
+        if sheet is not None:
+            from PIL import Image
+
+            with atomic_path(out / SHEET_NAME) as tmp:
+                Image.fromarray(sheet).save(tmp, format="PNG")
+            report["contact_sheet"] = str(out / SHEET_NAME)
+    report["report"] = str(out / REPORT_NAME)
+    write_json(out / REPORT_NAME, report)
 
 
 def crop_loss(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> float:
