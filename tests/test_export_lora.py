@@ -22,6 +22,16 @@ RANK, ALPHA = 4, 8.0  # alpha != rank: the scale must survive the export
 
 # diffusers module inside block N -> ComfyUI module inside block N, per case: (family, block list, overrides,
 # extra LoRA targets, map). Written out by hand from the ComfyUI model files.
+WAN_ATTENTION = {  # written out here, not taken from the module: a wrong map must fail
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+}
 CASES = {
     "wan": (
         "wan",
@@ -29,14 +39,7 @@ CASES = {
         {},
         ("ffn.net.0.proj", "ffn.net.2"),
         {
-            "attn1.to_q": "self_attn.q",
-            "attn1.to_k": "self_attn.k",
-            "attn1.to_v": "self_attn.v",
-            "attn1.to_out.0": "self_attn.o",
-            "attn2.to_q": "cross_attn.q",
-            "attn2.to_k": "cross_attn.k",
-            "attn2.to_v": "cross_attn.v",
-            "attn2.to_out.0": "cross_attn.o",
+            **WAN_ATTENTION,
             "ffn.net.0.proj": "ffn.0",
             "ffn.net.2": "ffn.2",
         },
@@ -47,14 +50,7 @@ CASES = {
         {"image_dim": 32, "added_kv_proj_dim": 32},
         ("add_k_proj", "add_v_proj"),
         {
-            "attn1.to_q": "self_attn.q",
-            "attn1.to_k": "self_attn.k",
-            "attn1.to_v": "self_attn.v",
-            "attn1.to_out.0": "self_attn.o",
-            "attn2.to_q": "cross_attn.q",
-            "attn2.to_k": "cross_attn.k",
-            "attn2.to_v": "cross_attn.v",
-            "attn2.to_out.0": "cross_attn.o",
+            **WAN_ATTENTION,
             "attn2.add_k_proj": "cross_attn.k_img",
             "attn2.add_v_proj": "cross_attn.v_img",
         },
