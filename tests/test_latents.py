@@ -35,7 +35,7 @@ def test_latents_cache_shapes_determinism_and_stage2(family, playground, tmp_pat
     cfg = Stage2Config(model="tiny-random", align=AlignConfig(mode="none"), steps=2, batch_size=2, log_every=1,
                        lora_rank=2, validation_prompts=("a red ball falls",), validate_every=2,
                        validation_pipeline=str(tmp_path / "pipe"), validation_frames=9, validation_size=(32, 32),
-                       validation_steps=2, validation_judge=True)  # fmt: skip
+                       validation_steps=2, validation_judge=True, mixed_precision="bf16")  # fmt: skip
     m = train_stage2(out, tmp_path / "run", cfg, progress=False)
     assert m["diffusion"] > 0
     val = tmp_path / "run" / "validation" / "step-2"

@@ -161,3 +161,25 @@ def test_stage1_two_processes_train_like_one(world, uninterrupted, tmp_path):
     gap = max(float((two_w[k] - one[k]).abs().max()) for k in one)
     half_gap = max(float((half[k] - one[k]).abs().max()) for k in one)
     assert gap < 1e-4 and half_gap > 1e-3, (gap, half_gap)
+
+
+def test_targets_and_precompute_read_a_custom_caption_column(world, tmp_path, capsys):
+    """An HF-style train/metadata.csv with its own caption column: `targets --caption-column` and `precompute
+    --teacher --caption-column` read it (the teacher's clip geometry, said in the log); without it, one line."""
+    import csv
+
+    rows = [json.loads(line) for line in (world.data / "metadata.jsonl").read_text().splitlines()]
+    split = tmp_path / "hf" / "train"
+    split.mkdir(parents=True)
+    with open(split / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "description"])
+        w.writerows([[str((world.data / r["video"]).resolve()), r["caption"]] for r in rows])
+    base = ["--data", str(tmp_path / "hf"), "--teacher", str(world.teacher), "--quiet"]
+    assert main(["targets", *base, "--out", str(tmp_path / "t0")]) == 2
+    assert "no caption column" in capsys.readouterr().err
+    assert main(["targets", *base, "--out", str(tmp_path / "t"), "--caption-column", "description"]) == 0
+    assert "[targets] clips as the teacher" in capsys.readouterr().out
+    assert len(Cache(tmp_path / "t")) == len(rows)
+    assert main(["precompute", *base, "--out", str(tmp_path / "p"), "--caption-column", "description"]) == 0
+    assert len(Cache(tmp_path / "p" / "targets")) == len(rows)

@@ -357,3 +357,27 @@ def test_adamw8bit_comes_from_bitsandbytes(caches, tmp_path, monkeypatch):
     train_stage2(caches / "latents", tmp_path / "b", _cfg(lora_rank=2, optimizer="adamw8bit"), caches / "targets",
                  progress=False)  # fmt: skip
     assert made == [{"lr": 1e-3, "weight_decay": 0.0}]
+
+
+def test_latents_and_targets_of_other_frames_are_refused(caches, tmp_path):
+    """Caches of the same clips cut to other frames (17 latents frames, 9-frame teacher windows) are refused with
+    both values; other sizes are fine (the teacher encodes at its own resolution)."""
+    import shutil
+
+    for name in ("latents", "targets"):
+        shutil.copytree(caches / name, tmp_path / name)
+
+    def geometry(name, **data):
+        for file in ("cache.json", "manifest.json"):  # the header and the finished cache's manifest
+            path = tmp_path / name / file
+            header = json.loads(path.read_text())
+            header["fingerprint"]["data"] = {"num_frames": 17, "height": 64, "width": 64, "fps": None, **data}
+            path.write_text(json.dumps(header))
+
+    geometry("latents", num_frames=17, height=480)
+    geometry("targets", num_frames=9, height=160)
+    with pytest.raises(MoalignError, match="cut different frames from each video \\(num_frames 17 vs 9\\)"):
+        train_stage2(tmp_path / "latents", tmp_path / "run", _cfg(lora_rank=2), tmp_path / "targets")
+    geometry("targets", num_frames=17, height=160)
+    assert train_stage2(tmp_path / "latents", tmp_path / "run", _cfg(lora_rank=2), tmp_path / "targets",
+                        progress=False)["steps"] == 4  # fmt: skip

@@ -24,6 +24,7 @@ from moalign.run.arguments import (
     RESUMABLE,
     HelpFormatter,
     add_cache_options,
+    add_column_options,
     add_command,
     add_data_options,
     add_latents_options,
@@ -46,7 +47,7 @@ from moalign.run.choices import (
     RECIPE_PARTS,
 )
 
-logger = console.get_logger(__name__)
+logger = console.get_logger("moalign.cli")  # not __name__: under `python -m moalign.cli` that is "__main__"
 PLAYGROUND_PRESETS = (
     "tiny",
     "small",
@@ -223,13 +224,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
     )
 
 
-def _precompute(args: argparse.Namespace, out, done: str, **parts) -> None:
-    """Run `moalign.precompute` for this process's share (under `accelerate launch`, one of several)."""
+def _precompute(args: argparse.Namespace, out, done: str, announce: bool = True, **parts) -> None:
+    """Run `moalign.precompute` for this process's share (under `accelerate launch`, one of several); `announce`:
+    say the preset's clip geometry (not for `targets`, which cuts clips as its teacher does, and says so)."""
     from moalign.precompute import precompute, process_share
 
     share = process_share(args.device)
     precompute(
-        args.data, out, data=_stage_config(args, "stage1").data, shard_size=args.shard_size,
+        args.data, out, data=_stage_config(args, "stage1", announce=announce).data, shard_size=args.shard_size,
         overwrite=args.overwrite, progress=not args.quiet, share=share, **parts,
     )  # fmt: skip
     if share.is_main:
@@ -718,13 +720,14 @@ def _add_targets_parser(sub) -> None:
         p, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
         help="skip unreadable videos, counted in the cache",
     )  # fmt: skip
+    add_column_options(p)
     add_cache_options(p)
     _add_preset(p, "stage1", "data.fps=8")
 
 
 def cmd_targets(args: argparse.Namespace) -> None:
     done = f"[targets] teacher targets of {args.data} in {args.out}"
-    _precompute(args, {"targets": Path(args.out)}, done, teacher=args.teacher, raw=args.raw)
+    _precompute(args, {"targets": Path(args.out)}, done, announce=False, teacher=args.teacher, raw=args.raw)
 
 
 def _add_precompute_parser(sub) -> None:

@@ -130,7 +130,7 @@ def precompute(
         jobs.append(
             ("targets", lambda path: compute_targets(
                 data_dir, teacher, path, raw=raw, skip_bad_videos=data.skip_bad_videos, device=share.device,
-                **common,
+                caption_column=data.caption_column, video_column=data.video_column, **common,
             ))
         )  # fmt: skip
     if model is not None:

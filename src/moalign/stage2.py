@@ -277,11 +277,22 @@ def _describe(cfg: Stage2Config, latents: Cache, given: Stage2Config, transforme
 
 
 def _check_same_clips(latents: Cache, targets: Cache) -> None:
+    """The two caches hold the same clips: same manifest and count, and the same frames of each video (clip
+    length, frame rate and window; the sizes may differ: the teacher encodes at its own resolution)."""
     a, b = latents.fingerprint.get("manifest_sha256"), targets.fingerprint.get("manifest_sha256")
     if a != b or len(latents) != len(targets):
         raise MoalignError(
             f"the latents cache {latents.root} and the targets cache {targets.root} were made from different "
             "clips (manifest or clip count differ); precompute both from the same dataset folder"
+        )
+    da, db = latents.fingerprint.get("data") or {}, targets.fingerprint.get("data") or {}
+    differ = [k for k in ("num_frames", "fps", "window") if k in da and k in db and da[k] != db[k]]
+    if differ:
+        listing = ", ".join(f"{k} {da[k]} vs {db[k]}" for k in differ)
+        raise MoalignError(
+            f"the latents cache {latents.root} and the targets cache {targets.root} cut different frames from each "
+            f"video ({listing}): the targets follow the stage-1 teacher's clips, so make the latents with the same "
+            f"--num-frames/--fps (or train the teacher on the latents' clip length)"
         )
 
 

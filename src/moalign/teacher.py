@@ -23,8 +23,11 @@ from moalign.data.cache_writer import CacheWriter, fill_cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.encoder import VideoEncoder
 from moalign.errors import MoalignError
+from moalign.run import console
 from moalign.run.checkpoint import load_module_file
 from moalign.run.serialize import to_dict
+
+logger = console.get_logger(__name__)
 
 TARGETS_KIND = "teacher_targets"
 
@@ -79,6 +82,8 @@ def compute_targets(
     shard_size: int = 64,
     overwrite: bool = False,
     skip_bad_videos: bool = False,
+    caption_column: str | None = None,
+    video_column: str | None = None,
     progress: bool = True,
     device: str = "cpu",
     rank: int = 0,
@@ -93,6 +98,8 @@ def compute_targets(
         out: cache folder (resumable: re-run the same command after a stop).
         raw: also store the raw encoder tokens (for the REPA / TRD ablation arms).
         dtype: storage dtype.
+        caption_column, video_column: the manifest's columns (`moalign/data/manifest.py`), as for the other
+            caches of the same dataset; the clip window and size are the teacher's.
 
     Returns:
         The cache folder; open it with `load_targets`.
@@ -100,7 +107,18 @@ def compute_targets(
     from dataclasses import replace
 
     teacher = load_motion_teacher(teacher_run)
-    data_cfg = replace(teacher.data, skip_bad_videos=skip_bad_videos)
+    data_cfg = replace(
+        teacher.data,
+        skip_bad_videos=skip_bad_videos,
+        caption_column=caption_column,
+        video_column=video_column,
+    )
+    if rank == 0:
+        fps = f"{data_cfg.fps:g} fps" if data_cfg.fps else "native fps"
+        logger.info(
+            f"[targets] clips as the teacher {teacher_run} cuts them: {data_cfg.num_frames} frames at "
+            f"{data_cfg.height}x{data_cfg.width}, {fps} (its stage-1 data config)"
+        )
     dataset = VideoClipDataset(data_dir, data_cfg, load_flow=False)
     encoder = VideoEncoder.from_pretrained(teacher.encoder, torch_dtype=torch.float32).to(device)
     projector = teacher.projector.to(device)

@@ -34,10 +34,14 @@ def validate(
     pipe = spec.pipeline_class.from_pretrained(base, transformer=transformer)
     transformer.eval()
     h, w = cfg.validation_size
-    rows = generate(
-        base, list(cfg.validation_prompts), out, num_frames=cfg.validation_frames, height=h, width=w,
-        steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False, device=str(device),
-    )  # fmt: skip
+    # under mixed precision a LoRA run's frozen base is stored in 16 bit while the pipeline loads in float32:
+    # sample in the dtype training computes in, as accelerate's autocast does for the losses
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    with torch.autocast(device_type=torch.device(device).type, dtype=half, enabled=half is not None):
+        rows = generate(
+            base, list(cfg.validation_prompts), out, num_frames=cfg.validation_frames, height=h, width=w,
+            steps=cfg.validation_steps, seed=cfg.seed, pipeline=pipe, progress=False, device=str(device),
+        )  # fmt: skip
     motion = [video_metrics(read_video(out / row["video"])[0]).motion for row in rows]
     mean = float(sum(motion) / len(motion))
     write_json(out / "motion.json", {"motion": motion, "mean": mean})

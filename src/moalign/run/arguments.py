@@ -95,6 +95,11 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         g, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",
         help="skip unreadable or too-short videos (counted in the log) instead of stopping with an error",
     )  # fmt: skip
+    add_column_options(g)
+
+
+def add_column_options(g) -> None:
+    """--caption-column and --video-column (the manifest's columns, `moalign/data/manifest.py`)."""
     bind(g, "--caption-column", "data.caption_column",
          help="the manifest's caption column (or the captions .txt file), e.g. prompt (default: the first of "
          "caption, prompt, text, title)")  # fmt: skip
