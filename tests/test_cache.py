@@ -81,13 +81,14 @@ def test_resume_computes_only_missing_shards(tmp_path):
 
 
 def test_fingerprint_mismatch_lists_differing_keys(tmp_path):
-    CacheWriter(tmp_path, "flow", FP, num_items=10)
+    fill(CacheWriter(tmp_path, "flow", FP, num_items=10), [0])  # a finished shard: starting again loses it
     other = {**FP, "method": {"name": "dis", "preset": "fast"}}
     with pytest.raises(MoalignError) as err:
         CacheWriter(tmp_path, "flow", other, num_items=10)
     msg = str(err.value)
     assert str(tmp_path) in msg and "method.preset" in msg and '"medium" -> "fast"' in msg
     assert "--overwrite" in msg and "--out" in msg and "data.height" not in msg
+    assert "holds 1 finished shard(s)" in msg
     with pytest.raises(MoalignError, match="kind"):
         CacheWriter(tmp_path, "latents", FP, num_items=10)
     with pytest.raises(MoalignError, match="num_items=10, shard_size=64.*num_items=11"):
@@ -210,3 +211,46 @@ def test_a_header_written_by_another_rank_meanwhile_is_read_again(tmp_path, monk
     monkeypatch.setattr(cw, "_read_header", late)
     writer = cw.CacheWriter(tmp_path / "c", "latents", {"a": 1}, num_items=4, shard_size=2)
     assert writer.num_shards == 2 and len(calls) == 2
+
+
+def test_other_settings_start_a_cache_without_finished_shards_again(tmp_path, capsys):
+    # a build stopped at a bad clip before its first shard; re-run with --skip-bad-videos: fewer clips
+    CacheWriter(tmp_path, "latents", FP, num_items=8, shard_size=2)
+    (tmp_path / ".shard-00000.safetensors.x.tmp").write_bytes(b"half")  # the killed shard's temporary
+    fewer = {**FP, "num_clips": 6, "manifest_sha256": "b" * 16}
+    writer = CacheWriter(tmp_path, "latents", fewer, num_items=6, shard_size=2)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"[cache] {tmp_path} held no finished shard")
+    assert "num_clips: 10 -> 6" in out and "num_items: 8 -> 6" in out and "starting it again" in out
+    header = json.loads((tmp_path / "cache.json").read_text())
+    assert header["fingerprint"] == fewer and header["num_items"] == 6 and writer.shards_todo() == [0, 1, 2]
+    fill(writer)
+    writer.finalize()
+    assert len(Cache(tmp_path, "latents", fewer)) == 6
+    # once a shard is finished, other settings are refused (nothing is deleted without --overwrite)
+    with pytest.raises(MoalignError, match=r"(?s)num_clips: 6 -> 10.*holds 3 finished shard.*--overwrite"):
+        CacheWriter(tmp_path, "latents", FP, num_items=8, shard_size=2)
+    # another kind is refused even without shards: most likely the wrong --out
+    CacheWriter(tmp_path / "t", "targets", FP, num_items=8)
+    with pytest.raises(MoalignError, match="kind"):
+        CacheWriter(tmp_path / "t", "latents", FP, num_items=8)
+
+
+def test_a_cache_restarted_by_another_rank_meanwhile_is_joined(tmp_path, monkeypatch):
+    import moalign.data.cache_writer as cw
+
+    old = cw.CacheWriter(tmp_path, "latents", FP, num_items=4, shard_size=2)
+    fewer = {**FP, "num_clips": 3}
+    stale = json.loads((tmp_path / "cache.json").read_text())
+    first = cw.CacheWriter(tmp_path, "latents", fewer, num_items=3, shard_size=2)  # rank 0 starts again
+    fill(first, [0])  # ... and finishes a shard
+    real, calls = cw._read_header, []
+
+    def late(root):  # rank 1 read the old header just before rank 0 replaced it
+        calls.append(root)
+        return stale if len(calls) == 1 else real(root)
+
+    monkeypatch.setattr(cw, "_read_header", late)
+    second = cw.CacheWriter(tmp_path, "latents", fewer, num_items=3, shard_size=2)
+    assert len(calls) == 2 and second.shards_todo() == [1] and old.num_items == 4
+    assert json.loads((tmp_path / "cache.json").read_text())["fingerprint"] == fewer

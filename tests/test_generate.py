@@ -50,6 +50,21 @@ def test_generate_writes_videos_manifest_and_sheet(family, tmp_path):
     b, _ = read_video(tmp_path / "lora" / "video_00000.mp4")
     assert np.abs(a.astype(int) - b).mean() > 0.5
 
+    # the command, without geometry flags, makes the run's clips (its config's validation geometry) and says so
+    from moalign.cli import main
+
+    config = json.loads((run / "config.json").read_text())
+    config["config"].update(validation_frames=9, validation_size=[16, 32])
+    (run / "config.json").write_text(json.dumps(config))
+    (tmp_path / "p.txt").write_text("a red ball, bouncing\n")
+    argv = ["generate", "--model", str(run), "--prompts", str(tmp_path / "p.txt"), "--steps", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    row = json.loads((tmp_path / "cli" / "metadata.jsonl").read_text())
+    assert (row["num_frames"], row["height"], row["width"], row["model"]) == (9, 16, 32, str(run))
+    assert read_video(tmp_path / "cli" / "video_00000.mp4")[0].shape == (9, 16, 32, 3)
+    assert main([*argv, "--out", str(tmp_path / "cli2"), "--height", "32"]) == 0  # a flag wins
+    assert json.loads((tmp_path / "cli2" / "metadata.jsonl").read_text())["height"] == 32
+
 
 def test_contact_sheet_and_errors(tmp_path):
     sheet = contact_sheet([np.zeros((9, 8, 8, 3), np.uint8), np.ones((5, 8, 8, 3), np.uint8)], columns=4)

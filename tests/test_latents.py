@@ -129,12 +129,20 @@ def test_stage2_takes_backbone_model_and_geometry_from_the_latents_cache(playgro
     err = capsys.readouterr().err
     assert "holds wan latents but the configuration asks for backbone cogvideox" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r2").exists()
+    # a pipeline of the other family: named as such, with where the family came from
+    tiny_pipeline("cogvideox").save_pretrained(tmp_path / "cog")
+    assert main([*argv[:4], str(tmp_path / "r4"), "--model", str(tmp_path / "cog"), *argv[5:]]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "is a cogvideox pipeline but the latents cache says wan" in err and len(err.strip().splitlines()) == 1
+    )
     # a model that does not load: one line naming it and the fix, no traceback
     for model, what in ((str(tmp_path / "nothing"), "neither a diffusers pipeline"),
                         ("nobody/no-such-model", "cannot load the WanTransformer3DModel from nobody/no-such-model")):  # fmt: skip
         assert main([*argv, "--out", str(tmp_path / "r3"), "--model", model]) == 2
         err = capsys.readouterr().err
         assert what in err and len(err.strip().splitlines()) == 1, err
+    assert "there is no folder nobody/no-such-model here" in err and "Fix:" in err
 
 
 def test_stage2_refuses_to_train_a_random_model_unless_named(tmp_path):

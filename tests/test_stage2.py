@@ -381,3 +381,17 @@ def test_latents_and_targets_of_other_frames_are_refused(caches, tmp_path):
     geometry("targets", num_frames=17, height=160)
     assert train_stage2(tmp_path / "latents", tmp_path / "run", _cfg(lora_rank=2), tmp_path / "targets",
                         progress=False)["steps"] == 4  # fmt: skip
+
+
+def test_a_new_lora_rank_keeps_the_presets_scale(caches, monkeypatch):
+    """--lora-rank without --lora-alpha keeps the preset's alpha/rank (cogvideox-5b: 64/128), not its alpha;
+    --lora-alpha sets it."""
+    from moalign.cli import main
+
+    seen = []
+    monkeypatch.setattr(stage2_mod, "train_stage2", lambda latents, out, cfg, **kw: seen.append(cfg))
+    argv = ["stage2", "--latents", str(caches / "latents"), "--out", "x", "--preset", "cogvideox-5b"]
+    assert main([*argv, "--lora-rank", "32"]) == 0
+    assert main([*argv, "--lora-rank", "32", "--lora-alpha", "8"]) == 0
+    assert main(argv) == 0
+    assert [(c.lora_rank, c.lora_alpha) for c in seen] == [(32, 16.0), (32, 8.0), (128, 64.0)]

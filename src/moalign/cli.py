@@ -391,6 +391,10 @@ def _add_stage2_parser(sub) -> None:
     )
     bind(p, "--lora-rank", "lora_rank", type=int, help="LoRA rank (0: full fine-tune)")
     bind(
+        p, "--lora-alpha", "lora_alpha", type=float,
+        help="LoRA alpha (scale alpha/rank; default: the preset's scale kept for a new --lora-rank)",
+    )  # fmt: skip
+    bind(
         p, "--lora-targets", "lora_targets", type=comma_list,
         help="where the LoRA goes: attention, feed-forward (comma-separated), or module names (default: attention)",
     )  # fmt: skip
@@ -435,6 +439,10 @@ def cmd_stage2(args: argparse.Namespace) -> None:
         cfg = replace(cfg, model=None)
     if "backbone" not in named and why != "--preset":
         cfg = replace(cfg, backbone=None)
+    preset = _recipe(args).stage2
+    if "lora_rank" in named and "lora_alpha" not in named and preset.lora_rank and preset.lora_alpha:
+        # a new rank keeps the preset's scale alpha/rank (cogvideox-5b: 128/64 -> --lora-rank 32 gets alpha 16)
+        cfg = replace(cfg, lora_alpha=cfg.lora_rank * preset.lora_alpha / preset.lora_rank)
     train_stage2(
         args.latents, args.out, cfg, targets_cache=args.targets, resume=args.resume, progress=not args.quiet,
         command=command_line(),
@@ -561,13 +569,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from moalign.generate import generate, read_prompts
 
     cfg = _stage_config(args, "generate")
+    cfg, where = _run_geometry(args, cfg)
+    device = args.device or default_device()
+    logger.info(
+        f"[generate] {args.model}: {cfg.num_frames} frames at {cfg.height}x{cfg.width} ({where}), {cfg.steps} "
+        f"steps, guidance {cfg.guidance_scale:g}, on {device}"
+    )
     rows = generate(
         args.model, read_prompts(args.prompts), args.out, **asdict(cfg), backbone=args.backbone,
-        base=args.base, device=args.device or default_device(), dtype=args.dtype, vae_tiling=args.vae_tiling,
-        cpu_offload=args.cpu_offload,
+        base=args.base, device=device, dtype=args.dtype, vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
         progress=not args.quiet,
     )  # fmt: skip
     logger.info(f"[generate] {len(rows)} videos in {args.out} (manifest metadata.jsonl, contact_sheet.png)")
+
+
+def _run_geometry(args: argparse.Namespace, cfg):
+    """Without --preset, a stage-2 run's videos have the clips it trained on (its config's validation_frames and
+    validation_size, which default to its latents cache's), unless --num-frames/--height/--width say otherwise.
+    Returns (config, where its geometry came from)."""
+    run_cfg = Path(args.model) / "config.json"
+    if args.preset is not None or not run_cfg.is_file():
+        return cfg, f"the preset {args.preset}'s" if args.preset else "the defaults"
+    trained = json.loads(run_cfg.read_text()).get("config") or {}
+    frames, size = trained.get("validation_frames"), trained.get("validation_size")
+    if not frames or not size:
+        return cfg, "the defaults"
+    took = {"num_frames": frames, "height": size[0], "width": size[1]}
+    took = {k: v for k, v in took.items() if k not in args.named}
+    return replace(cfg, **took), "the run's clips" if took else "the flags"
 
 
 def _add_judge_parser(sub) -> None:

@@ -29,18 +29,46 @@ def loading(what: str, source: object) -> Iterator[None]:
     """Turn a failed `from_pretrained` of `what` ("the CogVideoXPipeline") from `source` (a folder or hub id) into
     one MoalignError line saying what failed and how to fix it: a missing file, a hub id that is not cached while
     offline, an invalid id, or a folder of another model family (huggingface_hub and diffusers raise OSError,
-    ValueError or EnvironmentError for all of these)."""
+    ValueError or EnvironmentError for all of these). Their warnings while trying ("Couldn't connect to the Hub",
+    deprecations) are held back: the one line says it all."""
+    import logging
+    import os
+    import warnings
+
+    hf_loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "huggingface_hub")]
+    levels = [lg.level for lg in hf_loggers]
     try:
-        yield
+        for lg in hf_loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     except MoalignError:
         raise
     except (OSError, ValueError) as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        local = Path(str(source)).exists() or str(source).startswith((".", "/", "~"))
-        fix = (
-            "pass the folder of a downloaded diffusers pipeline (with model_index.json) or its transformer/ folder"
-            if local
-            else "check the hub id, or download it first (`hf download ID --local-dir DIR`, then pass DIR); "
-            "offline (HF_HUB_OFFLINE=1) only models already in the local cache load"
-        )
-        raise MoalignError(f"cannot load {what} from {source}: {first[:300]}. Fix: {fix}") from err
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        first = text.split(". ")[0].rstrip(".")
+        if len(first) > 240:
+            first = first[:240].rsplit(" ", 1)[0] + " ..."
+        source = str(source)
+        if Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
+            fix = (
+                "pass the folder of a downloaded diffusers pipeline (with model_index.json) or its transformer/ "
+                "folder"
+            )
+        else:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            fix = (
+                f"there is no folder {source} here ({Path.cwd()}), so it was taken as a hub id: check the path, or "
+                + (
+                    "download the model first (`hf download ID --local-dir DIR`, then pass DIR): offline "
+                    "(HF_HUB_OFFLINE=1) only models already in the Hub cache load"
+                    if offline
+                    else "check the hub id and your network (`hf download ID --local-dir DIR` to fetch it once)"
+                )
+            )
+        raise MoalignError(f"cannot load {what} from {source}: {first}. Fix: {fix}") from err
+    finally:
+        for lg, level in zip(hf_loggers, levels, strict=True):
+            lg.setLevel(level)

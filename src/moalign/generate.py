@@ -4,7 +4,7 @@
 `load_lora_weights`, a full fine-tune's transformer/ replaces the pipeline's) or a plain diffusers pipeline
 folder. Each prompt gets its own seeded generator (seed + prompt index), so a run is reproducible and the
 arms of a comparison see the same noise. Writes DIR/video_#####.mp4, DIR/metadata.jsonl (the playground's
-manifest format: video, caption, seed; `moalign judge` reads it) and DIR/contact_sheet.png. The clip geometry
+manifest format: video, caption, seed, model, geometry and sampler settings; `moalign judge` reads it) and DIR/contact_sheet.png. The clip geometry
 and sampler settings are a `GenerateConfig`, a field of every recipe (src/moalign/presets.py).
 """
 
@@ -233,7 +233,11 @@ def generate(
         )  # (T, H, W, 3)
         name = f"video_{i:05d}.mp4"
         write_video(out_dir / name, frames, fps=fps)
-        rows.append({"video": name, "caption": prompt, "seed": seed + i})
+        rows.append({
+            "video": name, "caption": prompt, "seed": seed + i, "model": None if model is None else str(model),
+            "num_frames": num_frames, "height": height, "width": width, "steps": steps,
+            "guidance_scale": guidance_scale,
+        })  # fmt: skip
         videos.append(frames)
     write_jsonl(out_dir / "metadata.jsonl", rows)
     with atomic_path(out_dir / "contact_sheet.png") as tmp:

@@ -245,8 +245,15 @@ def from_latents_cache(cfg: Stage2Config, latents: Cache, transformer_given: boo
                 f"a randomly initialised tiny {backbone} transformer (tests, smoke runs)"
             )
         model = str(cached)
-    if model is not None and model != RANDOM_MODEL:
-        pipeline_family(model, backbone)  # a pipeline folder of another family: an error naming both
+    found = pipeline_family(model) if model is not None and model != RANDOM_MODEL else None
+    if found is not None and found != backbone:
+        where = (
+            "the latents cache" if cfg.backbone is None else "the configuration (--backbone or the preset's)"
+        )
+        raise MoalignError(
+            f"{model} is a {found} pipeline but {where} says {backbone} ({latents.root} holds {family or backbone} "
+            f"latents): pass a {backbone} pipeline as --model, or make the latents with this one"
+        )
     data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
     frames = cfg.validation_frames or data.get("num_frames") or 17
     size = cfg.validation_size or (data.get("height", 64), data.get("width", 64))
@@ -333,6 +340,11 @@ def _trainable_transformer(
             )
         add_lora(
             transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, lora_target_modules(cfg.lora_targets)
+        )
+        alpha = cfg.lora_alpha or cfg.lora_rank
+        logger.info(
+            f"[stage2] LoRA rank {cfg.lora_rank}, alpha {alpha:g} (scale {alpha / cfg.lora_rank:g}) on "
+            f"{', '.join(cfg.lora_targets)}"
         )
         for p in transformer.parameters():
             if p.requires_grad:

@@ -16,7 +16,9 @@ Why it is safe to kill and restart:
   appear together in one rename.
 - `cache.json` is written before any work; a restarted run with the same arguments finds it, checks its
   kind and fingerprint match, and computes only the shards that are missing. With deterministic producers the
-  result is tensor-equal to an uninterrupted run.
+  result is tensor-equal to an uninterrupted run. A run with other settings is refused once a shard is
+  finished (nothing is deleted without --overwrite); before that, nothing would be lost, so it starts the
+  cache again with its own settings (e.g. re-run with --skip-bad-videos after a build stopped at a bad clip).
 - Several processes can fill one cache: process ``rank`` takes shards ``s`` with ``s % world_size == rank``.
   Each writes only its own shards; once all are done (a barrier), one process calls `finalize_cache`
   (`moalign precompute` does this under `accelerate launch`).

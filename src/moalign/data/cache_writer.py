@@ -26,6 +26,7 @@ from moalign.data.cache import (
     _normalise,
     _num_shards,
     _read_header,
+    diff_fingerprints,
     fingerprint_digest,
     shard_name,
 )
@@ -36,6 +37,9 @@ from moalign.run.atomic import save_safetensors, write_json
 logger = console.get_logger(__name__)
 
 _DROPPED = "dropped_clips.json"
+
+# finished shards under their final names (`shard_name`); temporaries are hidden (".shard-...tmp")
+_SHARDS = "shard-*.safetensors"
 
 # keys of one dropped clip, as `VideoClipDataset.dropped` holds them
 _DROPPED_KEYS = ("video", "caption", "reason", "kind", "row", "source")
@@ -48,8 +52,10 @@ class CacheWriter:
         root: the cache folder (created if missing).
         kind: what the cache holds, e.g. ``"flow"``; checked by readers.
         fingerprint: JSON-able dict of everything that determines the content (method and options, data
-            config, dataset identity, dtype). A folder holding a cache with another kind or fingerprint is
-            refused, with the differing keys listed.
+            config, dataset identity, dtype). A folder holding a cache with another kind is refused, and one
+            with another fingerprint (or num_items, shard_size) once it holds a finished shard, with the
+            differing keys listed; a cache of this kind without any finished shard (a build that stopped
+            before its first shard) is started again with these settings, and the log says so.
         num_items: number of items (dataset indices ``0 .. num_items - 1``).
         shard_size: items per shard file; shard ``s`` covers ``[s * shard_size, min((s + 1) * shard_size, N))``.
         overwrite: delete an existing cache in ``root`` first. With several processes, let one process delete
@@ -116,10 +122,16 @@ class CacheWriter:
         if old is not None and overwrite:
             shutil.rmtree(self.root)
             old = None
+        if old is not None and old.get("kind") == kind and _settings(old) != _settings(header):
+            old = self._restart(old, header)  # None: nothing finished, so the header is written afresh below
         if old is not None:
             expected = {k: header[k] for k in ("num_items", "shard_size")}
             found = {k: old.get(k) for k in expected}
             fix = f"Use a new --out folder, or pass --overwrite to delete {self.root} and rebuild it."
+            if old.get("kind") != kind or _settings(old) != _settings(header):
+                held = len(list(self.root.glob(_SHARDS)))
+                if held:
+                    fix = f"It holds {held} finished shard(s), which starting again would lose. {fix}"
             _check_header(self.root, old, kind, self.fingerprint, fix)
             if found != expected:
                 raise MoalignError(
@@ -130,6 +142,30 @@ class CacheWriter:
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(self.root / _HEADER, header)
+
+    def _restart(self, old: dict, header: dict) -> dict | None:
+        """None (start the cache again: nothing is lost) when the header `old`, of other settings, has no
+        finished shard beside it; else the header now on disk, for the checks that refuse it.
+
+        A build that stopped before its first shard (e.g. at a too-short clip) is re-run with other settings
+        (--skip-bad-videos drops clips: num_clips and manifest_sha256 change). Race-free with several
+        processes: each writes this same header atomically, and one that sees a finished shard reads the
+        header again, since another process of the launch may have restarted the cache and written a shard
+        meanwhile (that shard has the new settings; a shard of the old ones means the old header stands).
+        """
+        if not any(self.root.glob(_SHARDS)) and not (self.root / _MANIFEST).is_file():
+            changes = diff_fingerprints(old.get("fingerprint", {}), header["fingerprint"])
+            changes += [
+                f"{k}: {old.get(k)} -> {header[k]}"
+                for k in ("num_items", "shard_size")
+                if old.get(k) != header[k]
+            ]
+            logger.info(
+                f"[cache] {self.root} held no finished shard, only the start of a {self.kind} cache with other "
+                f"settings ({'; '.join(changes)}): starting it again with this run's settings"
+            )
+            return None
+        return _read_header(self.root) or old
 
     def shard_path(self, shard: int) -> Path:
         return self.root / shard_name(shard)
@@ -317,6 +353,11 @@ class CacheWriter:
         return self.root
 
 
+def _settings(header: dict) -> tuple:
+    """What a header pins besides its kind: fingerprint, item count and shard size (a header is read JSON)."""
+    return (_normalise(header.get("fingerprint", {})), header.get("num_items"), header.get("shard_size"))
+
+
 def fill_cache(
     writer: CacheWriter,
     dataset: Any,
@@ -368,7 +409,7 @@ def fill_cache(
             writer.write_shard(shard, items, skipped, written_by=(rank, world_size), skipped_clips=clips)
             if skipped:
                 logger.warning(
-                    f"shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
+                    f"[cache] shard {shard}: skipped {len(skipped)} clip(s), e.g. {next(iter(skipped.values()))}"
                 )
     if world_size == 1 and not writer.shards_todo():
         return writer.finalize()

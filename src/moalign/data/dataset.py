@@ -101,10 +101,11 @@ def drop_reason(video: Path, cfg: DataConfig) -> tuple[str, str] | None:
         None when the video is kept, else (kind, message): kind is one of `DROP_KINDS`: "missing" (no such
         file), "unreadable" (corrupt, not a video, no video stream, no frames), "frame_rate" (no usable rate
         for cfg.fps, or cfg.fps above the native rate), "too_short" (fewer frames than the window spans);
-        the message is the MoalignError a run without skip_bad_videos would raise.
+        the message is the MoalignError a run with `cfg` raises for it (without the "--skip-bad-videos"
+        hint when cfg.skip_bad_videos is on: then it is the reason the video is skipped).
     """
     try:
-        count, fps = _probe(video)
+        count, fps = _probe(video, cfg.skip_bad_videos)
     except MoalignError as err:
         return ("unreadable" if video.is_file() else "missing"), str(err)
     try:
@@ -133,11 +134,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
     With cfg.skip_bad_videos, every video is probed at construction (header frame count and rate, first
     frame decoded) and missing, unreadable or too-short ones are dropped and listed in `skipped` as
     (video path, reason), and in `dropped` as one dict per clip, in manifest order: "video" (absolute path),
-    "caption", "reason" (the MoalignError message a run without skip_bad_videos would raise), "kind" (one of
-    `DROP_KINDS`), "row" (the record's `ClipRecord.index`, 0-based manifest row) and "source" (file:line or
-    the sidecar caption file; "" for records passed in without one). Caches built from the dataset list
-    them (`moalign.data.cache_writer.fill_cache`). A video that still fails to decode later raises; it is
-    never substituted.
+    "caption", "reason" (the MoalignError message a run without skip_bad_videos would raise, less its hint
+    to pass --skip-bad-videos), "kind" (one of `DROP_KINDS`), "row" (the record's `ClipRecord.index`, 0-based
+    manifest row) and "source" (file:line or the sidecar caption file; "" for records passed in without
+    one). Caches built from the dataset list them (`moalign.data.cache_writer.fill_cache`). A video that
+    still fails to decode later raises; it is never substituted.
 
     Args:
         root: the dataset folder (see `read_manifest`; cfg.caption_column / cfg.video_column pick the columns).
@@ -215,7 +216,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             )
         if self.skipped:
             logger.warning(
-                "skipped %d of %d videos (unreadable or too short); first: %s",
+                "[data] skipped %d of %d videos (missing, unreadable or too short); first: %s",
                 len(self.skipped),
                 len(records),
                 self.skipped[0][1],

@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moalign.errors import MoalignError
@@ -109,6 +109,8 @@ class Manifest:
         missing_captions: indices (into `records`) of clips with no caption at all: a sidecar video without
             its .txt, or a row without a caption column. Always empty unless `open_manifest` was called with
             ``missing_captions_ok=True`` (otherwise they are errors); such records hold caption "".
+        columns: the column names of a metadata.jsonl / metadata.csv (the csv header; the keys of every jsonl
+            row, in order of first appearance), for messages; () for the other layouts.
     """
 
     records: list[ClipRecord]
@@ -116,6 +118,7 @@ class Manifest:
     path: Path
     split: str | None = None
     missing_captions: tuple[int, ...] = ()
+    columns: tuple[str, ...] = ()
 
 
 def read_manifest(
@@ -201,8 +204,10 @@ def open_manifest(
                 if d.is_dir() and d.name != SPLIT and not d.name.startswith(".")
             )
             also = f" (not read: {', '.join(o + '/' for o in others)})" if others else ""
-            logger.info(f"{root} has no manifest of its own: reading its '{SPLIT}' split, {found.path}{also}")
-            return Manifest(found.records, found.layout, found.path, SPLIT, found.missing_captions)
+            logger.info(
+                f"[data] {root} has no manifest of its own: reading its '{SPLIT}' split, {found.path}{also}"
+            )
+            return replace(found, split=SPLIT)
     if cols.names_files:
         named = [c for c in (cols.caption, cols.video) if c is not None]
         raise MoalignError(
@@ -242,9 +247,9 @@ def _column_arg(name: str, value: str | None) -> str | None:
     return value
 
 
-def _manifest(found: tuple[list[ClipRecord], list[int]], layout: str, path: Path) -> Manifest:
-    records, missing = found
-    return Manifest(records, layout, path, None, tuple(missing))
+def _manifest(found: tuple[list[ClipRecord], list[int], list[str]], layout: str, path: Path) -> Manifest:
+    records, missing, columns = found
+    return Manifest(records, layout, path, None, tuple(missing), tuple(columns))
 
 
 def _manifest_in(folder: Path, cols: _Columns) -> Manifest | None:
@@ -263,7 +268,7 @@ def _manifest_in(folder: Path, cols: _Columns) -> Manifest | None:
         for found, kind in ((captions, "caption"), (videos, "video list")):
             if len(found) > 1:
                 logger.warning(
-                    f"{folder} has several {kind} files ({', '.join(p.name for p in found)}): reading "
+                    f"[data] {folder} has several {kind} files ({', '.join(p.name for p in found)}): reading "
                     f"{found[0].name}. Name the one to read with caption_column / video_column, e.g. "
                     f"--set data.{'caption' if kind == 'caption' else 'video'}_column={found[-1].name}."
                 )
@@ -436,9 +441,10 @@ def _empty(path: Path) -> MoalignError:
     return MoalignError(f"{path} lists no clips. Add one clip per line (a video path and a caption).")
 
 
-def _read_jsonl(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int]]:
+def _read_jsonl(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int], list[str]]:
     records: list[ClipRecord] = []
     missing: list[int] = []
+    columns: dict[str, None] = {}  # an ordered set
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -454,13 +460,14 @@ def _read_jsonl(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int]
             raise MoalignError(
                 f"{source}: expected a JSON object {{...}}, got {type(row).__name__}. Fix the line."
             )
+        columns.update(dict.fromkeys(map(str, row)))
         records.append(_record(row, len(records), source, path.parent, cols, missing))
     if not records:
         raise _empty(path)
-    return records, missing
+    return records, missing, list(columns)
 
 
-def _read_csv(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int]]:
+def _read_csv(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int], list[str]]:
     reader = csv.DictReader(_read_text(path).splitlines())
     header = reader.fieldnames or []
     if not header:
@@ -497,7 +504,7 @@ def _read_csv(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int]]:
         records.append(_record(row, len(records), source, path.parent, cols, missing))
     if not records:
         raise _empty(path)
-    return records, missing
+    return records, missing, list(header)
 
 
 def _read_txt_pair(prompts: Path, videos: Path) -> list[ClipRecord]:

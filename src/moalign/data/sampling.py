@@ -89,6 +89,12 @@ WINDOWS = ("start", "center")
 _SKIP_HINT = "or pass --skip-bad-videos (DataConfig.skip_bad_videos=True) to skip such videos and count them"
 
 
+def _or_skip(skip_bad_videos: bool) -> str:
+    """The end of a bad-video fix: ", or pass --skip-bad-videos ...", or nothing when the run already skips
+    (then the message is the reason a video was skipped, and the hint would be advice already taken)."""
+    return "" if skip_bad_videos else f", {_SKIP_HINT}"
+
+
 def _offsets(native_fps: float, cfg: DataConfig, video: Any = None) -> np.ndarray:
     """Frame offsets of the window from its first frame: int64 (num_frames,)."""
     n = cfg.num_frames
@@ -106,7 +112,8 @@ def _offsets(native_fps: float, cfg: DataConfig, video: Any = None) -> np.ndarra
     if n > 1 and np.any(np.diff(offsets) == 0):
         raise MoalignError(
             f"{where}fps={cfg.fps:g} is above the video's native {native_fps:g} fps: frames would repeat. "
-            f"Use --fps {native_fps:g} or lower, or leave --fps unset for the native rate, {_SKIP_HINT}."
+            f"Use --fps {native_fps:g} or lower, or leave --fps unset for the native rate"
+            f"{_or_skip(cfg.skip_bad_videos)}."
         )
     return offsets
 
@@ -156,7 +163,7 @@ def _too_short(video: Any, num_available: int, native_fps: float, cfg: DataConfi
     fps_hint = " or a lower --fps" if cfg.fps is not None else " or a lower --fps (subsampling in time)"
     return (
         f"{name} has {num_available} frames at {native_fps:g} fps, but a clip of {cfg.num_frames} frames "
-        f"{how} needs {span}. Use {lower}{fps_hint}, {_SKIP_HINT}."
+        f"{how} needs {span}. Use {lower}{fps_hint}{_or_skip(cfg.skip_bad_videos)}."
     )
 
 
@@ -167,7 +174,7 @@ def _span(native_fps: float, cfg: DataConfig, n: int) -> int:
 
 
 @contextlib.contextmanager
-def _decode_errors(path: Path) -> Iterator[None]:
+def _decode_errors(path: Path, skip_bad_videos: bool = False) -> Iterator[None]:
     """Turn PyAV's many error types into one MoalignError that names the file and the fix."""
     try:
         yield
@@ -176,51 +183,53 @@ def _decode_errors(path: Path) -> Iterator[None]:
     except Exception as err:  # PyAV raises many error types for corrupt data
         raise MoalignError(
             f"cannot decode video {path}: {type(err).__name__}: {err}. The file is corrupt or not a video: "
-            f"re-encode it (e.g. to H.264 mp4) or remove it from the dataset, {_SKIP_HINT}."
+            f"re-encode it (e.g. to H.264 mp4) or remove it from the dataset{_or_skip(skip_bad_videos)}."
         ) from err
 
 
-def _open_stream(container: Any, path: Path) -> tuple[Any, int, float]:
+def _open_stream(container: Any, path: Path, skip_bad_videos: bool = False) -> tuple[Any, int, float]:
     """The first video stream, its header frame count (0 when unknown) and frame rate (0.0 when unknown)."""
     if not container.streams.video:
         raise MoalignError(
-            f"{path} has no video stream. Remove it from the dataset or re-encode it, {_SKIP_HINT}."
+            f"{path} has no video stream. Remove it from the dataset or re-encode it"
+            f"{_or_skip(skip_bad_videos)}."
         )
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return stream, int(stream.frames or 0), float(rate) if rate else 0.0
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, skip_bad_videos: bool = False) -> None:
     if not path.is_file():
         raise MoalignError(
-            f"video file not found: {path}. Fix the path in the dataset manifest, {_SKIP_HINT}."
+            f"video file not found: {path}. Fix the path in the dataset manifest{_or_skip(skip_bad_videos)}."
         )
 
 
-def _probe(path: Path) -> tuple[int, float]:
+def _probe(path: Path, skip_bad_videos: bool = False) -> tuple[int, float]:
     """(num_frames, fps) cheaply: the header's frame count plus one decoded frame; a full decode only when
-    the header has no count."""
+    the header has no count. `skip_bad_videos`: the errors are skip reasons (no --skip-bad-videos hint)."""
     import av
 
-    _check_file(path)
-    with _decode_errors(path), av.open(str(path)) as container:
-        stream, count, fps = _open_stream(container, path)
+    skip = skip_bad_videos
+    _check_file(path, skip)
+    with _decode_errors(path, skip), av.open(str(path)) as container:
+        stream, count, fps = _open_stream(container, path, skip)
         frames = container.decode(stream)
         if next(frames, None) is None:
-            raise MoalignError(f"{path} decoded to zero frames. Re-encode it or remove it, {_SKIP_HINT}.")
+            raise MoalignError(f"{path} decoded to zero frames. Re-encode it or remove it{_or_skip(skip)}.")
         if count <= 0:
             count = 1 + sum(1 for _ in frames)
     return count, fps
 
 
-def _take(path: Path, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+def _take(path: Path, indices: np.ndarray, skip_bad_videos: bool) -> tuple[dict[int, np.ndarray], int]:
     """Decode up to the last wanted frame; return the wanted frames and how many frames were seen."""
     import av
 
     wanted, last, kept, seen = set(indices.tolist()), int(indices[-1]), {}, 0
     with av.open(str(path)) as container:
-        stream, _, _ = _open_stream(container, path)
+        stream, _, _ = _open_stream(container, path, skip_bad_videos)
         for i, frame in enumerate(container.decode(stream)):
             seen = i + 1
             if i in wanted:
@@ -251,26 +260,29 @@ def read_clip(path: str | os.PathLike, cfg: DataConfig) -> tuple[np.ndarray, np.
     import av
 
     path = Path(path)
-    _check_file(path)
-    with _decode_errors(path):
+    skip = cfg.skip_bad_videos
+    _check_file(path, skip)
+    with _decode_errors(path, skip):
         with av.open(str(path)) as container:
-            _, count, fps = _open_stream(container, path)
+            _, count, fps = _open_stream(container, path, skip)
         if count <= 0 and cfg.window != "start":
-            count, fps = _probe(path)  # the centre needs the length: count by decoding
+            count, fps = _probe(path, skip)  # the centre needs the length: count by decoding
         if count > 0:
             indices = sample_indices(count, fps, cfg, video=path)
         else:
             indices = _offsets(fps, cfg, path)  # start window: the length only matters if it is too short
-        kept, seen = _take(path, indices)
+        kept, seen = _take(path, indices, skip)
         if len(kept) < len(indices):  # the stream ended early: the header over-counted, or there was none
             if seen == 0:
-                raise MoalignError(f"{path} decoded to zero frames. Re-encode it or remove it, {_SKIP_HINT}.")
+                raise MoalignError(
+                    f"{path} decoded to zero frames. Re-encode it or remove it{_or_skip(skip)}."
+                )
             indices = sample_indices(seen, fps, cfg, video=path)  # raises when too short
             if not set(indices.tolist()) <= kept.keys():
-                kept, seen = _take(path, indices)
+                kept, seen = _take(path, indices, skip)
             if not set(indices.tolist()) <= kept.keys():
                 raise MoalignError(
-                    f"{path} decodes to a different number of frames each time. Re-encode it, {_SKIP_HINT}."
+                    f"{path} decodes to a different number of frames each time. Re-encode it{_or_skip(skip)}."
                 )
     frames = np.stack([kept[i] for i in indices.tolist()])
     return frames, indices, fps

@@ -228,7 +228,7 @@ def per_process_batch(accelerator, batch_size: int, gradient_accumulation_steps:
         raise MoalignError(
             f"batch_size {batch_size} is the global batch and must split evenly into {accelerator.num_processes} "
             f"process(es) x {gradient_accumulation_steps} accumulation step(s); use a multiple of {parts} "
-            "(--set batch_size=... or --set gradient_accumulation_steps=...)"
+            "(--batch-size or --gradient-accumulation-steps)"
         )
     return batch_size // parts
 

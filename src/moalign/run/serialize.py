@@ -119,7 +119,10 @@ def _set_path(cls: type, data: dict, keys: list[str], value: Any, full: str, roo
         raise ValueError(f"unknown config field {full!r}: {did_you_mean(root, full)}")
     tp = typing.get_type_hints(cls)[key]
     if len(keys) == 1:
-        data[key] = to_dict(_coerce(tp, value))
+        try:
+            data[key] = to_dict(_coerce(tp, value))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{full}={value!r}: {err}") from err
         return
     if not is_dataclass(tp) or not isinstance(data.get(key), dict):
         raise ValueError(f"config field {'.'.join(full.split('.')[: -len(keys) + 1])!r} has no sub-fields")

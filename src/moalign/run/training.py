@@ -27,8 +27,11 @@ import torch
 from torch import nn
 
 from moalign.errors import MoalignError
+from moalign.run import console
 from moalign.run.atomic import write_json
 from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
+
+logger = console.get_logger(__name__)
 
 # report_to -> the trackers beside RUN/log.jsonl (which is always written)
 REPORT_TO = {
@@ -238,6 +241,11 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     """Linear warm-up then cosine decay to 10% of the base LR (a LambdaLR)."""
+    if warmup_steps >= total_steps > 0:
+        logger.warning(
+            f"[train] the warm-up ({warmup_steps} steps) is not shorter than the run ({total_steps} steps): the "
+            f"learning rate never reaches its set value; --set warmup_steps={max(0, total_steps // 10)} or fewer"
+        )
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -255,7 +263,7 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torc
     """
     if num_items < batch_size:
         raise MoalignError(
-            f"only {num_items} training clips for a batch of {batch_size}: add clips or lower --set batch_size"
+            f"only {num_items} training clips for a batch of {batch_size}: add clips or lower --batch-size"
         )
     per_epoch = num_items // batch_size
     epoch, pos = divmod(step, per_epoch)
