@@ -131,6 +131,8 @@ def test_missing_file_and_duplicate_path_in_a_manifest(tmp_path):
     assert [p["index"] for p in report["problems"]["duplicate_path"]] == [2, 4]
     assert "clip 0" in report["problems"]["duplicate_path"][0]["detail"]
     assert report["problems"]["missing_caption"][0]["index"] == 4
+    assert report["columns"] == ["video", "caption"]
+    assert "caption-column" not in report["run_stops"][0]  # one row lacks it: the file has the column
     assert report["counts"]["duplicate_content"] == 0  # the same path is not also a content duplicate
     assert report["would_drop"]["count"] == 1
 
@@ -169,3 +171,64 @@ def test_cli_check_data_prints_every_problem_and_exits_1_when_a_run_would_stop(m
         for f in messy.glob(f"{name}.*"):
             f.unlink()
     assert main(argv) == 0  # only warnings left (small, crop, duplicates, empty caption)
+
+
+def test_no_caption_column_names_the_columns_and_the_flag(tmp_path):
+    # a metadata.csv whose caption column has a name of its own: every clip "lacks" a caption
+    make_video(tmp_path / "a.mp4")
+    make_video(tmp_path / "b.mp4", seed=5)
+    (tmp_path / "metadata.csv").write_text("file_name,fps,description\na.mp4,8,a ball\nb.mp4,8,a cube\n")
+    report = check_dataset(tmp_path, CFG, sample=0)
+    assert report["counts"]["missing_caption"] == 2 and report["columns"] == [
+        "file_name",
+        "fps",
+        "description",
+    ]
+    (stop,) = report["run_stops"]
+    assert f"{tmp_path.resolve() / 'metadata.csv'} has no caption column (none of caption, prompt" in stop
+    assert "its columns are: file_name, fps, description" in stop
+    assert "Pass --caption-column NAME" in stop and "e.g. --caption-column description" in stop
+    text = "\n".join(format_report(report))
+    assert "no caption: 2" in text and "its columns are: file_name, fps, description" in text
+    assert "--caption-column NAME" in text
+    # a column named that the file lacks: the same hint, naming it
+    report = check_dataset(tmp_path, replace(CFG, caption_column="desc"), sample=0)
+    assert "has no column 'desc' (--caption-column)" in report["run_stops"][0]
+    report = check_dataset(tmp_path, replace(CFG, caption_column="description"), sample=0)
+    assert report["run_stops"] == [] and report["counts"]["missing_caption"] == 0
+    # jsonl: the columns of every row, and the example skips numbers
+    rows = [{"file_name": "a.mp4", "fps": 8, "description": "a ball"}, {"file_name": "b.mp4", "tags": "x"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (stop,) = check_dataset(tmp_path, CFG, sample=0)["run_stops"]
+    assert "metadata.jsonl has no caption column" in stop and "e.g. --caption-column description" in stop
+    assert "its columns are: file_name, fps, description, tags" in stop
+
+
+def test_contact_sheet_font_draws_visible_spaces():
+    from moalign.data.check import _caption_font
+
+    # Pillow >= 10.1's FreeType default draws a 2-pixel space at 10 px: the sheet read "acrossa room"
+    font = _caption_font()
+    assert font.getlength("across a") - font.getlength("acrossa") >= font.getlength("a")
+
+
+def test_wrap_keeps_every_word_with_single_spaces_within_the_width():
+    from PIL import ImageFont
+
+    from moalign.data.check import _wrap
+
+    font = ImageFont.load_default()
+    caption = "a red ball rolls slowly across a room  while\tthe camera pans\nleft, then stops"
+    for width in (40, 100, 200, 1000):
+        lines = _wrap(caption, font, width)
+        assert " ".join(lines) == " ".join(caption.split())  # words in order, one space between them
+        assert all(font.getlength(line) <= width and line == line.strip() for line in lines)
+        assert all("  " not in line for line in lines)
+    assert _wrap(caption, font, 1000) == [" ".join(caption.split())]
+    assert _wrap("", font, 100) == [] and _wrap("   ", font, 100) == []
+    # a word wider than a line is cut into pieces that fit, none lost
+    long = "https://example.com/a/very/long/address/without/spaces"
+    lines = _wrap(f"see {long} now", font, 60)
+    assert all(font.getlength(line) <= 60 for line in lines)
+    assert "".join(lines).replace(" ", "") == f"see{long}now"
+    assert lines[0] == "see" and lines[-1].endswith(" now")

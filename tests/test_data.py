@@ -470,6 +470,39 @@ def test_skip_bad_videos_counts_and_keeps_the_good(tmp_path):
         VideoClipDataset(tmp_path, cfg, records=[r for r in read_manifest(tmp_path) if r.caption == "short"])
 
 
+def test_skipped_videos_are_not_told_to_pass_skip_bad_videos(tmp_path, capsys):
+    """The hint to pass --skip-bad-videos ends an error only when the run does not skip already."""
+    make_video(tmp_path / "good.mp4", t=9)
+    make_video(tmp_path / "short.mp4", t=4)
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all" * 50)
+    names = ["short", "corrupt", "missing", "good"]
+    write_jsonl(tmp_path / "metadata.jsonl", [{"video": f"{n}.mp4", "caption": n} for n in names])
+    strict = DataConfig(num_frames=9, height=32, width=32)
+    skipping = DataConfig(num_frames=9, height=32, width=32, skip_bad_videos=True)
+    ds = VideoClipDataset(tmp_path, skipping)
+    out = capsys.readouterr().out
+    assert len(ds.dropped) == 3 and out.startswith("[data] skipped 3 of 4 videos")
+    assert "--skip-bad-videos" not in out
+    for clip in ds.dropped:  # each reason still names the file and its own fix, and ends there
+        assert "--skip-bad-videos" not in clip["reason"] and clip["reason"].endswith(".")
+        assert clip["video"] in clip["reason"]
+    assert "--num-frames 1" in ds.dropped[0]["reason"] and "re-encode" in ds.dropped[1]["reason"]
+    with pytest.raises(MoalignError) as info:  # every video bad: the error quotes a reason, without the hint
+        VideoClipDataset(tmp_path, skipping, records=read_manifest(tmp_path)[:1])
+    assert "all 1 videos" in str(info.value) and "--skip-bad-videos" not in str(info.value)
+    # a video that passes the probe but is read with skipping on (fill_cache records the message)
+    for cfg, hinted in ((strict, True), (skipping, False)):
+        for name in ("short.mp4", "corrupt.mp4", "missing.mp4"):
+            with pytest.raises(MoalignError) as info:
+                read_clip(tmp_path / name, cfg)
+            assert ("--skip-bad-videos" in str(info.value)) is hinted, (name, str(info.value))
+    with pytest.raises(MoalignError, match="--skip-bad-videos"):
+        sample_indices(100, 8.0, DataConfig(num_frames=5, fps=16.0))  # above the native rate
+    with pytest.raises(MoalignError) as info:
+        sample_indices(100, 8.0, DataConfig(num_frames=5, fps=16.0, skip_bad_videos=True))
+    assert "--skip-bad-videos" not in str(info.value) and str(info.value).endswith("native rate.")
+
+
 def test_explicit_records(tmp_path):
     make_video(tmp_path / "a.mp4")
     rec = ClipRecord(index=7, video=tmp_path / "a.mp4", caption="hi", flow=None, extra={})

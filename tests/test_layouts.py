@@ -4,6 +4,7 @@ DataConfig's column fields reaching the dataset, and skipped clips named in a ca
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,7 @@ def test_several_caption_files_the_first_name_wins(tmp_path, capsys):
     touch(tmp_path / "videos.txt", "a.mp4\n")
     assert read_manifest(tmp_path)[0].caption == "from prompts"
     out = capsys.readouterr().out
+    assert out.startswith(f"[data] {tmp_path.resolve()} has several caption files")  # the package's prefix
     assert "several caption files (prompts.txt, captions.txt): reading prompts.txt" in out
 
 
@@ -176,7 +178,10 @@ def test_split_folder_reads_train_and_says_so(tmp_path, capsys):
     assert [r.caption for r in m.records] == [COMMAS, "second"]
     assert m.records[0].video == tmp_path.resolve() / "train" / "clips" / "0.mp4"  # relative to train/
     out = capsys.readouterr().out
-    assert "reading its 'train' split" in out and "not read: validation/" in out
+    assert out.startswith(
+        f"[data] {tmp_path.resolve()} has no manifest of its own: reading its 'train' split"
+    )
+    assert "not read: validation/" in out and m.columns == ("file_name", "text")
     # a manifest of its own wins over the split
     touch(tmp_path / "metadata.jsonl", json.dumps({"video": "top.mp4", "caption": "top"}) + "\n")
     m = open_manifest(tmp_path)
@@ -387,3 +392,25 @@ def test_cache_without_dropped_clips_file_still_finalizes_and_opens(tmp_path):
         writer.finalize()
     with pytest.raises(ValueError, match="needs 'video' and 'reason'"):
         writer.record_dropped([{"video": "v.mp4"}])
+
+
+def test_a_build_stopped_at_a_bad_clip_reruns_with_skip_bad_videos(tmp_path, capsys):
+    """The error says to pass --skip-bad-videos; doing so drops clips (another fingerprint), and the cache,
+    which holds no finished shard yet, starts again instead of asking for --overwrite."""
+    _dropping_dataset(tmp_path / "data")
+    strict = DataConfig(num_frames=5, height=16, width=16)
+
+    def build(cfg: DataConfig) -> Path:
+        ds = VideoClipDataset(tmp_path / "data", cfg, load_flow=False)
+        writer = CacheWriter(tmp_path / "c", "test", {"test": 1, **dataset_identity(ds)}, len(ds))
+        return fill_cache(writer, ds, _frames_mean, desc="t", progress=False)
+
+    with pytest.raises(MoalignError, match="--skip-bad-videos"):
+        build(strict)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["cache.json", "dropped_clips.json"]
+    capsys.readouterr()
+    build(replace(strict, skip_bad_videos=True))
+    assert "[cache] " in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["num_items"] == 2 and manifest["fingerprint"]["num_clips"] == 2
+    assert [Path(c["video"]).name for c in manifest["dropped_clips"]] == ["broken.mp4"]

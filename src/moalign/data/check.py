@@ -30,7 +30,7 @@ import numpy as np
 
 from moalign.data.dataset import DROP_KINDS, drop_reason
 from moalign.data.geometry import cover_geometry, resize_center_crop
-from moalign.data.manifest import ClipRecord, open_manifest
+from moalign.data.manifest import CAPTION_COLUMNS, ClipRecord, Manifest, open_manifest
 from moalign.data.sampling import DataConfig, read_clip
 from moalign.errors import MoalignError
 from moalign.run.atomic import atomic_path, write_json
@@ -86,6 +86,7 @@ def check_dataset(
             data, layout, manifest, split: the folder, the layout read ("metadata.jsonl", "prompts.txt +
                 videos.txt", "sidecar .txt captions", ...), the file read, and "train" when ROOT/train was
                 read (else None);
+            columns: the column names of a metadata.jsonl / .csv ([] for the other layouts);
             config: data_cfg as a dict;
             num_clips: clips listed; num_ok: clips without any problem;
             counts: {problem: number of clips} for every key of `PROBLEMS` (zeros included);
@@ -94,8 +95,9 @@ def check_dataset(
             would_drop: {"count", "by_kind": {kind: n}}: what skip_bad_videos drops (missing, unreadable,
                 frame_rate, too_short), the same number `VideoClipDataset(..., skip_bad_videos=True)`
                 drops;
-            run_stops: reasons a run with data_cfg as given stops (missing captions; any would-drop video
-                when skip_bad_videos is off), [] when it runs;
+            run_stops: reasons a run with data_cfg as given stops (missing captions: when no clip has one
+                because the metadata file has no caption column, its columns and the --caption-column fix;
+                any would-drop video when skip_bad_videos is off), [] when it runs;
             clips: per clip {"index", "video", "caption", "frames", "fps", "height", "width", "problems"}
                 (frames, fps, height, width from the header; 0 where the header has none; None where the
                 file could not be opened);
@@ -133,12 +135,13 @@ def check_dataset(
 
     by_kind = {k: len(problems[k]) for k in DROP_KINDS}
     n_drop = sum(by_kind.values())
-    run_stops = _run_stops(problems, n_drop, data_cfg)
+    run_stops = _run_stops(problems, n_drop, data_cfg, _no_caption_column(manifest, data_cfg))
     report: dict[str, Any] = {
         "data": str(Path(data_dir).expanduser().resolve()),
         "layout": manifest.layout,
         "manifest": str(manifest.path),
         "split": manifest.split,
+        "columns": list(manifest.columns),
         "config": dataclasses.asdict(data_cfg),
         "num_clips": len(records),
         "num_ok": sum(not c["problems"] for c in clips),
@@ -189,10 +192,35 @@ def _clip_problems(records, probed, missing_captions: set[int], data_cfg: DataCo
     return clips
 
 
-def _run_stops(problems: dict[str, list[dict]], n_drop: int, data_cfg: DataConfig) -> list[str]:
-    """Why a run with `data_cfg` as given stops (missing captions; a bad video without skip_bad_videos)."""
+def _no_caption_column(manifest: Manifest, data_cfg: DataConfig) -> str | None:
+    """When no clip has a caption because the metadata file has no caption column: its columns and the fix."""
+    if not manifest.columns or len(manifest.missing_captions) < len(manifest.records):
+        return None
+    if data_cfg.caption_column is not None:
+        lacks = f"no column {data_cfg.caption_column!r} (--caption-column)"
+    else:
+        lacks = f"no caption column (none of {', '.join(CAPTION_COLUMNS)})"
+    first = manifest.records[0].extra  # the first row less its video and flow columns
+    text = {c: first[c] for c in manifest.columns if isinstance(first.get(c), str) and first[c].strip()}
+    # the likeliest caption: the most words (a csv holds numbers as text too)
+    likely = max(text, key=lambda c: (len(text[c].split()), len(text[c])), default=None)
+    example = f", e.g. --caption-column {likely}" if likely else ""
+    return (
+        f"{manifest.path} has {lacks}, so no clip has a caption; its columns are: "
+        f"{', '.join(manifest.columns)}. Pass --caption-column NAME with the column that holds the "
+        f"captions{example}."
+    )
+
+
+def _run_stops(
+    problems: dict[str, list[dict]], n_drop: int, data_cfg: DataConfig, no_column: str | None = None
+) -> list[str]:
+    """Why a run with `data_cfg` as given stops (missing captions, or `no_column`: a manifest without a
+    caption column; a bad video without skip_bad_videos)."""
     run_stops = []
-    if problems["missing_caption"]:
+    if no_column is not None:
+        run_stops.append(no_column)
+    elif problems["missing_caption"]:
         run_stops.append(
             f"{len(problems['missing_caption'])} clip(s) have no caption: reading the manifest fails (first: "
             f"{problems['missing_caption'][0]['video']}). Add the captions or remove those videos."
@@ -331,22 +359,49 @@ def _duplicates(records: list[ClipRecord], note: Any) -> None:
                 seen[digest] = r
 
 
+def _caption_font() -> Any:
+    """PIL's bitmap default font, whose space is a whole character wide: Pillow >= 10.1's default (FreeType)
+    font draws a 2-pixel space at its 10 px size, so a caption read "acrossa room" on the sheet."""
+    from PIL import ImageFont
+
+    # Pillow < 10.1 has no load_default_imagefont: its load_default is this font
+    bitmap = getattr(ImageFont, "load_default_imagefont", None)
+    return bitmap() if bitmap is not None else ImageFont.load_default()
+
+
 def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """`text` as lines at most `width` pixels wide in `font`, its words joined by single spaces; a word wider
+    than a line is cut into pieces that fit (a piece is at least one character)."""
     lines, line = [], ""
     for word in text.split():
-        trial = f"{line} {word}".strip()
-        if line and font.getlength(trial) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
+        for piece in _cut(word, font, width):
+            trial = f"{line} {piece}" if line else piece
+            if line and font.getlength(trial) > width:
+                lines.append(line)
+                line = piece
+            else:
+                line = trial
     return [*lines, line] if line else lines
+
+
+def _cut(word: str, font: Any, width: int) -> list[str]:
+    """`word` in pieces at most `width` pixels wide (one piece when it fits)."""
+    if font.getlength(word) <= width:
+        return [word]
+    pieces, piece = [], ""
+    for char in word:
+        if piece and font.getlength(piece + char) > width:
+            pieces.append(piece)
+            piece = char
+        else:
+            piece += char
+    return [*pieces, piece]
 
 
 def _sheet(records: list[ClipRecord], cfg: DataConfig, sample: int, errors: list[dict]) -> np.ndarray | None:
     """First, middle and last frame of up to `sample` clip windows, one row each, caption beside: uint8
     (rows * H', 3 * W' + panel, 3)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     from moalign.generate import contact_sheet
 
@@ -356,7 +411,7 @@ def _sheet(records: list[ClipRecord], cfg: DataConfig, sample: int, errors: list
         set(np.linspace(0, len(records) - 1, min(sample, len(records))).round().astype(int).tolist())
     )
     scale = max(1, math.ceil(96 / cfg.height))  # tiny clips are enlarged (nearest) so the rows are readable
-    font = ImageFont.load_default()
+    font = _caption_font()
     rows = []
     for i in picks:
         r = records[i]
