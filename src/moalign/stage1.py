@@ -181,7 +181,8 @@ def _build(data_dir: str | Path, cfg: Stage1Config, flow_cache: str | None, devi
     n = len(dataset)
     if n <= cfg.val_clips + 1:
         raise MoalignError(
-            f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips"
+            f"{data_dir} has {n} usable clips; stage 1 holds out val_clips={cfg.val_clips}: add clips, or hold out "
+            f"fewer with --set val_clips={max(1, n // 5)}"
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     val_ids, train_ids = perm[: cfg.val_clips].tolist(), perm[cfg.val_clips :].tolist()

@@ -130,7 +130,7 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], data: dict[str, 
 {card_data.to_yaml()}
 ---
 
-# {config["backbone"]} fine-tuned with moalign ({mode})
+# {config["backbone"]} fine-tuned with moalign (`--align {mode}`)
 
 - Base model: `{base}`
 - Method: {MODE_TITLES[mode]} (`--align {mode}`); alignment at {aligned}. The alignment projector
