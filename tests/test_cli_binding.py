@@ -282,3 +282,18 @@ def test_config_file_yaml_json_and_partial(tmp_path, capsys):
     assert main(["config", "--part", "stage2", "--config", str(tmp_path / "b.json")]) == 2
     err = capsys.readouterr().err
     assert "b.json" in err and "'taux': did you mean tau?" in err
+
+
+def test_a_runs_config_json_goes_to_its_own_part(tmp_path, capsys):
+    """A stage-2 run's config.json: whole-recipe commands put it under stage2; another part's command says which
+    fields it takes, in one line."""
+    from moalign.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"command": "moalign stage2 --latents c --out r",
+                                                      "config": {"lr": 0.25}}))  # fmt: skip
+    assert main(["config", "--config", str(tmp_path / "config.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["stage2"]["lr"] == 0.25
+    assert main(["config", "--part", "generate", "--config", str(tmp_path / "config.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a `moalign stage2` run's config (stage2 fields); this command takes generate fields" in err
+    assert len(err.strip().splitlines()) == 1

@@ -181,6 +181,18 @@ def test_out_may_be_a_file_or_a_folder(tmp_path):
     (tmp_path / "loras").mkdir()
     assert export_lora(run, out=tmp_path / "loras") == tmp_path / "loras" / "my-run_comfy_lora.safetensors"
     assert not list(tmp_path.glob("loras/.*"))  # no temporary left behind
+    # a folder that does not exist yet is a folder (ComfyUI/models/loras), not a file of that name
+    made = export_lora(run, out=tmp_path / "ComfyUI" / "models" / "loras")
+    assert made == tmp_path / "ComfyUI" / "models" / "loras" / "my-run_comfy_lora.safetensors" and made.is_file()
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(MoalignError, match="existing file without the .safetensors suffix"):
+        export_lora(run, out=tmp_path / "plain")
+    # readable as any file the user makes (safetensors itself creates its files 0600)
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert made.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_full_finetune_folder_is_refused(tmp_path):

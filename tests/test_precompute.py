@@ -183,3 +183,17 @@ def test_targets_and_precompute_read_a_custom_caption_column(world, tmp_path, ca
     assert len(Cache(tmp_path / "t")) == len(rows)
     assert main(["precompute", *base, "--out", str(tmp_path / "p"), "--caption-column", "description"]) == 0
     assert len(Cache(tmp_path / "p" / "targets")) == len(rows)
+
+
+def test_precompute_with_a_teacher_cuts_every_cache_as_the_teacher(world, tmp_path, capsys):
+    """Without --preset, precompute --teacher --model makes latents of the teacher's clips (stage 2 takes the
+    pair); frame flags that contradict the teacher are refused before any encoding."""
+    base = ["precompute", "--data", str(world.data), "--teacher", str(world.teacher), "--model", str(world.pipe),
+            "--quiet"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "bad"), "--num-frames", "17"]) == 2
+    err = capsys.readouterr().err
+    assert "num_frames 17 vs the teacher's 9" in err and not (tmp_path / "bad").exists()
+    assert main([*base, "--out", str(tmp_path / "ok")]) == 0
+    assert "[precompute] clips as the teacher" in capsys.readouterr().out
+    lat, tgt = Cache(tmp_path / "ok" / "latents"), Cache(tmp_path / "ok" / "targets")
+    assert lat.fingerprint["data"]["num_frames"] == tgt.fingerprint["data"]["num_frames"] == 9

@@ -80,7 +80,7 @@ class AlignProjector(nn.Module):
             if hl % he or wl % we or hl // he != wl // we:
                 raise ValueError(
                     f"grid_match='videorepa' needs the latent grid {hl}x{wl} to be the encoder grid {he}x{we} "
-                    "times one integer stride; use grid_match='resample_teacher' for this geometry"
+                    "times one integer stride; use --set align.projector.grid_match=resample_teacher for this geometry"
                 )
             k = hl // he
             self.conv = nn.Conv2d(cfg.out_dim, cfg.out_dim, kernel_size=k, stride=k)

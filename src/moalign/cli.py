@@ -224,14 +224,16 @@ def cmd_synth(args: argparse.Namespace) -> None:
     )
 
 
-def _precompute(args: argparse.Namespace, out, done: str, announce: bool = True, **parts) -> None:
+def _precompute(args: argparse.Namespace, out, done: str, announce: bool = True, data=None, **parts) -> None:
     """Run `moalign.precompute` for this process's share (under `accelerate launch`, one of several); `announce`:
-    say the preset's clip geometry (not for `targets`, which cuts clips as its teacher does, and says so)."""
+    say the preset's clip geometry (not for `targets`, which cuts clips as its teacher does, and says so); `data`:
+    the clip config when the caller resolved it."""
     from moalign.precompute import precompute, process_share
 
     share = process_share(args.device)
+    data = data or _stage_config(args, "stage1", announce=announce).data
     precompute(
-        args.data, out, data=_stage_config(args, "stage1", announce=announce).data, shard_size=args.shard_size,
+        args.data, out, data=data, shard_size=args.shard_size,
         overwrite=args.overwrite, progress=not args.quiet, share=share, **parts,
     )  # fmt: skip
     if share.is_main:
@@ -783,17 +785,51 @@ def _add_precompute_parser(sub) -> None:
     )
     add_latents_options(p)
     add_cache_options(p)
-    _add_preset(p, "stage1", "data.fps=8")
+    _add_preset(
+        p, "stage1", "data.fps=8", default=None,
+        preset_help="named recipe (default: with --teacher, clips cut as the teacher cuts them; else tiny)",
+    )  # fmt: skip
     add_data_options(p)
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
     backbone = _backbone(args)
     _precompute(
-        args, args.out, f"[precompute] caches of {args.data} in {args.out}", flow=args.flow,
-        raft_weights=args.raft_weights, teacher=args.teacher, raw=args.raw, model=args.model, backbone=backbone,
-        latents_dtype=args.dtype, vae_tiling=args.vae_tiling,
+        args, args.out, f"[precompute] caches of {args.data} in {args.out}", data=_precompute_clips(args),
+        flow=args.flow, raft_weights=args.raft_weights, teacher=args.teacher, raw=args.raw, model=args.model,
+        backbone=backbone, latents_dtype=args.dtype, vae_tiling=args.vae_tiling,
     )  # fmt: skip
+
+
+def _precompute_clips(args: argparse.Namespace):
+    """precompute's clip config. With --teacher the targets are cut as the teacher cuts its clips, so without
+    --preset the other caches are too (then the flags); latents of other frames than the targets' are refused
+    here, before hours of encoding, as stage 2 would refuse the pair."""
+    if not args.teacher:
+        args.preset = args.preset or "tiny"
+        return _stage_config(args, "stage1").data
+    from moalign.teacher import load_motion_teacher
+
+    teacher = load_motion_teacher(args.teacher).data
+    if args.preset is None:
+        args.preset = "tiny"
+        base = replace(_configured(args, "stage1"), data=teacher)
+        data = overridden(base, flag_overrides(args) + args.overrides).data
+        fps = f"{data.fps:g} fps" if data.fps else "native fps"
+        logger.info(
+            f"[precompute] clips as the teacher {args.teacher} cuts them: {data.num_frames} frames at "
+            f"{data.height}x{data.width}, {fps} (--num-frames, --height, --width, --fps change them)"
+        )
+    else:
+        data = _stage_config(args, "stage1").data
+    differ = [k for k in ("num_frames", "fps", "window") if getattr(data, k) != getattr(teacher, k)]
+    if differ and args.model:
+        listing = ", ".join(f"{k} {getattr(data, k)} vs the teacher's {getattr(teacher, k)}" for k in differ)
+        raise MoalignError(
+            f"the latents would cut other frames than the teacher's targets ({listing}), and stage 2 refuses such a "
+            "pair: drop --preset / the frame flags to cut clips as the teacher does, or make the latents separately"
+        )
+    return data
 
 
 # ---- parser -----------------------------------------------------------------------------------------------
@@ -824,6 +860,11 @@ def main(argv: list[str] | None = None) -> int:
         console.quiet_libraries()
     try:
         status = args.fn(args)
+    except BrokenPipeError:  # `moalign config | head`: the reader left; nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MoalignError as err:
         if args.debug:
             raise

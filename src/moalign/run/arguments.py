@@ -187,7 +187,7 @@ def read_config_file(path: str, cfg, part: str) -> tuple[object, set[str]]:
             f"--config {path}: not readable as {file.suffix or 'JSON'} ({err}). Fix the file."
         ) from err
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "command" in data:
-        data = data["config"]  # a run folder's config.json
+        data = _run_config_part(path, data, part)  # a run folder's config.json
     names = set(to_dict(cfg))
     if isinstance(data, dict) and part in data and part not in names and isinstance(data[part], dict):
         data = data[part]  # a whole recipe (`moalign config` output) given to one stage
@@ -204,6 +204,28 @@ def read_config_file(path: str, cfg, part: str) -> tuple[object, set[str]]:
         return from_dict(type(cfg), merge(to_dict(cfg), data)), set(data)
     except (ValueError, TypeError) as err:
         raise MoalignError(f"--config {path}: {err}") from err
+
+
+# the recipe part a run's config.json holds, by the command that made the run
+RUN_PARTS = {"stage1": "stage1", "stage2": "stage2", "pretrain-encoder": "pretrain", "synth": "synth"}
+
+
+def _run_config_part(path: str, record: dict, part: str) -> dict:
+    """The fields of a run's config.json for `part`: its own stage's (for the whole recipe, under that stage)."""
+    words = str(record.get("command", "")).split()
+    stage = next((w for w in words[1:] if w in RUN_PARTS), None)
+    if stage is None:  # a run of a command we do not know: take it as it stands
+        return record["config"]
+    own = RUN_PARTS[stage]
+    if part == "recipe":
+        return {own: record["config"]}
+    if part != own:
+        raise MoalignError(
+            f"--config {path} is a `moalign {stage}` run's config ({own} fields); this command takes {part} fields "
+            f"(`moalign config --part {part}` prints them)"
+            + ("; `generate --model RUN` already makes the run's clip size" if part == "generate" else "")
+        )
+    return record["config"]
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:

@@ -39,6 +39,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             else:
                 os.replace(tmp, path)
         else:
+            # the permissions any new file gets here (umask): some writers (safetensors) create theirs 0600
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir():
@@ -46,6 +48,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

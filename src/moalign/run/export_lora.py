@@ -120,7 +120,8 @@ def export_lora(run_dir: str | os.PathLike, fmt: str = "comfy", out: str | os.Pa
         run_dir: a stage-2 run folder: RUN/config.json (`config.backbone` names the family) and
             RUN/pytorch_lora_weights.safetensors (a LoRA run; a full fine-tune has RUN/transformer/ instead).
         fmt: the target layout, one of `FORMATS` ("comfy": ComfyUI's native Wan2.1 / CogVideoX names).
-        out: the file to write; an existing folder: the default file name inside it; None (the default):
+        out: the file to write (a name ending in .safetensors); any other path is a folder (created when
+            missing) that gets the default file name; None (the default):
             RUN/<fmt>/<run folder name>_<fmt>_lora.safetensors.
 
     Returns:
@@ -160,7 +161,7 @@ def export_lora(run_dir: str | os.PathLike, fmt: str = "comfy", out: str | os.Pa
     tensors, ranks = convert_lora(state, layout, alpha, where=src)
 
     name = f"{run_dir.resolve().name}_{fmt}_lora.safetensors"
-    out = run_dir / fmt / name if out is None else Path(out) / name if Path(out).is_dir() else Path(out)
+    out = run_dir / fmt / name if out is None else _output(out, name)
     rank = ",".join(str(r) for r in sorted(ranks))
     save_safetensors(
         out,
@@ -278,3 +279,19 @@ def _adapter_alpha(metadata: dict[str, str], config: dict[str, Any], src: Path) 
         )
     alpha = file_alpha if file_alpha is not None else run_alpha
     return None if alpha is None else float(alpha)
+
+
+def _output(out: str | os.PathLike, name: str) -> Path:
+    """The file `--out` names: itself when it ends in .safetensors, else NAME inside it as a folder (a ComfyUI
+    loras folder that does not exist yet, or `exp/`, is a folder, not a file named like it)."""
+    path = Path(out)
+    if path.suffix.lower() == ".safetensors" and not path.is_dir():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise MoalignError(f"--out {out}: {path.parent} is a file, not a folder. Choose another --out.")
+        return path
+    if path.exists() and not path.is_dir():
+        raise MoalignError(
+            f"--out {out} is an existing file without the .safetensors suffix: name the file NAME.safetensors, or "
+            "pass a folder"
+        )
+    return path / name

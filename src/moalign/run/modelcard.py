@@ -139,7 +139,7 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], data: dict[str, 
 - Training: {training_line(config, metrics)}.
 - Data: {data.get("num_clips", "?")} clips, manifest sha256 `{str(data.get("manifest_sha256", "?"))[:16]}`,
   clip sampling {data.get("data", {})}.
-- Final logged losses: {scalars or "n/a"}.
+- Losses at the end (means over the last logged steps, `metrics.json`): {scalars or "n/a"}.
 {licence_note}
 ```python
 import torch

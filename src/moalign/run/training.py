@@ -177,7 +177,7 @@ class _Wandb:
         except ImportError as err:
             raise MoalignError(
                 "report_to=wandb needs the wandb package: pip install 'moalign[wandb]' (or pip install wandb), "
-                "or --set report_to=tensorboard"
+                "or --report-to tensorboard"
             ) from err
         record = run_dir / WANDB_RUN
         if record.is_file():  # a resumed run (or a restart before the first checkpoint): the same wandb run
@@ -193,9 +193,10 @@ class _Wandb:
             )  # fmt: skip
         except wandb.Error as err:
             raise MoalignError(
-                f"report_to=wandb could not start wandb run {ids['id']} (project {ids['project']}): {err}. "
+                f"report_to=wandb could not start wandb run {ids['id']} (project {ids['project']}): "
+                f"{str(err).rstrip('.')}. "
                 "Log in with `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline "
-                "(`wandb sync` later), or --set report_to=tensorboard"
+                "(`wandb sync` later), or --report-to tensorboard"
             ) from err
         self.run.config.update(config, allow_val_change=True)  # `steps` etc. may change on resume
         # the steps the server already holds (0 for a new or offline run): a killed run's tail, not sent again
@@ -243,8 +244,9 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
     """Linear warm-up then cosine decay to 10% of the base LR (a LambdaLR)."""
     if warmup_steps >= total_steps > 0:
         logger.warning(
-            f"[train] the warm-up ({warmup_steps} steps) is not shorter than the run ({total_steps} steps): the "
-            f"learning rate never reaches its set value; --set warmup_steps={max(0, total_steps // 10)} or fewer"
+            f"[train] the warm-up ({warmup_steps} step(s)) is not shorter than the run ({total_steps} step(s)): "
+            f"the learning rate never reaches its set value; lower it, e.g. --set "
+            f"warmup_steps={max(0, total_steps // 10)}"
         )
 
     def factor(step: int) -> float:
