@@ -93,10 +93,9 @@ def _stage_config(args: argparse.Namespace, part: str, announce: bool = True):
     cfg = overridden(_configured(args, part), flag_overrides(args) + args.overrides)
     data = getattr(cfg, "data", None)
     if data is not None and announce:
-        fps = f"{data.fps:g} fps" if data.fps else "native fps"
         logger.info(
-            f"[{args.command}] preset {args.preset}: clips of {data.num_frames} frames at {data.height}x{data.width}, "
-            f"{fps} (--preset, --num-frames, --height, --width, --fps change them)"
+            f"[{args.command}] preset {args.preset}: clips of {data.describe()} (--preset, --num-frames, --height, "
+            "--width, --fps change them)"
         )
     return cfg
 
@@ -815,14 +814,15 @@ def _precompute_clips(args: argparse.Namespace):
         args.preset = "tiny"
         base = replace(_configured(args, "stage1"), data=teacher)
         data = overridden(base, flag_overrides(args) + args.overrides).data
-        fps = f"{data.fps:g} fps" if data.fps else "native fps"
         logger.info(
-            f"[precompute] clips as the teacher {args.teacher} cuts them: {data.num_frames} frames at "
-            f"{data.height}x{data.width}, {fps} (--num-frames, --height, --width, --fps change them)"
+            f"[precompute] clips as the teacher {args.teacher} cuts them: {data.describe()} (--num-frames, "
+            "--height, --width, --fps change them)"
         )
     else:
         data = _stage_config(args, "stage1").data
-    differ = [k for k in ("num_frames", "fps", "window") if getattr(data, k) != getattr(teacher, k)]
+    from moalign.data.sampling import CLIP_FRAME_FIELDS
+
+    differ = [k for k in CLIP_FRAME_FIELDS if getattr(data, k) != getattr(teacher, k)]
     if differ and args.model:
         listing = ", ".join(f"{k} {getattr(data, k)} vs the teacher's {getattr(teacher, k)}" for k in differ)
         raise MoalignError(

@@ -234,7 +234,7 @@ def generate(
         name = f"video_{i:05d}.mp4"
         write_video(out_dir / name, frames, fps=fps)
         rows.append({
-            "video": name, "caption": prompt, "seed": seed + i, "model": None if model is None else _model_id(model),
+            "video": name, "caption": prompt, "seed": seed + i, "model": None if model is None else model_id(model),
             "num_frames": num_frames, "height": height, "width": width, "steps": steps,
             "guidance_scale": guidance_scale,
         })  # fmt: skip
@@ -245,8 +245,9 @@ def generate(
     return rows
 
 
-def _model_id(model: str | os.PathLike) -> str:
-    """A local folder as an absolute path (the manifest names it from anywhere), a hub id as given."""
+def model_id(model: str | os.PathLike) -> str:
+    """How a run, cache or manifest records a model: a local folder as an absolute path (named from any working
+    directory), a hub id as given."""
     return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 

@@ -21,6 +21,7 @@ from moalign.data.cache_writer import CacheWriter, fill_cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.sampling import DataConfig
 from moalign.errors import loading
+from moalign.generate import model_id
 
 LATENTS_KIND = "latents"
 
@@ -33,12 +34,6 @@ def _transformer_config(pipeline: Any, model: str | None) -> dict | None:
     if model is not None and (Path(model) / "transformer" / "config.json").is_file():
         return json.loads((Path(model) / "transformer" / "config.json").read_text())
     return None
-
-
-def _model_id(model: str | os.PathLike) -> str:
-    """What the cache records as its model (stage 2's default model): a local folder as an absolute path, so the
-    cache names it from any working directory; a hub id as given."""
-    return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
 def compute_latents(
@@ -86,7 +81,7 @@ def compute_latents(
     text_length = spec.text_length(_transformer_config(pipeline, model))
     fingerprint = {
         "backbone": backbone,
-        "model": _model_id(model) if model is not None else type(pipeline).__name__ + " (in memory)",
+        "model": model_id(model) if model is not None else type(pipeline).__name__ + " (in memory)",
         "max_sequence_length": text_length,
         "dtype": str(dtype).removeprefix("torch."),
         "vae_tiling": vae_tiling,

@@ -23,6 +23,7 @@ from moalign.alignment import AlignConfig, Aligner, stage2_loss
 from moalign.backbones import get_backbone
 from moalign.backbones.spec import unwrap
 from moalign.data.cache import Cache
+from moalign.data.sampling import CLIP_FRAME_FIELDS
 from moalign.errors import MoalignError
 from moalign.evaluation.validation import MotionWatch
 from moalign.latents import LATENTS_KIND
@@ -39,6 +40,7 @@ from moalign.run.checkpoint import (
     training_state,
 )
 from moalign.run.launch import (
+    autocast_dtype,
     deepspeed_dtype,
     full_state_dict,
     prepare_training,
@@ -208,8 +210,11 @@ def _split(state: dict[str, torch.Tensor], names: list[str] | None = None) -> tu
 def _absolute_paths(cfg: Stage2Config) -> Stage2Config:
     """`model` and `validation_pipeline` as absolute paths when they are local folders (hub ids stay as given), so
     `moalign generate RUN` finds the base from any working directory."""
-    local = {k: getattr(cfg, k) for k in ("model", "validation_pipeline")}
-    return replace(cfg, **{k: str(Path(v).resolve()) for k, v in local.items() if v and Path(v).exists()})
+    from moalign.generate import model_id
+
+    return replace(
+        cfg, **{k: model_id(getattr(cfg, k)) for k in ("model", "validation_pipeline") if getattr(cfg, k)}
+    )
 
 
 def from_latents_cache(cfg: Stage2Config, latents: Cache, transformer_given: bool = False) -> Stage2Config:
@@ -293,7 +298,7 @@ def _check_same_clips(latents: Cache, targets: Cache) -> None:
             "clips (manifest or clip count differ); precompute both from the same dataset folder"
         )
     da, db = latents.fingerprint.get("data") or {}, targets.fingerprint.get("data") or {}
-    differ = [k for k in ("num_frames", "fps", "window") if k in da and k in db and da[k] != db[k]]
+    differ = [k for k in CLIP_FRAME_FIELDS if k in da and k in db and da[k] != db[k]]
     if differ:
         listing = ", ".join(f"{k} {da[k]} vs {db[k]}" for k in differ)
         raise MoalignError(
@@ -303,9 +308,8 @@ def _check_same_clips(latents: Cache, targets: Cache) -> None:
         )
 
 
-def _open_caches(cfg: Stage2Config, latents_cache, targets_cache) -> tuple[Cache, Cache | None, list[int]]:
+def _open_caches(cfg: Stage2Config, latents: Cache, targets_cache) -> tuple[Cache, Cache | None, list[int]]:
     """Set-up phase: the latents cache, the teacher-targets cache (aligned modes) and the clips both hold."""
-    latents = Cache(latents_cache, kind=LATENTS_KIND)
     targets = None
     if cfg.align.mode != "none":
         if targets_cache is None:
@@ -329,7 +333,7 @@ def _trainable_transformer(
     if cfg.lora_rank > 0:
         # under mixed precision the frozen base is stored in 16 bit (half the memory), as diffusers' LoRA
         # examples do; the adapters train in float32 and autocast computes in 16 bit
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        half = autocast_dtype(cfg.mixed_precision)
         if half is not None:
             transformer.to(half)
         if (
@@ -512,7 +516,8 @@ def train_stage2(
     if done_metrics is not None:
         return done_metrics
     given = cfg
-    cfg = from_latents_cache(cfg, Cache(latents_cache, kind=LATENTS_KIND), transformer is not None)
+    latents = Cache(latents_cache, kind=LATENTS_KIND)
+    cfg = from_latents_cache(cfg, latents, transformer is not None)
     cfg = _absolute_paths(cfg)  # the run records where its base is, whatever the working directory
     spec = get_backbone(cfg.backbone)
     if cfg.model and cfg.model != RANDOM_MODEL:
@@ -522,7 +527,7 @@ def train_stage2(
         "stage2", cfg.mixed_precision, cfg.batch_size, cfg.gradient_accumulation_steps, shardable=True
     )
     set_seed(cfg.seed)
-    latents, targets, ids = _open_caches(cfg, latents_cache, targets_cache)
+    latents, targets, ids = _open_caches(cfg, latents, targets_cache)
     logger.info(_describe(cfg, latents, given, transformer is not None))
     transformer = _trainable_transformer(spec, cfg, transformer)
     aligner, grid = _build_aligner(spec, cfg, transformer, latents, targets, ids)

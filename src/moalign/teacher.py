@@ -114,10 +114,8 @@ def compute_targets(
         video_column=video_column,
     )
     if rank == 0:
-        fps = f"{data_cfg.fps:g} fps" if data_cfg.fps else "native fps"
         logger.info(
-            f"[targets] clips as the teacher {teacher_run} cuts them: {data_cfg.num_frames} frames at "
-            f"{data_cfg.height}x{data_cfg.width}, {fps} (its stage-1 data config)"
+            f"[targets] clips as the teacher {teacher_run} cuts them: {data_cfg.describe()} (its stage-1 data config)"
         )
     dataset = VideoClipDataset(data_dir, data_cfg, load_flow=False)
     encoder = VideoEncoder.from_pretrained(teacher.encoder, torch_dtype=torch.float32).to(device)

@@ -82,8 +82,16 @@ class DataConfig:
                     f"(--set data.{name}=NAME), or leave it unset (None) for the usual names."
                 )
 
+    def describe(self) -> str:
+        """'17 frames at 64x64, native fps': the clip geometry, as the commands print it."""
+        fps = f"{self.fps:g} fps" if self.fps else "native fps"
+        return f"{self.num_frames} frames at {self.height}x{self.width}, {fps}"
+
 
 WINDOWS = ("start", "center")
+# the DataConfig fields that decide which frames of a video a clip holds (its size aside): caches of the same
+# clips agree on them (stage 2 pairs latents and teacher targets only then)
+CLIP_FRAME_FIELDS = ("num_frames", "fps", "window")
 
 
 _SKIP_HINT = "or pass --skip-bad-videos (DataConfig.skip_bad_videos=True) to skip such videos and count them"

@@ -29,6 +29,7 @@ def validate(
     from moalign.data.video_io import read_video
     from moalign.evaluation.video import video_metrics
     from moalign.generate import generate
+    from moalign.run.launch import autocast_dtype
 
     base = cfg.validation_pipeline or cfg.model  # Stage2Config checks one is set
     pipe = spec.pipeline_class.from_pretrained(base, transformer=transformer)
@@ -36,7 +37,7 @@ def validate(
     h, w = cfg.validation_size
     # under mixed precision a LoRA run's frozen base is stored in 16 bit while the pipeline loads in float32:
     # sample in the dtype training computes in, as accelerate's autocast does for the losses
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    half = autocast_dtype(cfg.mixed_precision)
     with torch.autocast(device_type=torch.device(device).type, dtype=half, enabled=half is not None):
         rows = generate(
             base, list(cfg.validation_prompts), out, num_frames=cfg.validation_frames, height=h, width=w,

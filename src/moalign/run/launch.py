@@ -206,7 +206,12 @@ def deepspeed_dtype(accelerator) -> torch.dtype | None:
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_deepspeed_precision(accelerator))
+    return autocast_dtype(_deepspeed_precision(accelerator))
+
+
+def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
+    """The 16-bit dtype of accelerate's mixed-precision setting ("bf16", "fp16"), None for "no"."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
 def per_process_batch(accelerator, batch_size: int, gradient_accumulation_steps: int = 1) -> int:
