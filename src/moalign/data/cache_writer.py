@@ -101,24 +101,18 @@ class CacheWriter:
         if self.root.exists() and not self.root.is_dir():
             raise MoalignError(f"cache path {self.root} is a file, not a folder. Pass a folder as --out.")
         old = _read_header(self.root) if self.root.is_dir() else None
-        # hidden names are temporaries: another process of the same launch may be writing the header just now
-        if (
-            old is None
-            and self.root.is_dir()
-            and any(not p.name.startswith(".") for p in self.root.iterdir())
-        ):
-            # the header may have appeared between the read and the listing (another rank renamed it in): read again
+        # A cache's header is the first file of it to appear under a visible name (hidden names are
+        # temporaries), so list first, then read the header again: visible files without a header after the
+        # listing are not a cache's. (Reading before the listing races with another process of the same
+        # launch, which may be writing the header and its first files just now.)
+        if old is None and self.root.is_dir() and any(not p.name.startswith(".") for p in self.root.iterdir()):
             old = _read_header(self.root)
-        if (
-            old is None
-            and self.root.is_dir()
-            and any(not p.name.startswith(".") for p in self.root.iterdir())
-        ):
-            # Never delete (or mix into) a folder that is not ours, even with overwrite=True.
-            raise MoalignError(
-                f"{self.root} is not empty and holds no {_HEADER}, so it is not a moalign cache. "
-                "Pass a new or empty folder as --out."
-            )
+            if old is None:
+                # Never delete (or mix into) a folder that is not ours, even with overwrite=True.
+                raise MoalignError(
+                    f"{self.root} is not empty and holds no {_HEADER}, so it is not a moalign cache. "
+                    "Pass a new or empty folder as --out."
+                )
         if old is not None and overwrite:
             shutil.rmtree(self.root)
             old = None
