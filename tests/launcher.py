@@ -26,16 +26,25 @@ def free_port() -> int:
 
 
 def run_moalign(
-    argv: list[str], engine: str | None = None, kill: tuple[str, int] | None = None, processes: int = 2
+    argv: list[str],
+    engine: str | None = None,
+    kill: tuple[str, int] | None = None,
+    processes: int = 2,
+    signal: tuple[str, int, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`moalign ARGV` in one process (engine None) or under `accelerate launch --config_file
     configs/accelerate/ENGINE.yaml --num_processes PROCESSES`, from the repository root (the configs name their
-    DeepSpeed JSONs relative to it); with kill=(MODULE.ATTR, N) every process is SIGKILLed at that call."""
-    script = [str(RUN_CLI), *(["--kill", kill[0], str(kill[1])] if kill else []), "moalign", *argv]
+    DeepSpeed JSONs relative to it); with kill=(MODULE.ATTR, N) every process is SIGKILLed at that call; with
+    signal=(MODULE.ATTR, N, SIGNAME) the process sends itself that signal there (env SIGNAL_RANK=r: process r only)."""
+    options = ["--kill", kill[0], str(kill[1])] if kill else []
+    if signal:
+        options = ["--signal", signal[0], str(signal[1]), signal[2]]
+    script = [str(RUN_CLI), *options, "moalign", *argv]
     if engine is None:
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(free_port()), *script]  # fmt: skip
-    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, cwd=REPO, capture_output=True, text=True)

@@ -1,9 +1,11 @@
 """Run `moalign` as the tests launch it, optionally SIGKILLed at a chosen point (as a cluster's OOM killer or a
 pre-empted job would):
 
-    python tests/run_cli.py [--kill MODULE.ATTR N] moalign ARGUMENTS...
+    python tests/run_cli.py [--kill MODULE.ATTR N | --signal MODULE.ATTR N SIGNAME] moalign ARGUMENTS...
 
-With --kill, the N-th call of MODULE.ATTR (a function looked up through its module at call time) kills the process
+With --signal, the N-th call of MODULE.ATTR first sends SIGNAME (SIGTERM, SIGINT) to this process, as a scheduler's
+preemption or a Ctrl-C would, then runs; with $SIGNAL_RANK set, only the process of that rank ($RANK) does. With
+--kill, the N-th call of MODULE.ATTR (a function looked up through its module at call time) kills the process
 before it runs: no exception handler, no `finally`, no atexit. For a cache writer it first leaves a half-written
 temporary file beside the shard it was about to write, which is what a kill in the middle of a write leaves.
 
@@ -17,6 +19,8 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+USAGE = "usage: run_cli.py [--kill MODULE.ATTR N | --signal MODULE.ATTR N SIGNAME] moalign ARGUMENTS..."
 
 
 def die_at_call(target: str, count: int, die: Callable[[tuple], None]) -> Callable[[], None]:
@@ -49,16 +53,29 @@ def sigkill(args: tuple) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def send_signal(name: str) -> Callable[[tuple], None]:
+    """What `die_at_call` runs for --signal: this process sends itself the signal (Python runs its handler at
+    once, before the call goes on)."""
+
+    def send(args: tuple) -> None:
+        if os.environ.get("SIGNAL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+            os.kill(os.getpid(), getattr(signal, name))
+
+    return send
+
+
 def main() -> None:
     args = sys.argv[1:]
     if "moalign" not in args:  # (a plain "--" would be taken by `accelerate launch`)
-        raise SystemExit("usage: run_cli.py [--kill MODULE.ATTR N] moalign ARGUMENTS...")
+        raise SystemExit(USAGE)
     sep = args.index("moalign")
     options, argv = args[:sep], args[sep + 1 :]
     if options[:1] == ["--kill"] and len(options) == 3:
         die_at_call(options[1], int(options[2]), sigkill)
+    elif options[:1] == ["--signal"] and len(options) == 4:
+        die_at_call(options[1], int(options[2]), send_signal(options[3]))
     elif options:
-        raise SystemExit("usage: run_cli.py [--kill MODULE.ATTR N] moalign ARGUMENTS...")
+        raise SystemExit(USAGE)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         # the module itself: the attribute `deepspeed.comm.torch` is the torch package, imported in deepspeed.comm
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

@@ -12,12 +12,13 @@ registries (align modes, backbones, flow methods, dtypes, presets). Each subcomm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from moalign.errors import MoalignError
+from moalign.errors import Interrupted, MoalignError
 from moalign.generate import GenerateConfig
 from moalign.run import console
 from moalign.run.arguments import (
@@ -853,13 +854,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_KEPT = (
+    "What finished is kept (a cache's finished shards, a run's checkpoints; files are written whole or not at "
+    "all): run the same command again (training: with --resume latest) to continue"
+)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM outside a training loop (which stops at its next step boundary itself) stops the command with one
+    line and exit 143 instead of dying without a word; the main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(signum, f"stopped by SIGTERM. {_KEPT}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         console.quiet_libraries()
     try:
-        status = args.fn(args)
+        with _stop_on_sigterm():
+            status = args.fn(args)
+    except Interrupted as err:  # a training loop stopped at a step boundary, or SIGTERM elsewhere
+        if args.debug:
+            raise
+        print(f"moalign {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (or twice inside one)
+        if args.debug:
+            raise
+        print(f"moalign {args.command}: interrupted (SIGINT). {_KEPT}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `moalign config | head`: the reader left; nothing more to say
         import os
 

@@ -72,3 +72,13 @@ def loading(what: str, source: object) -> Iterator[None]:
     finally:
         for lg, level in zip(hf_loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal (SIGTERM from a scheduler's preemption, SIGINT from Ctrl-C): the message says what
+    was kept and how to continue. The CLI prints it without a traceback and exits with 128 + the signal number
+    (143 for SIGTERM, 130 for SIGINT), as a process killed by that signal would report to its shell."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

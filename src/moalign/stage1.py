@@ -43,6 +43,7 @@ from moalign.run.launch import prepare_training, reduce_scalars, start_launch
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
 from moalign.run.training import (
+    StopOnSignal,
     batch_indices,
     check_finite,
     check_report_to,
@@ -329,33 +330,41 @@ def train_stage1(
     seen = 0  # clips this process trained on in this launch: its share of every global batch
     heads.train()
     bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc="stage1")
-    for step in bar:
-        idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
-        idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
-        seen += len(idx)
-        items = [prep(train_ids[j]) for j in idx]
-        tokens = torch.stack([it["tokens"] for it in items]).to(device)  # (b, F'', H'', W'', D_v)
-        target = torch.stack([it["flow"] for it in items]).to(device)  # (b, T-1, h, w, 2)
-        with accelerator.autocast():
-            _, pred = heads(tokens)
-        loss = flow_loss(pred, target, kind=cfg.flow_loss, huber_delta=cfg.huber_delta)
-        check_finite(step, loss)
-        accelerator.backward(loss.total)
-        optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip)
+    with StopOnSignal("stage1") as stop:
+        for step in bar:
+            idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
+            idx = idx[accelerator.process_index :: accelerator.num_processes].tolist()
+            seen += len(idx)
+            items = [prep(train_ids[j]) for j in idx]
+            tokens = torch.stack([it["tokens"] for it in items]).to(device)  # (b, F'', H'', W'', D_v)
+            target = torch.stack([it["flow"] for it in items]).to(device)  # (b, T-1, h, w, 2)
+            with accelerator.autocast():
+                _, pred = heads(tokens)
+            loss = flow_loss(pred, target, kind=cfg.flow_loss, huber_delta=cfg.huber_delta)
+            check_finite(step, loss)
+            accelerator.backward(loss.total)
+            optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip, step=step)
 
-        done = step + 1
-        if step % cfg.log_every == 0 or done == cfg.steps:
-            scalars = reduce_scalars(accelerator, loss.scalars())  # the global batch's mean
-            log.log(step, **{f"train_{k}": v for k, v in scalars.items()}, lr=scheduler.get_last_lr()[0])
-            bar.set_postfix(l1=f"{scalars['l1']:.3f}", epe=f"{scalars['epe']:.3f}")
-        if done % cfg.val_every == 0 or done == cfg.steps:
-            val_epe, zero_epe = _validate(heads, prep, parts.val_ids, device)
-            log.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
-            logger.info(f"[stage1] step {done}: val_epe {val_epe:.4f} px (zero flow {zero_epe:.4f} px)")
-        if (
-            done % cfg.checkpoint_every == 0 or done == cfg.steps
-        ) and accelerator.is_main_process:  # last: extendable
-            _save_checkpoint(out_dir, done, accelerator.unwrap_model(heads), cfg, optimizer, scheduler)
+            done = step + 1
+            if step % cfg.log_every == 0 or done == cfg.steps:
+                scalars = reduce_scalars(accelerator, loss.scalars())  # the global batch's mean
+                log.log(step, **{f"train_{k}": v for k, v in scalars.items()}, lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(l1=f"{scalars['l1']:.3f}", epe=f"{scalars['epe']:.3f}")
+            if done % cfg.val_every == 0 or done == cfg.steps:
+                val_epe, zero_epe = _validate(heads, prep, parts.val_ids, device)
+                log.log(step, val_epe=val_epe, zero_flow_epe=zero_epe)
+                logger.info(f"[stage1] step {done}: val_epe {val_epe:.4f} px (zero flow {zero_epe:.4f} px)")
+            due = stop.due(accelerator)  # every process asks at every step
+            # the last step too (a run can be extended), and the step a stop signal came in
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or due:
+                if accelerator.is_main_process:
+                    _save_checkpoint(
+                        out_dir, done, accelerator.unwrap_model(heads), cfg, optimizer, scheduler
+                    )
+            if due:
+                accelerator.wait_for_everyone()
+                log.close()
+                stop.stop(done, cfg.steps, out_dir / f"checkpoint-{done}")
 
     seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
     metrics = _finish(accelerator, out_dir, parts, heads, prep, log, seen_all, launch, time.time() - t0)

@@ -52,6 +52,7 @@ from moalign.run.modelcard import write_model_card
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
 from moalign.run.training import (
+    StopOnSignal,
     batch_indices,
     check_finite,
     check_report_to,
@@ -555,30 +556,36 @@ def train_stage2(
     t0 = time.time()
     seen = 0  # clips this process trained on in this launch: its share of every global batch
     bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc=f"stage2 ({cfg.align.mode})")
-    for step in bar:
-        sums: dict[str, float] = {}
-        for lat, emb, teacher, gen in data.micro_batches(
-            step, accelerator.process_index, accelerator.num_processes
-        ):
-            seen += len(lat)
-            # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    parts = model(lat, emb, teacher, gen)
-                check_finite(step, parts)
-                accelerator.backward(parts.total)
-            for k, v in parts.scalars().items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
-        # the last micro-batch synchronised the gradients: one optimizer step per global batch
-        optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip)
-        done = step + 1
-        if step % cfg.log_every == 0 or done == cfg.steps:
-            scalars = reduce_scalars(accelerator, sums)  # the global batch's mean, not rank 0's share
-            log.log(step, **scalars, lr=scheduler.get_last_lr()[0])
-            bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
-        watch(model, done, step, log)  # validation videos and their motion, when due
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the last step too: a run can be extended
-            save.checkpoint(model, done, optimizer, scheduler, sharded)
+    with StopOnSignal("stage2") as stop:
+        for step in bar:
+            sums: dict[str, float] = {}
+            for lat, emb, teacher, gen in data.micro_batches(
+                step, accelerator.process_index, accelerator.num_processes
+            ):
+                seen += len(lat)
+                # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        parts = model(lat, emb, teacher, gen)
+                    check_finite(step, parts)
+                    accelerator.backward(parts.total)
+                for k, v in parts.scalars().items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            # the last micro-batch synchronised the gradients: one optimizer step per global batch
+            optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip, step=step)
+            done = step + 1
+            if step % cfg.log_every == 0 or done == cfg.steps:
+                scalars = reduce_scalars(accelerator, sums)  # the global batch's mean, not rank 0's share
+                log.log(step, **scalars, lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(diff=f"{scalars['diffusion']:.3f}", align=f"{scalars.get('align', 0.0):.3f}")
+            watch(model, done, step, log)  # validation videos and their motion, when due
+            due = stop.due(accelerator)  # every process asks at every step
+            # the last step too (a run can be extended), and the step a stop signal came in
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or due:
+                save.checkpoint(model, done, optimizer, scheduler, sharded)
+            if due:
+                log.close()
+                stop.stop(done, cfg.steps, out_dir / f"checkpoint-{done}")
 
     seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
     return save.finish(model, log, latents, launch, sharded, seen_all, len(ids), time.time() - t0)

@@ -17,7 +17,9 @@ import json
 import math
 import os
 import secrets
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moalign.errors import MoalignError
+from moalign.errors import Interrupted, MoalignError
 from moalign.run import console
 from moalign.run.atomic import write_json
 from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
@@ -274,14 +276,19 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torc
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
+# what a non-finite stop advises; --lr and --mixed-precision may change when a run is resumed
+# (RESUMABLE_CHANGES in run/checkpoint.py), so the advice and the resume rules agree
+NONFINITE_FIX = (
+    "Lower the learning rate (--lr) or the alignment weight (--lambda), or train in fp32 (--mixed-precision no); "
+    "continue from the last checkpoint with --resume latest and the new setting"
+)
+
+
 def check_finite(step: int, parts: dict[str, torch.Tensor]) -> None:
     """Stop the run with the step and every loss part when the loss is not finite."""
     if not all(torch.isfinite(v.detach()).all() for v in parts.values()):
         shown = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in parts.items())
-        raise MoalignError(
-            f"non-finite loss at step {step}: {shown}. Lower the learning rate, use fp32 "
-            "(--set mixed_precision=no), or resume from the last checkpoint with --resume latest."
-        )
+        raise MoalignError(f"non-finite loss at step {step}: {shown}. {NONFINITE_FIX}.")
 
 
 def parameter_counts(**modules: nn.Module) -> dict[str, tuple[int, int]]:
@@ -331,16 +338,109 @@ def open_run(
 
 
 def optimizer_step(
-    accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any, params: Any, grad_clip: float
-) -> None:
+    accelerator: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    params: Any,
+    grad_clip: float,
+    step: int | None = None,
+) -> float | None:
     """Clip the gradient norm (when `grad_clip` > 0), step the optimizer and the LR schedule, clear gradients.
 
     The schedule steps once per global step, not once per process (accelerate's scheduler wrapper would make a
     run's schedule depend on its number of processes). Under DeepSpeed the clip happens inside its step, from
     the value `launch.prepare_training` put into its config.
+
+    A non-finite gradient norm stops the run before the optimizer steps (a finite loss can still overflow the
+    gradient, e.g. an absurd alignment weight: clipping would then zero every update and train nothing),
+    except under fp16 loss scaling, whose scaler skips such steps itself, and under DeepSpeed, which reports
+    the norm only after its step (its non-finite weights then stop the next step's loss check).
+
+    Returns:
+        The total gradient norm before clipping (None under DeepSpeed).
+
+    Raises:
+        MoalignError: the gradient norm is inf or NaN (`step` names the step).
     """
-    if grad_clip > 0:
-        accelerator.clip_grad_norm_(params, grad_clip)
+    from accelerate.utils import DistributedType
+
+    # max_norm inf: the norm without clipping
+    norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if norm is not None and not deepspeed and accelerator.scaler is None and not math.isfinite(float(norm)):
+        raise MoalignError(
+            f"non-finite gradient norm ({float(norm)}) at step {step}; the loss was finite. {NONFINITE_FIX}."
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return None if norm is None or deepspeed else float(norm)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal:
+    """Turns SIGTERM (a cluster's preemption, `scancel`, `kill`) and SIGINT (Ctrl-C) during a training loop into a
+    stop at the next step boundary, with a checkpoint, instead of losing every step since the last one.
+
+    Used as a context manager around the loop; the loop asks `due(accelerator)` after each step, and when it
+    says so writes a checkpoint of the step just finished and calls `stop`, which raises `Interrupted` (the CLI
+    exits 143 for SIGTERM, 130 for SIGINT). With several processes `due` agrees across them (a max over the
+    processes, one tiny all-reduce per step), so every process stops at the same step and joins the same
+    checkpoint, whichever process got the signal. A second SIGINT stops at once (KeyboardInterrupt), for a step
+    that takes too long; a second SIGTERM is ignored (the first is being honoured).
+
+    Outside the main thread (signals cannot be caught there) it does nothing. The step in flight when the signal
+    comes is finished first: a scheduler's grace period (SLURM's KillWait, Kubernetes'
+    terminationGracePeriodSeconds) must cover one step plus one checkpoint write.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        name = signal.Signals(signum).name
+        # os.write: a handler may run while the logging module holds its lock
+        os.write(
+            2,
+            f"\n[{self.stage}] {name} received: stopping after this step with a checkpoint "
+            f"{'(Ctrl-C again stops at once, losing the step)' if signum == signal.SIGINT else ''}\n".encode(),
+        )
+
+    def due(self, accelerator: Any) -> bool:
+        """Whether any process got a stop signal; every process must call it at the same step."""
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([self.signum or 0], device=accelerator.device)
+            self.signum = int(accelerator.reduce(flag, "max").item()) or None
+        return self.signum is not None
+
+    def stop(self, done: int, steps: int, checkpoint: Path | None) -> None:
+        """Raise `Interrupted` saying where the run stopped and how to continue it."""
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        kept = (
+            f"{checkpoint} holds it: run the same command with --resume latest to continue"
+            if checkpoint is not None
+            else "nothing was saved"
+        )
+        raise Interrupted(
+            self.signum or signal.SIGTERM, f"stopped by {name} after step {done} of {steps}; {kept}"
+        )
