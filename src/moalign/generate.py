@@ -134,6 +134,59 @@ def load_pipeline(
         return spec.pipeline_class.from_pretrained(str(model), **kw), spec
 
 
+def folder_geometry_configs(
+    model: str | os.PathLike | None, backbone: str | None = None, base: str | None = None
+) -> tuple[str | None, dict | None, dict | None]:
+    """(family, transformer config, VAE config) of a stage-2 run folder or a pipeline folder, read from their JSON
+    files without loading weights, for checking a clip geometry before the (slow) load; the family is None
+    when neither the folder nor `backbone` tells it (a hub id without --backbone), a config None when no local
+    file holds it."""
+    from moalign.backbones.spec import folder_config
+
+    if model is None:
+        return backbone, None, None
+    path = Path(model)
+    run_cfg = path / "config.json"
+    try:
+        cfg = json.loads(run_cfg.read_text()).get("config") if run_cfg.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        cfg = None
+    if isinstance(cfg, dict) and "align" in cfg and "backbone" in cfg:  # a stage-2 run folder
+        base = base or cfg.get("model")
+        transformer = folder_config(path, "transformer") or folder_config(base, "transformer")
+        return backbone or cfg["backbone"], transformer, folder_config(base, "vae")
+    try:
+        found = pipeline_family(model, backbone)
+    except (OSError, ValueError):
+        found = backbone  # an unreadable model_index.json: loading says what is wrong with it
+    return found, folder_config(path, "transformer"), folder_config(path, "vae")
+
+
+def check_finite_frames(frames: np.ndarray, index: int, prompt: str, dtype: str) -> None:
+    """Stop with a MoalignError naming the prompt when a decoded video holds NaN or infinite values (they would
+    be written as black or garbage frames)."""
+    bad = ~np.isfinite(frames)
+    if bad.any():
+        raise MoalignError(
+            nonfinite_message(
+                f"video {index} (prompt {prompt!r})", f"{bad.mean():.0%} of its pixel values", dtype
+            )
+        )
+
+
+def nonfinite_message(what: str, where: str, dtype: str) -> str:
+    """The message for non-finite sampling output: 16-bit overflow is the usual cause, else the weights."""
+    if dtype in ("float16", "bfloat16"):
+        fix = (
+            "float16 overflows in these models: generate with --dtype bfloat16 (float32's range) or float32"
+            if dtype == "float16"
+            else "generate with --dtype float32"
+        )
+    else:
+        fix = "the model's weights hold NaN/inf or its activations overflow even in float32: check the model (a diverged run?)"
+    return f"{what} is not finite ({where} are NaN or inf) in {dtype}: {fix}; nothing of it was written"
+
+
 def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
     """One row per video, `columns` evenly spaced frames: list of uint8 (T, H, W, 3) -> uint8 image."""
     rows = []
@@ -172,7 +225,8 @@ def generate(
         model: stage-2 run folder or pipeline folder / hub id (ignored when `pipeline` is given).
         prompts: one caption per video.
         out_dir: output folder (mp4s, metadata.jsonl, contact_sheet.png).
-        num_frames, height, width: the clip geometry (4k+1 frames; sizes divisible by 16).
+        num_frames, height, width: the clip geometry (4k+1 frames; sizes divisible by 16 for CogVideoX and
+            Wan2.1: `BackboneSpec.geometry_rule`).
         steps, guidance_scale: sampler settings.
         seed: video i uses seed + i.
         dtype: weights' dtype when the pipeline is loaded here: "auto" (bfloat16 on CUDA, float32 on CPU),
@@ -183,7 +237,10 @@ def generate(
             a little slower; CUDA only.
 
     Raises:
-        MoalignError: no prompts; cpu_offload on a CPU device; a model that does not load.
+        MoalignError: no prompts; cpu_offload on a CPU device; a geometry the family's VAE and transformer do not
+            take (checked before loading when the folder or `backbone` names the family, naming the flag and the
+            nearest valid values); a model that does not load; a video whose latents or pixels are not finite
+            (naming the prompt and the --dtype to use; its mp4 is not written and no metadata.jsonl is).
     """
     import torch
     from PIL import Image
@@ -198,11 +255,25 @@ def generate(
             f"--cpu-offload keeps models on the CPU and moves each to the GPU when it runs: it needs a CUDA device "
             f"(--device cuda), not {device}"
         )
-    torch_dtype = parse_dtype(auto_dtype(dtype, device))
+    dtype = auto_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype)
+    geometry = (num_frames, height, width)
     if pipeline is None:
+        known, transformer_config, vae_config = folder_geometry_configs(model, backbone, base)
+        if known is not None:  # before the load: a wrong geometry costs no minutes of loading
+            get_backbone(known).check_geometry(
+                *geometry, what="generate", transformer_config=transformer_config, vae_config=vae_config
+            )
         pipeline, spec = load_pipeline(model, backbone, base, torch_dtype=torch_dtype)
     else:
         spec = get_backbone(backbone or family(type(pipeline).__name__))
+        dtype = str(pipeline.transformer.dtype).removeprefix("torch.")  # what it runs in, for messages
+    spec.check_geometry(  # the loaded parts' own configs (a hub id's are known only now)
+        *geometry,
+        what="generate",
+        transformer_config=pipeline.transformer.config,
+        vae_config=pipeline.vae.config,
+    )
     # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
     text_length = spec.text_length(pipeline.transformer.config)
     if cpu_offload:
@@ -227,7 +298,10 @@ def generate(
             max_sequence_length=text_length,
             generator=gen,
             output_type="np",
+            callback_on_step_end=_finite_latents(i, prompt, dtype),
+            callback_on_step_end_tensor_inputs=["latents"],
         )
+        check_finite_frames(np.asarray(result.frames[0]), i, prompt, dtype)
         frames = (
             (np.clip(np.asarray(result.frames[0]), 0.0, 1.0) * 255.0).round().astype(np.uint8)
         )  # (T, H, W, 3)
@@ -243,6 +317,27 @@ def generate(
     with atomic_path(out_dir / "contact_sheet.png") as tmp:
         Image.fromarray(contact_sheet(videos)).save(tmp, format="PNG")
     return rows
+
+
+def _finite_latents(index: int, prompt: str, dtype: str):
+    """A pipeline step callback that stops at the first sampling step whose latents are not finite (the rest of
+    the steps, and the decode, would be wasted)."""
+    import torch
+
+    def check(pipe, step: int, timestep, tensors: dict) -> dict:
+        latents = tensors["latents"]
+        if not torch.isfinite(latents).all():
+            share = (~torch.isfinite(latents)).float().mean().item()
+            raise MoalignError(
+                nonfinite_message(
+                    f"video {index} (prompt {prompt!r})",
+                    f"after sampling step {step + 1}, {share:.0%} of its latents",
+                    dtype,
+                )
+            )
+        return {}
+
+    return check
 
 
 def model_id(model: str | os.PathLike) -> str:

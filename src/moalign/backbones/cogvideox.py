@@ -19,7 +19,10 @@ from torch import nn
 
 from moalign.backbones.spec import (
     BackboneSpec,
+    GeometryRule,
     check_noise_level,
+    compute_dtype,
+    config_value,
     per_sample,
     sample_noise,
     unwrap,
@@ -119,6 +122,19 @@ class CogVideoXSpec(BackboneSpec):
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.transformer_blocks
 
+    def geometry_rule(self, transformer_config=None, vae_config=None, *, training=False) -> GeometryRule:
+        # the VAE's downsampling is 2 ** (blocks - 1) as CogVideoXPipeline computes it; a temporal patch
+        # (CogVideoX 1.5) constrains training clips only: CogVideoXPipeline pads the latent frames when sampling
+        # and the patch embedding cannot take a partial temporal patch
+        frames = int(config_value(vae_config, "temporal_compression_ratio", 4))
+        vae = 2 ** (len(config_value(vae_config, "block_out_channels", (0,) * 4)) - 1)
+        patch = int(config_value(transformer_config, "patch_size", 2))
+        patch_t = int(config_value(transformer_config, "patch_size_t", 1)) if training else 1
+        why = f"VAE: {frames} frames and {vae} px per latent; transformer patch: {patch} px"
+        if patch_t > 1:
+            why += f" and {patch_t} latent frames (patch_size_t), which training clips must fill"
+        return GeometryRule(self.name, frames, patch_t, (vae * patch, vae * patch), why)
+
     def video_tokens(self, block_output: Any) -> torch.Tensor:
         return block_output[0]  # (video, text)
 
@@ -131,9 +147,10 @@ class CogVideoXSpec(BackboneSpec):
     def predict(self, transformer, noisy_latents, timesteps, prompt_embeds):
         grid = self.token_grid(transformer, noisy_latents)
         rope = rotary_embedding(transformer, grid, noisy_latents.device)
+        dtype = compute_dtype(transformer)  # latents / embeddings cached in another dtype
         return transformer(
-            hidden_states=noisy_latents,
-            encoder_hidden_states=prompt_embeds,
+            hidden_states=noisy_latents.to(dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
             timestep=timesteps,
             image_rotary_emb=rope,
             return_dict=False,

@@ -7,6 +7,9 @@ is a new file plus one line in `moalign.backbones.BACKBONES`, never an `if` in t
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,92 @@ from torch import nn
 
 from moalign.errors import MoalignError, loading
 from moalign.losses import LossParts
+
+GENERATE_FLAGS = ("--num-frames", "--height", "--width")  # how the geometry checks name the three values
+
+
+@dataclass(frozen=True)
+class GeometryRule:
+    """The clip geometry a family's VAE and transformer accept.
+
+    Frames: the VAE keeps frame 0 and compresses every `frame_step` later frames into one latent frame, so a
+    clip has 1 + frame_step * k frames; training on a transformer with a temporal patch (CogVideoX 1.5:
+    patch_size_t 2) also needs the latent frames (k + 1) to divide by `latent_frame_multiple`. Sizes: height
+    and width divide by VAE downsampling x spatial patch (`size_multiple`, in pixels; 8 x 2 = 16 for
+    CogVideoX and Wan2.1). `why` says where the numbers come from, for messages.
+    """
+
+    family: str
+    frame_step: int = 4
+    latent_frame_multiple: int = 1
+    size_multiple: tuple[int, int] = (16, 16)
+    why: str = ""
+
+    def frames_ok(self, n: int) -> bool:
+        """Whether a clip of `n` frames fits."""
+        return (
+            n >= 1
+            and (n - 1) % self.frame_step == 0
+            and ((n - 1) // self.frame_step + 1) % self.latent_frame_multiple == 0
+        )
+
+    def frames_form(self) -> str:
+        """The valid frame counts as a formula ("4k+1"; "8k+5" with a temporal patch of 2)."""
+        step, m = self.frame_step, self.latent_frame_multiple
+        return f"{step * m}k+{1 + step * (m - 1)}"
+
+    def problems(
+        self, num_frames: int, height: int, width: int, flags: tuple[str, str, str] = GENERATE_FLAGS
+    ) -> list[str]:
+        """One sentence per value that does not fit, naming its flag and the nearest values that do."""
+        out = []
+        if not self.frames_ok(num_frames):
+            out.append(
+                f"{_flag(flags[0], num_frames)} is not {self.frames_form()} for {self.family}: use "
+                f"{_nearest(num_frames, self.frames_ok)}"
+            )
+        for flag, value, multiple in (
+            (flags[1], height, self.size_multiple[0]),
+            (flags[2], width, self.size_multiple[1]),
+        ):
+            if value < multiple or value % multiple:
+                out.append(
+                    f"{_flag(flag, value)} is not a multiple of {multiple} for {self.family}: use "
+                    f"{_nearest(value, lambda v, m=multiple: v >= m and v % m == 0)}"
+                )
+        return out
+
+
+def _flag(flag: str, value: int) -> str:
+    return f"{flag}{value}" if flag.endswith("=") else f"{flag} {value}"
+
+
+def _nearest(value: int, ok: Callable[[int], bool], span: int = 4096) -> str:
+    """ "A or B": the nearest values below and above `value` for which `ok` holds (only B when none is below)."""
+    below = next((v for v in range(int(value) - 1, 0, -1) if ok(v)), None)
+    above = next(v for v in range(max(int(value) + 1, 1), int(value) + span) if ok(v))
+    return str(above) if below is None else f"{below} or {above}"
+
+
+def config_value(config: Mapping[str, Any] | Any | None, key: str, default: Any = None) -> Any:
+    """`key` of a model config (a diffusers config object or its JSON dict), `default` when absent or None."""
+    if config is None:
+        return default
+    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+    value = get(key, None)
+    return default if value is None else value
+
+
+def folder_config(model: str | Path | None, subfolder: str) -> dict | None:
+    """A pipeline folder's component config (MODEL/SUBFOLDER/config.json) read as JSON, without loading any
+    weights; None when `model` is not a local folder holding it (e.g. a hub id)."""
+    if model is None:
+        return None
+    path = Path(model) / subfolder / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 class BackboneSpec:
@@ -44,6 +133,44 @@ class BackboneSpec:
                     f"{self.transformer_class_name} folder (with config.json). Pass the downloaded model's folder."
                 )
             return cls.from_pretrained(path, subfolder="transformer", **kw)  # a hub id
+
+    def geometry_rule(
+        self, transformer_config: Any = None, vae_config: Any = None, *, training: bool = False
+    ) -> GeometryRule:
+        """The clip geometry this family accepts, read from the transformer's and VAE's configs (diffusers config
+        objects or their JSON dicts; None: the family's released values). `training`: clips encoded for
+        training the transformer on (a temporal patch must then fit the latent frames; sampling pads them)."""
+        raise NotImplementedError
+
+    def check_geometry(
+        self,
+        num_frames: int,
+        height: int,
+        width: int,
+        *,
+        what: str,
+        flags: tuple[str, str, str] = GENERATE_FLAGS,
+        transformer_config: Any = None,
+        vae_config: Any = None,
+        training: bool = False,
+    ) -> None:
+        """Check a clip geometry (frames, pixels) before any work starts.
+
+        Args:
+            num_frames, height, width: the clip geometry.
+            what: who asks, for the message ("generate", "latents of --data").
+            flags: how the user sets the three values (default --num-frames, --height, --width; a label ending
+                in "=" is written without a space, e.g. "--set validation_frames=").
+            transformer_config, vae_config, training: see `geometry_rule`.
+
+        Raises:
+            MoalignError: a value does not fit; one message naming each such flag, the rule and the nearest
+                valid values below and above (e.g. "--num-frames 16 is not 4k+1 for cogvideox: use 13 or 17").
+        """
+        rule = self.geometry_rule(transformer_config, vae_config, training=training)
+        problems = rule.problems(num_frames, height, width, flags)
+        if problems:
+            raise MoalignError(f"{what}: {'; '.join(problems)} ({rule.why})")
 
     def use_pipeline_scheduler(self, model: str) -> None:
         """Train with the noise schedule of the pipeline `model` samples with (a folder or hub id); a no-op for
@@ -113,6 +240,12 @@ class BackboneSpec:
             raise ValueError(f"unknown {self.name} architecture {name!r}; valid: {', '.join(table)}")
         with torch.device("meta"):
             return getattr(diffusers, self.transformer_class_name)(**table[name])
+
+
+def compute_dtype(transformer: nn.Module) -> torch.dtype:
+    """The dtype a transformer computes in: its weights' dtype, or the compute dtype of diffusers' layerwise
+    casting (fp8 storage); inputs are cast to it, so latents or embeddings cached in another dtype fit."""
+    return unwrap(transformer).dtype
 
 
 def unwrap(module: nn.Module) -> nn.Module:

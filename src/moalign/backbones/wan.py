@@ -15,7 +15,10 @@ from torch import nn
 
 from moalign.backbones.spec import (
     BackboneSpec,
+    GeometryRule,
     check_noise_level,
+    compute_dtype,
+    config_value,
     per_sample,
     sample_noise,
     unwrap,
@@ -54,6 +57,16 @@ class WanSpec(BackboneSpec):
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.blocks
 
+    def geometry_rule(self, transformer_config=None, vae_config=None, *, training=False) -> GeometryRule:
+        # AutoencoderKLWan records its factors; WanPipeline would round other geometries with a warning only
+        frames = int(config_value(vae_config, "scale_factor_temporal", 4))
+        vae = int(config_value(vae_config, "scale_factor_spatial", 8))
+        pt, ph, pw = (int(p) for p in config_value(transformer_config, "patch_size", (1, 2, 2)))
+        why = f"VAE: {frames} frames and {vae} px per latent; transformer patch: {ph}x{pw} px"
+        if pt > 1:
+            why += f" and {pt} latent frames"
+        return GeometryRule(self.name, frames, pt, (vae * ph, vae * pw), why)
+
     def video_tokens(self, block_output: Any) -> torch.Tensor:
         return block_output
 
@@ -63,10 +76,11 @@ class WanSpec(BackboneSpec):
         return f // pt, h // ph, w // pw
 
     def predict(self, transformer, noisy_latents, timesteps, prompt_embeds):
+        dtype = compute_dtype(transformer)  # latents / embeddings cached in another dtype
         return transformer(
-            hidden_states=noisy_latents,
+            hidden_states=noisy_latents.to(dtype),
             timestep=timesteps,
-            encoder_hidden_states=prompt_embeds,
+            encoder_hidden_states=prompt_embeds.to(dtype),
             return_dict=False,
         )[0]
 
