@@ -26,6 +26,7 @@ from moalign.align_projector import AlignProjector, AlignProjectorConfig, resamp
 from moalign.backbones.spec import unwrap
 from moalign.capture import FeatureCapture
 from moalign.losses import LossParts, repa_loss, soft_relational_loss, token_relation_distillation
+from moalign.run.checks import check_real
 from moalign.tokens import grid_to_frames, grid_to_tokens
 
 # mode -> (teacher key in the targets cache, loss name)
@@ -45,6 +46,7 @@ MODE_TITLES = {  # what each mode is, for reports and model cards
     "motion-trd": "motion features + TRD loss",
     "moalign": "MoAlign (motion subspace)",
 }
+LAMBDA_MAX = 1000.0
 DEFAULT_MARGIN = {"trd": 0.1, "soft_relational": 0.0, "repa": 0.0}
 
 
@@ -62,6 +64,14 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if self.mode not in ALIGN_MODES:
             raise ValueError(f"unknown align mode {self.mode!r}; valid: {', '.join(ALIGN_MODES)}")
+        # lambda: 0.5 by default (the paper's scale); far above LAMBDA_MAX the alignment gradient swamps the
+        # diffusion loss, and near float32's range (1e38) it overflows, clipping then zeroes every update
+        check_real("align.lam (--lambda)", self.lam, 0.0, LAMBDA_MAX)
+        check_real("align.tau", self.tau, 0.0, open_low=True)
+        if self.margin is not None:
+            check_real("align.margin", self.margin, 0.0, 2.0)  # cosine similarities differ by at most 2
+        if not self.layers and self.mode != "none":
+            raise ValueError(f"align mode {self.mode!r} needs at least one layer (--layers)")
 
     @property
     def teacher_key(self) -> str | None:

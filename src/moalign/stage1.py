@@ -39,6 +39,7 @@ from moalign.run.checkpoint import (
     save_training_checkpoint,
     training_state,
 )
+from moalign.run.checks import check_training_fields
 from moalign.run.launch import prepare_training, reduce_scalars, start_launch
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
@@ -91,6 +92,7 @@ class Stage1Config:
     report_to: str = "tensorboard"  # also log to RUN/tensorboard/ ("none": RUN/log.jsonl only)
 
     def __post_init__(self) -> None:
+        check_training_fields(self)
         check_report_to(self.report_to)
         if self.feature_cache not in ("memory", "none"):
             raise ValueError(f"feature_cache must be 'memory' or 'none', got {self.feature_cache!r}")

@@ -39,6 +39,8 @@ from moalign.run.checkpoint import (
     save_transformer,
     training_state,
 )
+from moalign.run.checks import check_training_fields
+from moalign.run.choices import BACKBONES as BACKBONE_NAMES
 from moalign.run.launch import (
     autocast_dtype,
     deepspeed_dtype,
@@ -123,6 +125,11 @@ class Stage2Config:
     }
 
     def __post_init__(self) -> None:
+        check_training_fields(self)
+        if self.backbone is not None and self.backbone not in BACKBONE_NAMES:
+            raise ValueError(
+                f"backbone must be one of {', '.join(BACKBONE_NAMES)} (or unset), got {self.backbone!r}"
+            )
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
         if self.optimizer not in OPTIMIZERS:

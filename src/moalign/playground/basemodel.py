@@ -30,6 +30,7 @@ from moalign.data.sampling import DataConfig
 from moalign.errors import MoalignError
 from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json
+from moalign.run.checks import check_training_fields
 from moalign.run.launch import make_accelerator
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
@@ -77,6 +78,7 @@ class BaseModelConfig:
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
+        check_training_fields(self)
         for name in ("num_frames", "vae_window"):
             n = getattr(self, name)
             # the CogVideoX VAE decodes an odd number of latent frames back to 4k+1 frames (13 -> 49, 5 -> 17)

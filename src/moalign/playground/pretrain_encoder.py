@@ -22,6 +22,7 @@ from moalign.errors import MoalignError
 from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json, write_jsonl
 from moalign.run.checkpoint import write_run_config
+from moalign.run.checks import check_training_fields
 from moalign.run.launch import prepare_training, reduce_scalars, start_launch
 from moalign.run.plots import plot_curves
 from moalign.run.serialize import to_dict
@@ -70,6 +71,7 @@ class PretrainEncoderConfig:
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16", applied by accelerate
 
     def __post_init__(self) -> None:
+        check_training_fields(self)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
 

@@ -279,8 +279,8 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torc
 # what a non-finite stop advises; --lr and --mixed-precision may change when a run is resumed
 # (RESUMABLE_CHANGES in run/checkpoint.py), so the advice and the resume rules agree
 NONFINITE_FIX = (
-    "Lower the learning rate (--lr) or the alignment weight (--lambda), or train in fp32 (--mixed-precision no); "
-    "continue from the last checkpoint with --resume latest and the new setting"
+    "Lower the learning rate (--lr) or train in fp32 (--mixed-precision no) and continue from the last checkpoint "
+    "with --resume latest (both may change on resume), or start a new run with a smaller --lambda"
 )
 
 
