@@ -116,7 +116,7 @@ def test_overwrite_deletes_old_cache(tmp_path):
     new_fp = {**FP, "num_clips": 4}
     fresh = CacheWriter(tmp_path, "flow", new_fp, num_items=4, shard_size=2, overwrite=True)
     assert fresh.shards_todo() == [0, 1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".moalign.lock", "cache.json"]  # the writer's lock
     assert json.loads((tmp_path / "cache.json").read_text())["fingerprint"] == new_fp
 
 
@@ -155,7 +155,8 @@ def test_no_partial_shard_after_failed_write(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
     with pytest.raises(OSError, match="disk full"):
         fill(writer, [0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]  # neither the shard nor a temp file
+    # neither the shard nor a temp file (the lock file is the writer's: `moalign.run.lock`)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".moalign.lock", "cache.json"]
     assert writer.shards_todo() == [0, 1]
 
 

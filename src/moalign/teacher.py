@@ -25,11 +25,30 @@ from moalign.encoder import VideoEncoder
 from moalign.errors import MoalignError
 from moalign.run import console
 from moalign.run.checkpoint import load_module_file
+from moalign.run.digest import content_digest
 from moalign.run.serialize import to_dict
 
 logger = console.get_logger(__name__)
 
 TARGETS_KIND = "teacher_targets"
+
+# the files of a transformers model folder that decide its outputs (not a pretrain-encoder's run_config.json)
+_MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def encoder_digest(path: str | None, model: Any = None) -> str | None:
+    """sha256 (16 hex digits) of an encoder's content: its folder's config.json and weights files.
+
+    A hub id (no local folder) is pinned by the commit transformers loaded (``model.config._commit_hash``)
+    when `model` is given; None when neither is known. So a targets cache resumed after the encoder's weights
+    changed at the same path is refused (`compute_targets`'s fingerprint holds it).
+    """
+    folder = Path(path).expanduser() if path else None
+    if folder is not None and folder.is_dir():
+        files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+        return content_digest(files) if files else None
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return f"hub:{commit}" if commit else None
 
 
 @dataclass
@@ -103,6 +122,10 @@ def compute_targets(
 
     Returns:
         The cache folder; open it with `load_targets`.
+
+    The cache's fingerprint pins the content of what the targets depend on, not only paths: the sha256 of the
+    teacher's motion_projector.safetensors and of the encoder folder's config and weights (`encoder_digest`),
+    with the encoder settings, storage dtype and the clips. A non-finite target stops the build naming the clip.
     """
     from dataclasses import replace
 
@@ -123,6 +146,7 @@ def compute_targets(
     fingerprint = {
         "teacher_sha256": file_digest(teacher.source),
         "encoder": to_dict(teacher.encoder),
+        "encoder_sha256": encoder_digest(teacher.encoder.path, getattr(encoder, "model", None)),
         "raw": raw,
         "dtype": str(dtype).removeprefix("torch."),
         **dataset_identity(dataset),
@@ -139,8 +163,22 @@ def compute_targets(
             item["encoder"] = tokens[0].to(dtype).cpu()
         return item
 
+    top = torch.finfo(dtype).max if dtype == torch.float16 else None  # the one storage dtype that overflows
+    hint = (
+        f"The teacher {teacher_run} (M_psi) or its encoder {teacher.encoder.path} gave it: check that the "
+        "stage-1 run trained to a finite loss (its log.jsonl) and re-run it if not"
+        + (f"; the targets are stored as {dtype}, which overflows above {top:g}" if top else "")
+        + "."
+    )
     return fill_cache(
-        writer, dataset, compute, desc="teacher targets", progress=progress, rank=rank, world_size=world_size
+        writer,
+        dataset,
+        compute,
+        desc="teacher targets",
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
+        nonfinite_hint=hint,
     )
 
 

@@ -5,7 +5,9 @@ Layout of a cache folder::
     root/cache.json                     kind, fingerprint, num_items, shard_size (written at first open)
     root/shard-00000.safetensors        items [0, K): tensors under "{index}/{name}", skipped items in metadata
     root/shard-00001.safetensors        items [K, 2K) ...
-    root/manifest.json                  written last, only once every shard exists: the cache is complete
+    root/manifest.json                  written last, only once every shard exists: the cache is complete;
+                                        holds every shard's sha256 and size
+    root/.moalign.lock                  held by the process building the cache (`moalign.run.lock`)
 
 Why it is safe to kill and restart:
 
@@ -19,6 +21,10 @@ Why it is safe to kill and restart:
   result is tensor-equal to an uninterrupted run. A run with other settings is refused once a shard is
   finished (nothing is deleted without --overwrite); before that, nothing would be lost, so it starts the
   cache again with its own settings (e.g. re-run with --skip-bad-videos after a build stopped at a bad clip).
+- A shard damaged on disk (flipped, zeroed or truncated bytes) is caught by `Cache`: a size that differs from
+  the manifest's when the cache is opened, a sha256 that differs the first time the shard is read. The message
+  names the shard; deleting it and re-running the build command recomputes that shard alone and rewrites the
+  manifest. Caches written before the manifest held hashes still load, unchecked.
 - Several processes can fill one cache: process ``rank`` takes shards ``s`` with ``s % world_size == rank``.
   Each writes only its own shards; once all are done (a barrier), one process calls `finalize_cache`
   (`moalign precompute` does this under `accelerate launch`).
@@ -33,11 +39,15 @@ import operator
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from moalign.errors import MoalignError
+from moalign.run import console
+from moalign.run.digest import file_sha256
+
+logger = console.get_logger(__name__)
 
 CACHE_FORMAT = 1
 
@@ -103,6 +113,13 @@ def _read_header(root: Path) -> dict | None:
         raise MoalignError(
             f"{path} is unreadable ({err}). Delete the folder {root} (or pass --overwrite) and rebuild the cache."
         ) from err
+
+
+def _rebuild_hint(manifest: dict) -> str:
+    """How to repair a cache whose shard is damaged or gone: the command that built it, when recorded."""
+    command = manifest.get("command")
+    how = f" ({command})" if command else ""
+    return f"re-run the command that built the cache{how}: it computes only the missing shards and rewrites {_MANIFEST}"
 
 
 def _check_header(root: Path, header: dict, kind: str | None, fingerprint: dict | None, fix: str) -> None:
@@ -175,12 +192,23 @@ class Cache:
         self.shard_files: list[str] = manifest["shards"]
         self.skipped: dict[int, str] = {int(k): v for k, v in manifest["skipped"].items()}
         self.indices: list[int] = [i for i in range(self.num_items) if i not in self.skipped]
+        # sha256 and size of each shard (caches written before they were recorded: empty, unchecked)
+        self.shard_sha256: dict[str, str] = dict(manifest.get("shard_sha256") or {})
+        self.shard_bytes: dict[str, int] = dict(manifest.get("shard_bytes") or {})
+        self._rebuild = _rebuild_hint(manifest)
         absent = [name for name in self.shard_files if not (self.root / name).is_file()]
         if absent:
             raise MoalignError(
                 f"the {what} at {self.root} is damaged: {len(absent)} shard files are gone "
-                f"(first: {absent[0]}). Rebuild it with --overwrite."
+                f"(first: {absent[0]}). To repair it, {self._rebuild}."
             )
+        for name, size in self.shard_bytes.items():
+            found = (self.root / name).stat().st_size
+            if found != size:
+                self._damaged(name, f"it is {found} bytes, its manifest says {size} (truncated or replaced)")
+        if not self.shard_sha256:
+            logger.info(f"[cache] {self.root} was written before caches recorded shard hashes: not verified")
+        self._verified: set[int] = set()  # shards whose sha256 this process has checked
         self.max_open = max_open
         self._handles: OrderedDict[int, Any] = OrderedDict()
 
@@ -195,18 +223,62 @@ class Cache:
             return False
         return 0 <= i < self.num_items and i not in self.skipped
 
+    @property
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of what this cache is: its kind, fingerprint (which pins the data, settings
+        and the content of the weights it was computed with), item count and skipped items.
+
+        Equal for two builds with the same settings (so a run can record it and refuse a resume onto another
+        cache), and unchanged when a damaged shard is deleted and recomputed by the same command: the bytes of
+        each shard are checked separately, against `shard_sha256`.
+        """
+        blob = json.dumps(
+            [self.kind, fingerprint_digest(self.fingerprint), self.num_items, sorted(self.skipped)],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _damaged(self, name: str, what: str) -> NoReturn:
+        raise MoalignError(
+            f"cache shard {self.root / name} is damaged: {what}. Delete that file and {self._rebuild}."
+        )
+
+    def verify(self, shard: int) -> None:
+        """Check a shard's sha256 against the manifest (once per process; streamed, never whole in memory).
+
+        Raises:
+            MoalignError: the shard's bytes differ from those the manifest recorded, naming the shard file and
+                how to rebuild it.
+        """
+        name = self.shard_files[shard]
+        expected = self.shard_sha256.get(name)
+        if shard in self._verified or expected is None:
+            return
+        try:
+            found = file_sha256(self.root / name)
+        except OSError as err:
+            self._damaged(name, f"it cannot be read ({err})")
+        if found != expected:
+            self._damaged(name, f"its sha256 is {found[:16]}..., its manifest says {expected[:16]}...")
+        self._verified.add(shard)
+
     def _open(self, shard: int) -> tuple[Any, dict[int, list[str]]]:
-        """(safe_open handle, {index: [tensor names]}) of a shard, from a small LRU."""
+        """(safe_open handle, {index: [tensor names]}) of a shard, from a small LRU; verified at first open."""
         from safetensors import safe_open
 
         if shard in self._handles:
             self._handles.move_to_end(shard)
             return self._handles[shard]
-        handle = safe_open(str(self.root / self.shard_files[shard]), framework="pt")
+        self.verify(shard)
+        name = self.shard_files[shard]
         names: dict[int, list[str]] = {}
-        for key in handle.keys():
-            index, name = key.split("/", 1)
-            names.setdefault(int(index), []).append(name)
+        try:
+            handle = safe_open(str(self.root / name), framework="pt")
+            for key in handle.keys():
+                index, tensor = key.split("/", 1)
+                names.setdefault(int(index), []).append(tensor)
+        except Exception as err:  # SafetensorError, OSError, a foreign key layout: all mean a bad shard
+            self._damaged(name, f"it is not a readable cache shard ({type(err).__name__}: {err})")
         self._handles[shard] = (handle, names)
         while len(self._handles) > self.max_open:
             self._handles.popitem(last=False)  # the handle closes when garbage-collected
@@ -222,8 +294,12 @@ class Cache:
             raise KeyError(f"item {i} was skipped when the cache was built: {self.skipped[i]}")
         if not 0 <= i < self.num_items:
             raise KeyError(f"item {i} not in cache {self.root} (items 0..{self.num_items - 1})")
-        handle, names = self._open(i // self.shard_size)
-        return {name: handle.get_tensor(f"{i}/{name}") for name in names.get(i, [])}
+        shard = i // self.shard_size
+        handle, names = self._open(shard)
+        try:
+            return {name: handle.get_tensor(f"{i}/{name}") for name in names.get(i, [])}
+        except Exception as err:  # a shard damaged after its header (only unverified, hash-less caches)
+            self._damaged(self.shard_files[shard], f"item {i} cannot be read ({type(err).__name__}: {err})")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -262,12 +338,9 @@ def manifest_digest(dataset: Any) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 (16 hex digits) of a file's bytes, read in 1 MiB blocks: pins weights in a fingerprint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    """sha256 (16 hex digits) of a file's bytes, streamed and memoised per process
+    (`moalign.run.digest.file_sha256`): pins weights in a fingerprint."""
+    return file_sha256(path)[:16]
 
 
 def dataset_identity(dataset: Any) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from moalign.data.cache import (
 from moalign.errors import MoalignError
 from moalign.run import console
 from moalign.run.atomic import save_safetensors, write_json
+from moalign.run.digest import file_sha256
+from moalign.run.lock import LOCK_NAME, hold_folder, holder_record
 
 logger = console.get_logger(__name__)
 
@@ -43,6 +45,48 @@ _SHARDS = "shard-*.safetensors"
 
 # keys of one dropped clip, as `VideoClipDataset.dropped` holds them
 _DROPPED_KEYS = ("video", "caption", "reason", "kind", "row", "source")
+
+
+def _lock_name(rank: int) -> str:
+    """The lock file of process `rank` of a build: ``.moalign.lock`` for rank 0 (`moalign.run.lock`)."""
+    return LOCK_NAME if rank == 0 else f".moalign-rank{rank}.lock"
+
+
+def _is_lock(path: Path) -> bool:
+    return path.name == LOCK_NAME or (path.name.startswith(".moalign-rank") and path.name.endswith(".lock"))
+
+
+def _clear_folder(root: Path) -> None:
+    """Delete everything in `root` but its lock files (held by this process: deleting one would free it)."""
+    for p in root.iterdir():
+        if _is_lock(p):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _launch_rank() -> int:
+    """This process's rank in its launch (torchrun / accelerate launch set RANK; 0 outside a launch)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _check_finite(item: dict[str, torch.Tensor], where: str, root: Path, hint: str) -> None:
+    """MoalignError naming `where` (the clip) and the tensor when a floating tensor of `item` holds NaN or inf."""
+    for name, value in item.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            advice = hint or "Check that clip's video and the model the cache is computed with."
+            raise MoalignError(
+                f"{where} gave a non-finite {name!r} tensor {tuple(value.shape)} ({bad} of {value.numel()} values "
+                f"are NaN or inf), so the cache in {root} would hold it; stopped before writing its shard. {advice}"
+            )
 
 
 class CacheWriter:
@@ -60,6 +104,15 @@ class CacheWriter:
         shard_size: items per shard file; shard ``s`` covers ``[s * shard_size, min((s + 1) * shard_size, N))``.
         overwrite: delete an existing cache in ``root`` first. With several processes, let one process delete
             the folder before the others open it (they would otherwise delete each other's shards).
+        rank: this process's rank in its launch (default: the RANK environment variable that torchrun and
+            accelerate launch set, else 0), which picks its lock file.
+
+    Locking: the writer holds an exclusive lock on the folder for its lifetime (`moalign.run.lock.hold_folder`;
+    released when the writer is garbage-collected, by `release`, or when the process dies). Every process of
+    a launch writes its own shards into the same folder, so each rank holds its own lock file:
+    ``.moalign.lock`` for rank 0, ``.moalign-rank{r}.lock`` for rank r. A second build of the same folder is
+    refused at the latest at its rank 0 (every launch has one, and the first build holds rank 0's lock), which
+    stops that launch; its other ranks can at most write shards of the same settings, each atomically.
 
     Example::
 
@@ -78,6 +131,7 @@ class CacheWriter:
         num_items: int,
         shard_size: int = 64,
         overwrite: bool = False,
+        rank: int | None = None,
     ) -> None:
         if num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {num_items}")
@@ -105,7 +159,11 @@ class CacheWriter:
         # temporaries), so list first, then read the header again: visible files without a header after the
         # listing are not a cache's. (Reading before the listing races with another process of the same
         # launch, which may be writing the header and its first files just now.)
-        if old is None and self.root.is_dir() and any(not p.name.startswith(".") for p in self.root.iterdir()):
+        if (
+            old is None
+            and self.root.is_dir()
+            and any(not p.name.startswith(".") for p in self.root.iterdir())
+        ):
             old = _read_header(self.root)
             if old is None:
                 # Never delete (or mix into) a folder that is not ours, even with overwrite=True.
@@ -113,8 +171,12 @@ class CacheWriter:
                     f"{self.root} is not empty and holds no {_HEADER}, so it is not a moalign cache. "
                     "Pass a new or empty folder as --out."
                 )
+        rank = _launch_rank() if rank is None else rank
+        self._lock = hold_folder(
+            self.root, f"a {kind} cache build" + (f" (process {rank})" if rank else ""), _lock_name(rank)
+        )
         if old is not None and overwrite:
-            shutil.rmtree(self.root)
+            _clear_folder(self.root)
             old = None
         if old is not None and old.get("kind") == kind and _settings(old) != _settings(header):
             old = self._restart(old, header)  # None: nothing finished, so the header is written afresh below
@@ -136,6 +198,19 @@ class CacheWriter:
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(self.root / _HEADER, header)
+        missing = [s for s in range(self.num_shards) if not self.shard_path(s).is_file()]
+        if missing and (self.root / _MANIFEST).is_file():
+            # a shard of a complete cache was deleted (e.g. a damaged one): the manifest no longer describes
+            # the folder; it is written again by `finalize` once the missing shards are computed
+            (self.root / _MANIFEST).unlink(missing_ok=True)
+            logger.info(
+                f"[cache] {self.root}: {len(missing)} shard(s) missing (first: {shard_name(missing[0])}); "
+                f"computing them and writing {_MANIFEST} again"
+            )
+
+    def release(self) -> None:
+        """Let the folder's lock go (also happens when the writer is garbage-collected or the process dies)."""
+        self._lock.release()
 
     def _restart(self, old: dict, header: dict) -> dict | None:
         """None (start the cache again: nothing is lost) when the header `old`, of other settings, has no
@@ -198,6 +273,9 @@ class CacheWriter:
 
         Returns:
             The shard file's path.
+
+        Raises:
+            MoalignError: a floating tensor holds NaN or inf (nothing is written).
         """
         skipped = dict(skipped or {})
         clips = dict(skipped_clips or {})
@@ -216,6 +294,7 @@ class CacheWriter:
             )
         tensors: dict[str, torch.Tensor] = {}
         for index in sorted(items):
+            _check_finite(items[index], f"item {index}", self.root, "")
             for name, value in items[index].items():
                 if "/" in name or not isinstance(value, torch.Tensor):
                     raise ValueError(f"item {index}: entry {name!r} must be a tensor named without '/'")
@@ -280,6 +359,13 @@ class CacheWriter:
                 "(it is rewritten from the dataset; the shards are kept)."
             ) from err
 
+    def _recorded_hashes(self) -> dict[str, str]:
+        """The shard hashes of the manifest on disk ({} without one, or one written before hashes)."""
+        try:
+            return dict(json.loads((self.root / _MANIFEST).read_text()).get("shard_sha256") or {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+
     def finalize(self) -> Path:
         """Check every shard, then write ``manifest.json``: the cache becomes readable by `Cache`.
 
@@ -288,16 +374,22 @@ class CacheWriter:
         caption only where the shard recorded them: shards written before they were recorded hold the reason
         alone), and ``"dropped_clips": [{"video", "caption", "reason", "kind", "row", "source"}]``: the clips
         the dataset dropped at construction, which have no index (from ``dropped_clips.json``, see
-        `record_dropped`; empty when the cache was built without it).
+        `record_dropped`; empty when the cache was built without it). It records every shard's sha256 and size
+        (``"shard_sha256"``, ``"shard_bytes"``: `Cache` checks them) and the command line that finalized it
+        (``"command"``, named in `Cache`'s repair advice). A shard whose hash the manifest on disk already
+        records (finalizing a complete cache again) must still have it: a damaged shard is never re-hashed
+        into a new manifest.
 
         Returns:
             The cache folder.
 
         Raises:
-            MoalignError: a shard is missing (re-run the same command to resume) or was written for another
-                fingerprint.
+            MoalignError: a shard is missing (re-run the same command to resume), unreadable, differs from the
+                hash the manifest recorded (delete it and re-run), or was written for another fingerprint.
         """
         from safetensors import safe_open
+
+        recorded = self._recorded_hashes()
 
         missing = [s for s in range(self.num_shards) if not self.shard_path(s).is_file()]
         if missing:
@@ -307,10 +399,26 @@ class CacheWriter:
             )
         skipped: dict[str, str] = {}
         clips: dict[str, dict[str, str]] = {}
+        hashes: dict[str, str] = {}
+        sizes: dict[str, int] = {}
+        fix = "Delete that file and re-run the same command: it computes only the missing shards."
         for s in range(self.num_shards):
             path = self.shard_path(s)
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+            try:
+                hashes[path.name] = file_sha256(path)
+                sizes[path.name] = path.stat().st_size
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as err:  # SafetensorError, OSError: a damaged or foreign file
+                raise MoalignError(
+                    f"cache shard {path} is damaged: it is not a readable shard ({type(err).__name__}: {err}). "
+                    f"{fix}"
+                ) from err
+            if recorded.get(path.name, hashes[path.name]) != hashes[path.name]:
+                raise MoalignError(
+                    f"cache shard {path} is damaged: its sha256 is {hashes[path.name][:16]}..., its manifest "
+                    f"says {recorded[path.name][:16]}.... {fix}"
+                )
             if meta.get("fingerprint") != self.digest or meta.get("kind") != self.kind:
                 raise MoalignError(
                     f"{path} was written for a different cache (kind {meta.get('kind')!r}, fingerprint "
@@ -341,6 +449,9 @@ class CacheWriter:
                     for k, reason in sorted(skipped.items(), key=lambda kv: int(kv[0]))
                 },
                 "dropped_clips": dropped,
+                "shard_sha256": hashes,
+                "shard_bytes": sizes,
+                "command": holder_record("")["command"],
                 "complete": True,
             },
         )
@@ -361,6 +472,7 @@ def fill_cache(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    nonfinite_hint: str = "",
 ) -> Path:
     """Compute `compute(dataset[i])` for every item of this process's missing shards and write them.
 
@@ -371,6 +483,10 @@ def fill_cache(
     lists them under "dropped_clips" however the cache is finalized. Errors from `compute` always raise. One
     process finalizes the cache when every shard is present; with several processes, call `finalize_cache`
     after they are all done.
+
+    Every floating tensor `compute` returns must be finite: a NaN or inf stops the build with a MoalignError
+    naming the clip (index and video), the tensor, and ends with `nonfinite_hint` (what the caller's user can
+    change, e.g. "use --dtype float32 or bfloat16"); nothing of that clip's shard is written.
 
     Returns:
         The cache folder.
@@ -399,6 +515,9 @@ def fill_cache(
                     bar.update(1)
                     continue
                 items[index] = compute(sample)
+                clip = _clip_of(dataset, index)
+                where = f"clip {index}" + (f" ({clip['video']})" if "video" in clip else "")
+                _check_finite(items[index], where, writer.root, nonfinite_hint)
                 bar.update(1)
             writer.write_shard(shard, items, skipped, written_by=(rank, world_size), skipped_clips=clips)
             if skipped:
@@ -433,7 +552,11 @@ def finalize_cache(root: str | os.PathLike) -> Path:
 
 
 def remove_cache(root: str | os.PathLike) -> None:
-    """Delete a cache folder (for --overwrite); a folder that is not a moalign cache is refused, not deleted."""
+    """Delete a cache (for --overwrite); a folder that is not a moalign cache is refused, not deleted.
+
+    The folder's lock is taken first (a cache another process is building is refused, naming it) and its lock
+    files are kept (deleting a held one would free it); everything else goes.
+    """
     root = Path(root)
     if not root.exists():
         return
@@ -441,4 +564,5 @@ def remove_cache(root: str | os.PathLike) -> None:
         raise MoalignError(
             f"{root} is not a moalign cache (no {_HEADER}), so --overwrite will not delete it. Pass another --out."
         )
-    shutil.rmtree(root)
+    with hold_folder(root, "a cache being deleted (--overwrite)", _lock_name(_launch_rank())):
+        _clear_folder(root)

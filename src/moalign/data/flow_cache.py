@@ -18,14 +18,23 @@ from moalign.data.cache import Cache, dataset_identity, diff_fingerprints, manif
 from moalign.data.cache_writer import CacheWriter, fill_cache
 from moalign.data.flow import FlowEstimator, build_flow_estimator
 from moalign.errors import MoalignError
+from moalign.run.digest import tensors_digest
 
 FLOW_KIND = "flow"
 
 
 def flow_fingerprint(dataset: Any, estimator: FlowEstimator, dtype: torch.dtype) -> dict[str, Any]:
-    """Everything that determines a flow cache's content (see `compute_flow_cache`)."""
+    """Everything that determines a flow cache's content (see `compute_flow_cache`).
+
+    A network estimator's weights are pinned by content: RAFT's weights file by its sha256 (in its `config`),
+    a module built in memory (`RAFTFlow.from_module`) by a digest of its state dict.
+    """
+    method = estimator.config()
+    net = getattr(estimator, "net", None)
+    if "weights_sha256" in method and method["weights_sha256"] is None and isinstance(net, torch.nn.Module):
+        method = {**method, "weights_sha256": "state:" + tensors_digest(net.state_dict())}
     return {
-        "method": estimator.config(),
+        "method": method,
         "dtype": str(dtype).removeprefix("torch."),
         **dataset_identity(dataset),
     }
@@ -67,8 +76,9 @@ def compute_flow_cache(
 
     The fingerprint (checked on resume, mismatch -> MoalignError) is: the method and its effective options,
     the storage dtype, the dataset's DataConfig (without ``skip_bad_videos``), the clip count and a hash of
-    the manifest's video paths and captions. An unreadable video raises, or with
-    ``dataset.cfg.skip_bad_videos`` is recorded as skipped with its reason.
+    the manifest's video paths and captions; a network's weights by content (`flow_fingerprint`). An
+    unreadable video raises, or with ``dataset.cfg.skip_bad_videos`` is recorded as skipped with its reason.
+    A NaN or inf flow stops the build with a MoalignError naming the clip.
     """
     if overwrite and world_size > 1:
         raise MoalignError(
@@ -96,6 +106,10 @@ def compute_flow_cache(
         progress=progress,
         rank=rank,
         world_size=world_size,
+        nonfinite_hint=(
+            f"The {estimator.name} flow estimator gave it: look at that clip's video (e.g. frames of one "
+            "colour), use another flow method (--method / precompute --flow), or remove the clip from the manifest."
+        ),
     )
 
 
