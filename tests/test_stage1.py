@@ -103,3 +103,52 @@ def test_teacher_targets_cache_equals_direct_computation_and_resumes(stage1_run,
     # other settings on the same folder are refused
     assert main(["targets", "--data", str(data), "--teacher", str(run), "--out", str(out),
                  "--shard-size", "4", "--quiet"]) == 2  # fmt: skip
+
+
+def test_held_out_clips_without_motion_give_a_null_ratio_with_a_note(playground, videomae_folder, tmp_path):
+    """Zero-flow EPE 0 on still held-out clips: val_epe_ratio is null with a note, not val_epe / 1e-12."""
+    import json
+    import shutil
+
+    from conftest import MICRO_DATA
+
+    from moalign.encoder import EncoderConfig
+    from moalign.flow_decoder import FlowDecoderConfig
+    from moalign.motion_projector import MotionProjectorConfig
+
+    data = tmp_path / "still"
+    shutil.copytree(playground(40), data)
+    rows = [json.loads(x) for x in (data / "metadata.jsonl").read_text().splitlines()]
+    still = [r for r in rows if r["motion"] == "static"]
+    assert len(still) >= 5
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in still))
+    cfg = stage1_mod.Stage1Config(
+        data=MICRO_DATA, encoder=EncoderConfig(path=str(videomae_folder), input_size=(32, 32)),
+        projector=MotionProjectorConfig(hidden_dim=16), decoder=FlowDecoderConfig(hidden_dim=8), val_clips=2,
+        steps=2, batch_size=2, warmup_steps=0, log_every=1, val_every=2, checkpoint_every=2, probe_clips=0,
+        report_to="none",
+    )  # fmt: skip
+    metrics = stage1_mod.train_stage1(data, tmp_path / "run", cfg, progress=False)
+    assert metrics["zero_flow_epe"] == 0.0 and metrics["val_epe"] >= 0.0
+    assert metrics["val_epe_ratio"] is None and "do not move" in metrics["val_epe_ratio_note"]
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["val_epe_ratio"] is None and written["val_epe_ratio_note"] == metrics["val_epe_ratio_note"]
+    assert stage1_mod.epe_ratio_text(written) == "undefined: the held-out clips do not move"
+
+
+def test_json_files_hold_no_nan():
+    """JSON has no NaN or Infinity: undefined values are written as null (other readers refuse NaN)."""
+    import json
+    import math
+
+    from moalign.evaluation.probes import r2_score
+    from moalign.run.atomic import json_safe
+
+    assert json_safe({"a": [1.0, math.nan, {"b": math.inf}], "c": 2}) == {
+        "a": [1.0, None, {"b": None}],
+        "c": 2,
+    }
+    assert json.loads(json.dumps(json_safe({"x": -math.inf}), allow_nan=False)) == {"x": None}
+    still = [[0.0, 0.0]] * 4  # a target without variance: R^2 undefined
+    assert math.isnan(r2_score(still, [[0.1, 0.0]] * 4))
+    assert r2_score([[0.0], [1.0]], [[0.0], [1.0]]) == 1.0

@@ -59,6 +59,15 @@ from moalign.run.training import (
 logger = console.get_logger(__name__)
 
 
+STILL_EPE = 1e-6  # px: held-out clips whose zero-flow EPE is below this do not move
+
+
+def epe_ratio_text(metrics: dict[str, Any]) -> str:
+    """val_epe_ratio for a message: two decimals, or why there is none."""
+    ratio = metrics.get("val_epe_ratio")
+    return f"{ratio:.2f}" if ratio is not None else "undefined: the held-out clips do not move"
+
+
 @dataclass(frozen=True)
 class Stage1Config:
     """Stage 1: learn the motion subspace M_psi (and the flow decoder F_omega) on the frozen encoder."""
@@ -405,7 +414,8 @@ def _finish(accelerator, out_dir: Path, parts: _Stage1Parts, heads, prep, log, s
     metrics = {
         "val_epe": val_epe,
         "zero_flow_epe": zero_epe,
-        "val_epe_ratio": val_epe / max(zero_epe, 1e-12),
+        # undefined when the held-out clips do not move (zero-flow EPE 0): null with a note, not ~1e10
+        "val_epe_ratio": val_epe / zero_epe if zero_epe > STILL_EPE else None,
         "final_train_l1": l1[-1] if l1 else None,
         "steps": cfg.steps,
         "train_seconds": round(seconds, 1),
@@ -417,6 +427,11 @@ def _finish(accelerator, out_dir: Path, parts: _Stage1Parts, heads, prep, log, s
         "flow_resolution": list(parts.flow_size),
         "token_grid": list(parts.grid),
     }
+    if metrics["val_epe_ratio"] is None:
+        metrics["val_epe_ratio_note"] = (
+            f"the held-out clips do not move (zero-flow EPE {zero_epe:.2g} px): the ratio is undefined; judge "
+            "val_epe alone, or hold out clips with motion (--set val_clips=N, a seeded choice)"
+        )
     if accelerator.is_main_process and cfg.probe_clips and all(r.flow for r in parts.dataset.records):
         metrics["probes"] = _probes(parts, accelerator.unwrap_model(heads), prep)
     if accelerator.is_main_process:
@@ -438,6 +453,6 @@ def _finish(accelerator, out_dir: Path, parts: _Stage1Parts, heads, prep, log, s
     accelerator.wait_for_everyone()
     logger.info(
         f"[stage1] done: val_epe {val_epe:.4f} px vs zero-flow {zero_epe:.4f} px "
-        f"(ratio {metrics['val_epe_ratio']:.2f}); wrote {out_dir}"
+        f"(ratio {epe_ratio_text(metrics)}); wrote {out_dir}"
     )
     return metrics

@@ -34,11 +34,16 @@ def ridge_predict(
 
 
 def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Coefficient of determination pooled over outputs: 1 - sum (y - y_hat)^2 / sum (y - mean(y))^2."""
+    """Coefficient of determination pooled over outputs: 1 - sum (y - y_hat)^2 / sum (y - mean(y))^2.
+
+    NaN (null in the JSON files) when y has no variance (e.g. held-out clips without motion): R^2 is undefined
+    there, and dividing by a tiny floor would report a huge negative number instead."""
     y_true = np.asarray(y_true, np.float64).reshape(len(y_true), -1)
     y_pred = np.asarray(y_pred, np.float64).reshape(len(y_true), -1)
     total = np.square(y_true - y_true.mean(0)).sum()
-    return float(1.0 - np.square(y_true - y_pred).sum() / max(total, 1e-12))
+    if total <= 1e-12 * max(1, y_true.size):
+        return float("nan")
+    return float(1.0 - np.square(y_true - y_pred).sum() / total)
 
 
 def probe_r2(x: np.ndarray, y: np.ndarray, train: np.ndarray, alpha: float = 1.0) -> float:

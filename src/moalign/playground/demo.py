@@ -33,6 +33,7 @@ from moalign.alignment import MODE_TITLES, AlignConfig
 from moalign.playground.basemodel import BaseModelConfig
 from moalign.run import console
 from moalign.run.atomic import atomic_path, write_json, write_text
+from moalign.stage1 import epe_ratio_text
 from moalign.stage2 import Stage2Config
 
 if TYPE_CHECKING:
@@ -406,7 +407,7 @@ Joint = SA and PC both pass. PC alone can be gamed by a still video: read it wit
 | step | result |
 |---|---|
 | encoder pretraining (masked autoencoding) | masked-patch MSE {pre["first_mse"]:.4f} -> {pre["final_mse"]:.4f} |
-| stage 1: val EPE / zero-flow EPE (px, held-out clips) | {s1["val_epe"]:.4f} / {s1["zero_flow_epe"]:.4f} (ratio {s1["val_epe_ratio"]:.2f}) |
+| stage 1: val EPE / zero-flow EPE (px, held-out clips) | {s1["val_epe"]:.4f} / {s1["zero_flow_epe"]:.4f} (ratio {epe_ratio_text(s1)}) |
 {_probe_row(s1)}| base VAE ({"x".join(str(c) for c in b.vae_channels)} channels, {b.latent_channels} latent) | val PSNR {vae["val_psnr_db"]:.1f} dB after {vae["steps"]} steps |
 | base transformer ({b.num_layers} blocks, {b.num_attention_heads * b.attention_head_dim}-d), from scratch | diffusion loss {base.get("diffusion", float("nan")):.4f} after {base["steps"]} steps |
 

@@ -19,6 +19,7 @@ from moalign.alignment import MODE_TITLES
 from moalign.evaluation.stats import bootstrap_ci, paired_comparison, seeds_prompts_ci
 from moalign.playground.study import VIDEO_METRICS
 from moalign.run.atomic import atomic_path, write_text
+from moalign.stage1 import epe_ratio_text
 
 TITLES = {
     "joint": "Joint (%)",
@@ -199,13 +200,13 @@ def _stages(d: dict[str, Path]) -> str:
     ratio = s1["val_epe_ratio"]
     warn = (
         " **(worse than predicting zero flow: the teacher holds no motion; train stage 1 longer)**"
-        if ratio >= 1
+        if ratio is not None and ratio >= 1
         else ""
     )
     return (
         "| step | result |\n|---|---|\n"
         f"| stage 1: val EPE / zero-flow EPE (px, held-out clips) | {s1['val_epe']:.4f} / {s1['zero_flow_epe']:.4f} "
-        f"(ratio {ratio:.2f}){warn} |\n"
+        f"(ratio {epe_ratio_text(s1)}){warn} |\n"
         f"| base VAE | val PSNR {vae['val_psnr_db']:.1f} dB after {vae['steps']} steps |\n"
         f"| base transformer | diffusion loss {base.get('diffusion', float('nan')):.4f} after {base['steps']} steps |"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,14 +63,28 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, inf: an undefined metric) as None, which JSON writes as null.
+
+    JSON has no NaN or Infinity: Python's json module writes them anyway, and other readers (jq, JavaScript,
+    pandas with strict parsing) then refuse the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write a JSON file (indented, keys in insertion order)."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Atomically write a JSON file (indented, keys in insertion order; NaN and inf as null, see `json_safe`)."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Atomically write a JSON-lines file, one object a line."""
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """Atomically write a JSON-lines file, one object a line (NaN and inf as null)."""
+    write_text(path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows))
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
