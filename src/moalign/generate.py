@@ -169,7 +169,7 @@ def check_finite_frames(frames: np.ndarray, index: int, prompt: str, dtype: str)
     if bad.any():
         raise MoalignError(
             nonfinite_message(
-                f"video {index} (prompt {prompt!r})", f"{bad.mean():.0%} of its pixel values", dtype
+                f"the video of prompt {index} ({prompt!r})", f"{bad.mean():.0%} of its pixel values", dtype
             )
         )
 
@@ -330,7 +330,7 @@ def _finite_latents(index: int, prompt: str, dtype: str):
             share = (~torch.isfinite(latents)).float().mean().item()
             raise MoalignError(
                 nonfinite_message(
-                    f"video {index} (prompt {prompt!r})",
+                    f"the video of prompt {index} ({prompt!r})",
                     f"after sampling step {step + 1}, {share:.0%} of its latents",
                     dtype,
                 )
