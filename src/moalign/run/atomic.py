@@ -6,6 +6,7 @@ A crash (or SIGKILL) at any point leaves either the old file or the new one, nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -43,12 +44,78 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             # the permissions any new file gets here (umask): some writers (safetensors) create theirs 0600
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = _size(tmp)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        failed = write_failure(path, err, written)
+        if failed is not None:
+            raise failed from err
         raise
+
+
+# what the writers say when the file system refuses bytes: OSError errno, safetensors' Rust io error text,
+# torch.save's PyTorchStreamWriter ("enforce fail at inline_container.cc ... unexpected pos" / "file write failed")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_LIMIT_TEXT = ("File too large", "os error 27")
+_WRITER_TEXT = ("inline_container.cc", "file write failed")
+
+
+def write_failure(
+    path: str | os.PathLike, err: BaseException, written: int | None = None
+) -> Exception | None:
+    """A `MoalignError` naming `path`, how much was written and how much space is free, when `err` is the file
+    system refusing bytes (a full disk, a quota, the file size limit); None for any other error.
+
+    Args:
+        path: the file or folder being written.
+        err: what the writer raised.
+        written: bytes written before it failed (None: unknown).
+    """
+    from moalign.errors import MoalignError
+
+    text = str(err)
+    code = getattr(err, "errno", None)
+    if code == errno.EFBIG or any(t in text for t in _LIMIT_TEXT):
+        why = "the file size limit of this shell (`ulimit -f`) was reached"
+    elif code in _FULL or any(t in text for t in _FULL_TEXT):
+        why = "the disk (or your quota) is full"
+    elif isinstance(err, RuntimeError) and any(t in text for t in _WRITER_TEXT):
+        why = "the write failed (a full disk, a quota or the file size limit)"
+    else:
+        return None
+    path = Path(path)
+    free = _free(path.parent)
+    done = f"{_mb(written)} of it were written before it failed" if written else "nothing of it was written"
+    where = f"; {_mb(free)} are free there" if free is not None else ""
+    return MoalignError(
+        f"could not write {path}: {why}; {done}{where}. Nothing half-written was kept: free space (or choose "
+        "an --out on a larger disk) and run the same command again"
+    )
+
+
+def _size(path: Path) -> int:
+    """Bytes in a file or folder (0 when it is missing)."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size if path.exists() else 0
+    except OSError:
+        return 0
+
+
+def _free(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 1e6:.1f} MB"
 
 
 def _umask() -> int:

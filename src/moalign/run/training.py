@@ -30,7 +30,7 @@ from torch import nn
 
 from moalign.errors import Interrupted, MoalignError
 from moalign.run import console
-from moalign.run.atomic import json_safe, write_json
+from moalign.run.atomic import json_safe, write_failure, write_json
 from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
 
 logger = console.get_logger(__name__)
@@ -92,8 +92,11 @@ class RunLogger:
         row = {"step": step, "time_s": round(time.time() - self.start, 2), **scalars}
         self.history.append(row)
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+            except OSError as err:
+                raise write_failure(self.path, err) or err from err
         for tracker in self.trackers:
             tracker.scalars(step, scalars)
 
