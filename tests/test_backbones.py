@@ -111,3 +111,22 @@ def test_diffusion_loss_trains_the_transformer(name):
 def test_unknown_backbone_lists_valid_ones():
     with pytest.raises(ValueError, match="cogvideox, wan"):
         get_backbone("sora")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inputs_are_cast_to_the_transformers_compute_dtype(case):
+    """Latents / embeddings cached in another dtype than the transformer's (float32 latents for a bfloat16
+    model, float16 embeddings) are cast, not a dtype error in the first layer; the loss is float32 and the
+    same as with inputs already in the model's dtype."""
+    cls, overrides, shape = CASES[case]
+    spec = cls()
+    model = tiny_transformer(spec.name, **overrides).to(torch.bfloat16)
+    latents, prompt = torch.randn(shape), _prompt(spec, model)
+    mixed = spec.diffusion_loss(
+        model, latents, prompt.half(), torch.Generator().manual_seed(0), noise_level=0.5
+    )
+    same = spec.diffusion_loss(
+        model, latents.bfloat16(), prompt.bfloat16(), torch.Generator().manual_seed(0), noise_level=0.5
+    )
+    assert mixed.total.dtype == torch.float32 and torch.isfinite(mixed.total)
+    torch.testing.assert_close(mixed.total, same.total, rtol=0.05, atol=0.0)
