@@ -395,3 +395,38 @@ def test_a_new_lora_rank_keeps_the_presets_scale(caches, monkeypatch):
     assert main([*argv, "--lora-rank", "32", "--lora-alpha", "8"]) == 0
     assert main(argv) == 0
     assert [(c.lora_rank, c.lora_alpha) for c in seen] == [(32, 16.0), (32, 8.0), (128, 64.0)]
+
+
+@pytest.mark.parametrize(("stored", "precision"), [(torch.bfloat16, "no"), (torch.float16, "bf16")])
+def test_caches_of_any_dtype_train_under_any_precision(stored, precision, caches, tmp_path, caplog):
+    """A bfloat16 latents cache under fp32 training (and a float16 one under bf16 autocast) used to die with a
+    dtype-mismatch traceback: batches are cast to float32 as they load, said once in the log, and the run
+    equals one on the same values stored in float32."""
+    from moalign.data.cache import Cache
+    from moalign.data.cache_writer import CacheWriter
+
+    def copy(dst, dtype):  # the fixture's latents rounded to `stored`, kept as `dtype`
+        cache = Cache(caches / "latents")
+        w = CacheWriter(dst, cache.kind, cache.fingerprint, len(cache.indices), shard_size=4)
+        for s in w.shards_todo():
+            w.write_shard(
+                s, {i: {k: v.to(stored).to(dtype) for k, v in cache[i].items()} for i in w.items_of(s)}
+            )
+        w.finalize()
+
+    copy(tmp_path / "low" / "latents", stored)
+    copy(tmp_path / "ref" / "latents", torch.float32)
+    cfg = _cfg(lora_rank=2, mixed_precision=precision, report_to="none")
+    with caplog.at_level("INFO", logger="moalign"):
+        low = train_stage2(
+            tmp_path / "low" / "latents", tmp_path / "run-low", cfg, caches / "targets", progress=False
+        )
+    assert (
+        f"latents/latents {str(stored).removeprefix('torch.')}" in caplog.text
+        and "cast to float32" in caplog.text
+    )
+    ref = train_stage2(
+        tmp_path / "ref" / "latents", tmp_path / "run-ref", cfg, caches / "targets", progress=False
+    )
+    assert torch.isfinite(torch.tensor(low["total"]))
+    assert low["total"] == ref["total"] and low["diffusion"] == ref["diffusion"]

@@ -325,6 +325,19 @@ def _open_caches(cfg: Stage2Config, latents: Cache, targets_cache) -> tuple[Cach
         targets = Cache(targets_cache)
         _check_same_clips(latents, targets)
     ids = [i for i in latents.indices if targets is None or i in targets]
+    stored = {
+        f"{cache.root.name}/{name}": str(value.dtype).removeprefix("torch.")
+        for cache in (latents, targets)
+        if cache is not None and ids
+        for name, value in cache[ids[0]].items()
+        if value.is_floating_point() and value.dtype != torch.float32
+    }
+    if stored:  # caches of any dtype train under any precision: every batch is cast to float32 as it loads
+        shown = ", ".join(f"{k} {v}" for k, v in stored.items())
+        logger.info(
+            f"[stage2] cached {shown}: cast to float32 as each batch loads (mixed_precision "
+            f"{cfg.mixed_precision} computes in its own dtype)"
+        )
     return latents, targets, ids
 
 
@@ -484,11 +497,12 @@ class _Batches:
             positions = share[a * self.micro : (a + 1) * self.micro]
             idx = [self.ids[j] for j in batch[positions].tolist()]
             items = [self.latents[i] for i in idx]
-            lat = torch.stack([it["latents"] for it in items]).to(self.device)
-            emb = torch.stack([it["prompt_embeds"] for it in items]).to(self.device)
+            # float32 whatever the caches store (a bfloat16 or float16 cache trains under any precision)
+            lat = torch.stack([it["latents"] for it in items]).to(self.device, torch.float32)
+            emb = torch.stack([it["prompt_embeds"] for it in items]).to(self.device, torch.float32)
             teacher = None
             if self.targets is not None:
-                teacher = torch.stack([self.targets[i][self.key] for i in idx]).to(self.device)
+                teacher = torch.stack([self.targets[i][self.key] for i in idx]).to(self.device, torch.float32)
             seed = self.cfg.seed * 1_000_003 + step * 10_007
             yield lat, emb, teacher, [torch.Generator().manual_seed(seed + j) for j in positions]
 
