@@ -50,6 +50,7 @@ from moalign.run.training import (
     check_report_to,
     cosine_with_warmup,
     format_parameter_counts,
+    hold_run_folder,
     open_run,
     optimizer_step,
     parameter_counts,
@@ -318,6 +319,7 @@ def train_stage1(
         raise MoalignError(
             "stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)"
         )
+    _lock = hold_run_folder(out_dir, create=False)  # held while this run works: a folder in use stops at once
     done_metrics = finished_run(out_dir, resume, "stage-1", cfg.steps)
     if done_metrics is not None:
         return done_metrics

@@ -60,6 +60,7 @@ from moalign.run.training import (
     check_report_to,
     cosine_with_warmup,
     format_parameter_counts,
+    hold_run_folder,
     open_run,
     optimizer_step,
     parameter_counts,
@@ -534,6 +535,7 @@ def train_stage2(
     from accelerate.utils import DistributedType, set_seed
 
     out_dir = Path(out_dir)
+    _lock = hold_run_folder(out_dir, create=False)  # held while this run works: a folder in use stops at once
     done_metrics = finished_run(out_dir, resume, "stage-2", cfg.steps)
     if done_metrics is not None:
         return done_metrics

@@ -32,6 +32,7 @@ from moalign.errors import Interrupted, MoalignError
 from moalign.run import console
 from moalign.run.atomic import json_safe, write_failure, write_json
 from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
+from moalign.run.lock import FolderLock, hold_folder
 
 logger = console.get_logger(__name__)
 
@@ -75,6 +76,7 @@ class RunLogger:
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
         self.start = time.time()
+        self.lock: Any = None  # the run folder's lock while the run writes it (`open_run`)
         if self.path.is_file():
             # keep what came before the resumed step, drop lines a killed run wrote after its last checkpoint
             self.history = [r for r in read_log(run_dir) if r.get("step", 0) <= resume_from_step]
@@ -327,17 +329,37 @@ def open_run(
     report_to: str = "none",
 ) -> RunLogger:
     """Create the run folder and its RUN/config.json on the main process; the run's logger, continuing after
-    `start_step` (what a killed run logged later is dropped), with `config` as the wandb run's config."""
+    `start_step` (what a killed run logged later is dropped), with `config` as the wandb run's config.
+
+    The main process holds the run folder's lock (`hold_run_folder`) for as long as the logger lives: a second
+    run into the same folder is refused, naming this one."""
+    lock = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = hold_run_folder(run_dir)
         write_run_config(run_dir, config, command, launch=launch)
-    return RunLogger(
+    log = RunLogger(
         run_dir,
         enabled=accelerator.is_main_process,
         resume_from_step=start_step - 1,
         report_to=report_to,
         config=config,
     )
+    log.lock = lock
+    return log
+
+
+def hold_run_folder(run_dir: Path, create: bool = True) -> FolderLock | None:
+    """The run folder's lock (`moalign.run.lock.hold_folder`), taken by the launch's main process (RANK 0);
+    None on other processes, and with `create=False` when the folder does not exist yet (a training function
+    takes it early, before loading models, so a second run into a folder in use stops at once; `open_run`
+    takes it for good, creating the folder).
+
+    Raises:
+        MoalignError: another process holds the folder (the message names it).
+    """
+    if os.environ.get("RANK", "0") != "0" or (not create and not Path(run_dir).is_dir()):
+        return None
+    return hold_folder(run_dir, "a training run")
 
 
 def optimizer_step(
