@@ -196,7 +196,7 @@ def test_error_layer_out_of_range():
 
 
 def test_error_sizes_not_divisible_by_patch():
-    with pytest.raises(ValueError, match="divisible by the patch size 8"):
+    with pytest.raises(ValueError, match="divisible by the patch size 8: height 30: use 24 or 32 "):
         VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(30, 32)))
     enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 32)))
     with pytest.raises(ValueError, match="patch size 8"):
@@ -207,9 +207,9 @@ def test_error_sizes_not_divisible_by_patch():
 
 def test_error_frame_count_not_4k_plus_1():
     enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 32)))
-    with pytest.raises(ValueError, match="4k\\+1"):
+    with pytest.raises(ValueError, match=r"fill tubelets of 2: use 13 or 17 frames \(4k\+1"):
         enc.preprocess(clip(1, 16, 32, 32))
-    with pytest.raises(ValueError, match="4k\\+1"):
+    with pytest.raises(ValueError, match=r"use 45 or 49 frames \(4k\+1"):
         enc.grid(48)
     with pytest.raises(ValueError, match="tubelets"):
         enc(pixels(1, 5, 32, 32))
@@ -268,3 +268,33 @@ def test_error_raw_checkpoint_file(tmp_path):
     torch.save({"module": {}}, path)
     with pytest.raises(MoalignError, match="convert-videomaev2 .*vit_b_k710"):
         VideoEncoder.from_pretrained(EncoderConfig(path=str(path)))
+
+
+def test_check_clip_names_the_flag_and_the_nearest_frames_before_any_work(tmp_path):
+    """Stage 1's clip frames against the encoder's tubelets, as a one-line user error (exit 2 in the CLI) with the
+    nearest 4k+1 counts that fit, and the suggested counts pass; with drop_first_frame off no 4k+1 clip fills
+    tubelets of 2, and the message says to turn it on. An input size off the patch names both neighbours."""
+    enc = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 32)))
+    with pytest.raises(MoalignError, match=r"^--num-frames 16: .* use 13 or 17 frames"):
+        enc.check_clip(16)
+    with pytest.raises(MoalignError, match=r"^--num-frames 1: .* use 5 frames"):
+        enc.check_clip(1)
+    enc.check_clip(13)
+    enc.check_clip(17)
+    keep = VideoEncoder(tiny_videomae(), EncoderConfig(input_size=(32, 32), drop_first_frame=False))
+    with pytest.raises(MoalignError, match=r"--set encoder.drop_first_frame=true"):
+        keep.check_clip(17, flag="--set data.num_frames=")
+    keep.check_clip(16)  # a plain count of frames is fine there (no 4k+1 clip is)
+    thirds = VideoEncoder(
+        tiny_videomae(tubelet=3, frames=6), EncoderConfig(input_size=(32, 32), drop_first_frame=False)
+    )
+    with pytest.raises(MoalignError, match=r"drop_first_frame is off\): use 9 or 21 frames"):
+        thirds.check_clip(17)
+    big = tiny_videomae(image_size=32, patch=16)
+    big.save_pretrained(tmp_path / "p16")
+    with pytest.raises(
+        MoalignError,
+        match=r"input_size=72x360 .* patch size 16: height 72: use 64 or 80; width 360: use 352 or 368",
+    ):
+        VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "p16"), input_size=(72, 360)))
+    VideoEncoder.from_pretrained(EncoderConfig(path=str(tmp_path / "p16"), input_size=(64, 368)))

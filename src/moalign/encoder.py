@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moalign.backbones.spec import nearest_values
 from moalign.errors import MoalignError
 from moalign.tokens import tokens_to_grid
 
@@ -220,8 +221,8 @@ class VideoEncoder(nn.Module):
         h, w = cfg.input_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
-                f"encoder input_size={h}x{w} is not divisible by the patch size {self.patch_size}; pick "
-                f"multiples of {self.patch_size} (e.g. {self._round(h)}x{self._round(w)})."
+                f"encoder input_size={h}x{w} is not divisible by the patch size {self.patch_size}: "
+                f"{self._size_hint(h, w)} (--set encoder.input_size=[H,W])."
             )
         img_h, img_w = _pair(mcfg.image_size)
         self.pretrain_grid = (
@@ -233,8 +234,26 @@ class VideoEncoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def _round(self, size: int) -> int:
-        return max(self.patch_size, round(size / self.patch_size) * self.patch_size)
+    def _size_hint(self, height: int, width: int) -> str:
+        """ "height 72: use 64 or 80", for each size that is not a multiple of the patch."""
+        p = self.patch_size
+        return "; ".join(
+            f"{name} {v}: use {nearest_values(v, lambda x: x % p == 0)}"
+            for name, v in (("height", height), ("width", width))
+            if v % p
+        )
+
+    def check_clip(self, num_frames: int, *, flag: str = "--num-frames") -> None:
+        """Check, before any work starts, that clips of `num_frames` frames fill this encoder's tubelets.
+
+        Raises:
+            MoalignError: they do not; names `flag` and the nearest 4k+1 frame counts that fit (or, when none
+                can with drop_first_frame off, says to turn it on).
+        """
+        try:
+            self._encoder_frames(num_frames)
+        except ValueError as err:
+            raise MoalignError(f"{flag} {num_frames}: {err}") from err
 
     @classmethod
     def from_pretrained(cls, cfg: EncoderConfig, torch_dtype: torch.dtype | None = None) -> VideoEncoder:
@@ -323,24 +342,41 @@ class VideoEncoder(nn.Module):
         self._check_size(height, width)
         return frames // self.tubelet_size, height // self.patch_size, width // self.patch_size
 
+    def _fills_tubelets(self, num_frames: int) -> bool:
+        frames = num_frames - 1 if self.cfg.drop_first_frame else num_frames
+        return frames > 0 and frames % self.tubelet_size == 0
+
     def _encoder_frames(self, num_frames: int) -> int:
         frames = num_frames - 1 if self.cfg.drop_first_frame else num_frames
-        if frames <= 0 or frames % self.tubelet_size:
+        if not self._fills_tubelets(num_frames):
+            t = self.tubelet_size
+
+            def fits(n: int) -> bool:  # clips are 4k+1 frames (DataConfig: what the video VAEs need)
+                return (n - 1) % 4 == 0 and self._fills_tubelets(n)
+
             if self.cfg.drop_first_frame:
                 hint = (
-                    f"use 4k+1 frames (e.g. 17 or 49): frame 0 is dropped and the remaining frames must fill "
-                    f"tubelets of {self.tubelet_size}"
+                    f"frame 0 is dropped and the other frames must fill tubelets of {t}: use "
+                    f"{nearest_values(num_frames, fits)} frames (4k+1, as every clip)"
+                )
+            elif any(fits(n) for n in range(1, 8 * t)):
+                hint = (
+                    f"the frames must fill tubelets of {t} (drop_first_frame is off): use "
+                    f"{nearest_values(num_frames, fits)} frames (4k+1, as every clip)"
                 )
             else:
-                hint = f"use a multiple of the tubelet size {self.tubelet_size} (drop_first_frame is off)"
+                hint = (
+                    f"4k+1-frame clips cannot fill tubelets of {t} with drop_first_frame off: turn it on "
+                    "(--set encoder.drop_first_frame=true; VideoREPA: 49 frames -> 48)"
+                )
             raise ValueError(f"a clip of {num_frames} frames gives {frames} encoder frames: {hint}.")
         return frames
 
     def _check_size(self, height: int, width: int) -> None:
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
-                f"frame size {height}x{width} is not divisible by the encoder patch size {self.patch_size}; "
-                f"resize to multiples of {self.patch_size} (preprocess resizes to cfg.input_size)."
+                f"frame size {height}x{width} is not divisible by the encoder patch size {self.patch_size}: "
+                f"{self._size_hint(height, width)} (preprocess resizes to cfg.input_size)."
             )
 
     def preprocess(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
