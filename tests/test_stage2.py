@@ -430,3 +430,16 @@ def test_caches_of_any_dtype_train_under_any_precision(stored, precision, caches
     )
     assert torch.isfinite(torch.tensor(low["total"]))
     assert low["total"] == ref["total"] and low["diffusion"] == ref["diffusion"]
+
+
+def test_validation_geometry_is_checked_before_any_model_loads(caches, tmp_path, capsys):
+    from moalign.cli import main
+
+    argv = ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"),
+            "--out", str(tmp_path / "run"), "--layers", "1", "--model", "tiny-random", "--quiet",
+            "--validate-every", "1", "--validation-prompt", "a ball", "--set", "validation_pipeline=/nonexistent"]  # fmt: skip
+    assert main([*argv, "--set", "validation_frames=16", "--set", "validation_size=72,64"]) == 2
+    err = capsys.readouterr().err
+    assert "validation_frames=16 is not 4k+1 for cogvideox: use 13 or 17" in err, err
+    assert "height 72 is not a multiple of 16 for cogvideox: use 64 or 80" in err
+    assert not (tmp_path / "run").exists()

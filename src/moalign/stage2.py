@@ -544,6 +544,11 @@ def train_stage2(
     cfg = from_latents_cache(cfg, latents, transformer is not None)
     cfg = _absolute_paths(cfg)  # the run records where its base is, whatever the working directory
     spec = get_backbone(cfg.backbone)
+    if cfg.validate_every and cfg.validation_prompts:  # before any model loads: the videos must be decodable
+        spec.check_geometry(
+            cfg.validation_frames, *cfg.validation_size, flags=("--set validation_frames=", "height", "width"),
+            what="stage 2's validation videos (--set validation_size=HEIGHT,WIDTH)",
+        )  # fmt: skip
     if cfg.model and cfg.model != RANDOM_MODEL:
         spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
     # micro: clips per process and micro-batch
