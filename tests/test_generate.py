@@ -83,7 +83,9 @@ def test_generate_config_fields_are_generate_keywords():
     """`moalign generate` passes a GenerateConfig to generate() as keywords (src/moalign/cli.py)."""
     keywords = inspect.signature(generate).parameters
     assert all(keywords[f.name].kind is inspect.Parameter.KEYWORD_ONLY for f in fields(GenerateConfig))
-    for bad in (dict(num_frames=0), dict(steps=0), dict(height=-16), dict(fps=0.0)):
+    bad_values = (dict(num_frames=0), dict(steps=0), dict(height=-16), dict(fps=0.0), dict(fps=float("inf")),
+                  dict(fps=float("nan")), dict(guidance_scale=float("nan")), dict(guidance_scale=float("inf")))  # fmt: skip
+    for bad in bad_values:
         with pytest.raises(ValueError, match="must be"):
             GenerateConfig(**bad)
 

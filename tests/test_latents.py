@@ -165,3 +165,28 @@ def test_stage2_refuses_to_train_a_random_model_unless_named(tmp_path):
         tmp_path / "c" / "latents", tmp_path / "run", replace(cfg, model="tiny-random"), progress=False
     )
     assert m["steps"] == 1
+
+
+def test_latents_pass_the_dtype_hint_to_fill_cache_when_it_takes_one(playground, tmp_path, monkeypatch):
+    """fill_cache's own finite check (`nonfinite_hint`) gets latents' fix; a fill_cache without the keyword is
+    called as before (latents check each clip themselves)."""
+    import moalign.latents as latents_module
+    from moalign.data.cache_writer import fill_cache
+    from moalign.latents import NONFINITE_HINT
+
+    hints = []
+
+    def with_hint(*args, nonfinite_hint: str = "", **kwargs):
+        hints.append(nonfinite_hint)
+        return fill_cache(*args, **kwargs)
+
+    def without_hint(*args, **kwargs):
+        hints.append(None)
+        return fill_cache(*args, **kwargs)
+
+    pipe, clips = tiny_pipeline("wan"), playground(2)
+    for i, stand_in in enumerate((with_hint, without_hint)):
+        monkeypatch.setattr(latents_module, "fill_cache", stand_in)
+        compute_latents(clips, None, tmp_path / f"lat{i}", backbone="wan", data=MICRO_DATA, pipeline=pipe,
+                        progress=False)  # fmt: skip
+    assert hints == [NONFINITE_HINT, None] and "--dtype float32" in NONFINITE_HINT

@@ -46,8 +46,12 @@ class GenerateConfig:
         for name in ("num_frames", "height", "width", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.fps > 0:
-            raise ValueError(f"fps must be positive, got {self.fps}")
+        if not 0 < self.fps < float("inf"):
+            raise ValueError(f"fps must be a positive number, got {self.fps}")
+        if not abs(self.guidance_scale) < float("inf"):  # NaN or inf: every video would be NaN
+            raise ValueError(
+                f"guidance_scale must be a finite number (1.0: no guidance), got {self.guidance_scale}"
+            )
 
 
 def family(pipeline_class_name: str) -> str:
