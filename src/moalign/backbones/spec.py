@@ -60,7 +60,7 @@ class GeometryRule:
         if not self.frames_ok(num_frames):
             out.append(
                 f"{_flag(flags[0], num_frames)} is not {self.frames_form()} for {self.family}: use "
-                f"{_nearest(num_frames, self.frames_ok)}"
+                f"{nearest_values(num_frames, self.frames_ok)}"
             )
         for flag, value, multiple in (
             (flags[1], height, self.size_multiple[0]),
@@ -69,7 +69,7 @@ class GeometryRule:
             if value < multiple or value % multiple:
                 out.append(
                     f"{_flag(flag, value)} is not a multiple of {multiple} for {self.family}: use "
-                    f"{_nearest(value, lambda v, m=multiple: v >= m and v % m == 0)}"
+                    f"{nearest_values(value, lambda v, m=multiple: v >= m and v % m == 0)}"
                 )
         return out
 
@@ -78,8 +78,9 @@ def _flag(flag: str, value: int) -> str:
     return f"{flag}{value}" if flag.endswith("=") else f"{flag} {value}"
 
 
-def _nearest(value: int, ok: Callable[[int], bool], span: int = 4096) -> str:
-    """ "A or B": the nearest values below and above `value` for which `ok` holds (only B when none is below)."""
+def nearest_values(value: int, ok: Callable[[int], bool], span: int = 4096) -> str:
+    """ "A or B": the nearest positive values below and above `value` for which `ok` holds (only B when none is
+    below), for messages that say what to use instead."""
     below = next((v for v in range(int(value) - 1, 0, -1) if ok(v)), None)
     above = next(v for v in range(max(int(value) + 1, 1), int(value) + span) if ok(v))
     return str(above) if below is None else f"{below} or {above}"
@@ -245,7 +246,11 @@ class BackboneSpec:
 def compute_dtype(transformer: nn.Module) -> torch.dtype:
     """The dtype a transformer computes in: its weights' dtype, or the compute dtype of diffusers' layerwise
     casting (fp8 storage); inputs are cast to it, so latents or embeddings cached in another dtype fit."""
-    return unwrap(transformer).dtype
+    model = unwrap(transformer)
+    dtype = getattr(model, "dtype", None)  # diffusers models: the layerwise-casting compute dtype when set
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
