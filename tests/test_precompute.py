@@ -2,6 +2,7 @@
 builds, each writing only its own shards; a SIGKILLed run, started again with the same command, ends equal to an
 uninterrupted one."""
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,3 +198,29 @@ def test_precompute_with_a_teacher_cuts_every_cache_as_the_teacher(world, tmp_pa
     assert "[precompute] clips as the teacher" in capsys.readouterr().out
     lat, tgt = Cache(tmp_path / "ok" / "latents"), Cache(tmp_path / "ok" / "targets")
     assert lat.fingerprint["data"]["num_frames"] == tgt.fingerprint["data"]["num_frames"] == 9
+
+
+def test_a_damaged_shard_is_named_and_rebuilt_by_the_same_command(world, uninterrupted, tmp_path, capsys):
+    """A shard damaged on disk stops the next command naming it (exit 2, no traceback); deleted as the message
+    says, the same precompute command recomputes it alone and rewrites the manifest."""
+    import shutil
+
+    out = tmp_path / "caches"
+    shutil.copytree(uninterrupted, out)
+    shard = out / "latents" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-40:-8] = bytes(32)  # zeroed bytes inside the tensors
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_args(world, out)) == 2  # finalizing the complete caches again checks every shard
+    err = capsys.readouterr().err
+    assert str(shard) in err and "damaged" in err and "Delete that file" in err and "Traceback" not in err
+    shard.unlink()
+    assert main(_args(world, out)) == 0
+    _same_caches(uninterrupted, out)
+    manifest = json.loads((out / "latents" / "manifest.json").read_text())
+    with safe_open(str(shard), "pt") as f:
+        assert f.metadata()["process"] == "0/1"  # recomputed here; the other shards are the copied ones
+    # the manifest holds the recomputed shard's hash (its bytes may differ: safetensors orders metadata freely)
+    assert manifest["shard_sha256"][shard.name] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert len(Cache(out / "latents")[2]["latents"]) == 3
