@@ -152,8 +152,9 @@ def test_latents_stop_at_a_clip_that_overflows_in_float16(playground, tmp_path, 
             "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
     assert main([*argv, "--dtype", "float16"]) == 2
     err = capsys.readouterr().err
-    assert f"{clips / 'videos' / 'clip_00000.mp4'}: its latents are not finite" in err, err
-    assert "encode with --dtype float32 (or bfloat16" in err and len(err.strip().splitlines()) == 1
+    assert f"clip 0 ({clips / 'videos' / 'clip_00000.mp4'}) gave a non-finite 'latents' tensor" in err, err
+    assert "Encode with --dtype float32 (or bfloat16" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "lat" / "manifest.json").exists()
     with pytest.raises(MoalignError):
         Cache(tmp_path / "lat", kind="latents")

@@ -167,26 +167,24 @@ def test_stage2_refuses_to_train_a_random_model_unless_named(tmp_path):
     assert m["steps"] == 1
 
 
-def test_latents_pass_the_dtype_hint_to_fill_cache_when_it_takes_one(playground, tmp_path, monkeypatch):
-    """fill_cache's own finite check (`nonfinite_hint`) gets latents' fix; a fill_cache without the keyword is
-    called as before (latents check each clip themselves)."""
+def test_latents_tell_fill_cache_which_dtype_to_use_when_a_tensor_is_not_finite(
+    playground, tmp_path, monkeypatch
+):
+    """fill_cache's finite check ends its message with latents' fix for the dtype encoded in: float16 -> float32 or
+    bfloat16, bfloat16 -> float32, float32 -> the model (no other dtype to try)."""
     import moalign.latents as latents_module
     from moalign.data.cache_writer import fill_cache
-    from moalign.latents import NONFINITE_HINT
+    from moalign.latents import nonfinite_hint
 
     hints = []
 
-    def with_hint(*args, nonfinite_hint: str = "", **kwargs):
+    def recording(*args, nonfinite_hint: str = "", **kwargs):
         hints.append(nonfinite_hint)
-        return fill_cache(*args, **kwargs)
+        return fill_cache(*args, nonfinite_hint=nonfinite_hint, **kwargs)
 
-    def without_hint(*args, **kwargs):
-        hints.append(None)
-        return fill_cache(*args, **kwargs)
-
-    pipe, clips = tiny_pipeline("wan"), playground(2)
-    for i, stand_in in enumerate((with_hint, without_hint)):
-        monkeypatch.setattr(latents_module, "fill_cache", stand_in)
-        compute_latents(clips, None, tmp_path / f"lat{i}", backbone="wan", data=MICRO_DATA, pipeline=pipe,
-                        progress=False)  # fmt: skip
-    assert hints == [NONFINITE_HINT, None] and "--dtype float32" in NONFINITE_HINT
+    monkeypatch.setattr(latents_module, "fill_cache", recording)
+    compute_latents(playground(2), None, tmp_path / "lat", backbone="wan", data=MICRO_DATA,
+                    pipeline=tiny_pipeline("wan"), dtype=torch.bfloat16, progress=False)  # fmt: skip
+    assert hints == [nonfinite_hint(torch.bfloat16)] and "--dtype float32;" in hints[0]
+    assert "--dtype float32 (or bfloat16" in nonfinite_hint(torch.float16)
+    assert "--dtype" not in nonfinite_hint(torch.float32) and "weights" in nonfinite_hint(torch.float32)

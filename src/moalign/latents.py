@@ -7,7 +7,6 @@ embeddings come from the pipeline's own `encode_prompt` at the family's sequence
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -21,11 +20,10 @@ from moalign.data.cache import dataset_identity
 from moalign.data.cache_writer import CacheWriter, fill_cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.sampling import DataConfig
-from moalign.errors import MoalignError, loading
+from moalign.errors import loading
 from moalign.generate import model_id
 
 LATENTS_KIND = "latents"
-NONFINITE_HINT = "encode with --dtype float32 (or bfloat16, whose range does not overflow)"
 
 
 def _transformer_config(pipeline: Any, model: str | None) -> dict | None:
@@ -74,9 +72,9 @@ def compute_latents(
     Raises:
         MoalignError: `data`'s geometry does not fit the family's VAE and the transformer to be trained (checked
             before loading, with the folder's configs, and again with the loaded VAE's), naming the flag and the
-            nearest valid values; a clip whose latents or prompt embeddings are not finite (16-bit overflow),
-            naming the clip and the --dtype to use: its shard is not written and the cache is not finalized
-            (re-run to resume).
+            nearest valid values; a clip whose latents or prompt embeddings are not finite (16-bit overflow):
+            `fill_cache` names the clip and tensor, `nonfinite_hint` the --dtype to use; that clip's shard is not
+            written and the cache is not finalized.
     """
     spec = get_backbone(backbone)
     transformer_config = _transformer_config(pipeline, model)
@@ -114,32 +112,20 @@ def compute_latents(
             max_sequence_length=text_length,
             device=torch.device(device),
         )
-        item = {"latents": latents.to(dtype).cpu(), "prompt_embeds": embeds[0].to(dtype).cpu()}
-        check_finite(item, sample.get("video", f"clip {sample.get('index')}"), dtype)
-        return item
+        return {"latents": latents.to(dtype).cpu(), "prompt_embeds": embeds[0].to(dtype).cpu()}
 
-    hint = (
-        {"nonfinite_hint": NONFINITE_HINT}
-        if "nonfinite_hint" in inspect.signature(fill_cache).parameters
-        else {}
-    )
     return fill_cache(
-        writer, dataset, compute, desc="latents", progress=progress, rank=rank, world_size=world_size, **hint
-    )
+        writer, dataset, compute, desc="latents", progress=progress, rank=rank, world_size=world_size,
+        nonfinite_hint=nonfinite_hint(dtype),
+    )  # fmt: skip
 
 
-def check_finite(item: dict[str, torch.Tensor], clip: str, dtype: torch.dtype) -> None:
-    """Stop with a MoalignError naming the clip and tensor when an encoded tensor holds NaN or inf (a 16-bit VAE
-    or text encoder overflowed, or the stored dtype cannot hold the values): stage 2 would train on them."""
-    for name, tensor in item.items():
-        bad = ~torch.isfinite(tensor)
-        if bad.any():
-            in_dtype = str(dtype).removeprefix("torch.")
-            fix = {
-                torch.float16: NONFINITE_HINT,
-                torch.bfloat16: "encode with --dtype float32",
-            }.get(dtype, "the pipeline's VAE or text encoder weights hold NaN/inf: check the model")
-            raise MoalignError(
-                f"{clip}: its {name} are not finite ({bad.float().mean().item():.0%} NaN or inf, encoded in {in_dtype}): "
-                f"{fix}. The cache is not finished: after changing --dtype, re-run with --overwrite"
-            )
+def nonfinite_hint(dtype: torch.dtype) -> str:
+    """What to change when a clip's latents or embeddings come out NaN/inf in `dtype` (fill_cache's check names
+    the clip and tensor): float16 overflows in these VAEs and text encoders; in float32 it is the model."""
+    redo = "; after changing --dtype, re-run with --overwrite (the cache records its dtype)"
+    if dtype == torch.float16:
+        return f"Encode with --dtype float32 (or bfloat16, whose range does not overflow){redo}."
+    if dtype == torch.bfloat16:
+        return f"Encode with --dtype float32{redo}."
+    return "Check that clip's video and the pipeline's VAE and text encoder weights (NaN/inf in them?)."
