@@ -188,3 +188,27 @@ def test_latents_tell_fill_cache_which_dtype_to_use_when_a_tensor_is_not_finite(
     assert hints == [nonfinite_hint(torch.bfloat16)] and "--dtype float32;" in hints[0]
     assert "--dtype float32 (or bfloat16" in nonfinite_hint(torch.float16)
     assert "--dtype" not in nonfinite_hint(torch.float32) and "weights" in nonfinite_hint(torch.float32)
+
+
+def test_a_latents_cache_pins_the_vae_and_text_encoder_by_content(playground, tmp_path, capsys):
+    """Resumed after the VAE's weights changed at the same path, a latents cache would mix two VAEs: refused,
+    naming weights_sha256; the same command with the same weights has nothing left to do."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moalign.cli import main
+
+    clips = playground(2)
+    tiny_pipeline("wan").save_pretrained(tmp_path / "wan")
+    argv = ["latents", "--data", str(clips), "--model", str(tmp_path / "wan"), "--out", str(tmp_path / "lat"),
+            "--num-frames", "9", "--height", "32", "--width", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert Cache(tmp_path / "lat").fingerprint["weights_sha256"]
+    assert main(argv) == 0  # the same weights: the finished cache stands
+    vae = tmp_path / "wan" / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(vae)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(vae))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "built with different settings" in err and "weights_sha256" in err, err
+    assert torch.is_tensor(Cache(tmp_path / "lat")[0]["latents"])  # the cache itself is untouched

@@ -85,8 +85,10 @@ def test_resume_latest_is_safe_to_repeat(caches, tmp_path):
         train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
     with pytest.raises(MoalignError, match="unfinished stage-2 run; add --resume latest"):
         train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
-    with pytest.raises(MoalignError, match=r"other settings.*\n  lr: 0.001 -> 0.002"):
-        train_stage2(caches / "latents", run, replace(cfg, lr=2e-3), caches / "targets", resume="latest")
+    with pytest.raises(MoalignError, match=r"other settings.*\n  weight_decay: 0.0 -> 0.1"):
+        train_stage2(
+            caches / "latents", run, replace(cfg, weight_decay=0.1), caches / "targets", resume="latest"
+        )
     first = train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)
     weights = (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
     again = train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)

@@ -22,6 +22,7 @@ from moalign.data.dataset import VideoClipDataset
 from moalign.data.sampling import DataConfig
 from moalign.errors import loading
 from moalign.generate import model_id
+from moalign.run.digest import model_digest
 
 LATENTS_KIND = "latents"
 
@@ -97,6 +98,8 @@ def compute_latents(
         "max_sequence_length": text_length,
         "dtype": str(dtype).removeprefix("torch."),
         "vae_tiling": vae_tiling,
+        # the VAE's and text encoder's content: a cache resumed after either changed at the same path is refused
+        "weights_sha256": model_digest(model, ("vae", "text_encoder")) if model is not None else None,
         **dataset_identity(dataset),
     }
     writer = CacheWriter(

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moalign.data.cache import Cache
 from moalign.data.dataset import VideoClipDataset
 from moalign.data.flow import build_flow_estimator
 from moalign.data.flow_cache import load_flow_cache
@@ -186,6 +187,7 @@ def _build(data_dir: str | Path, cfg: Stage1Config, flow_cache: str | None, devi
     # float32 weights whatever the checkpoint stores (converted ViTs are often fp16, slow and lossy on CPU);
     # mixed precision, when asked for, comes from accelerate's autocast
     encoder = VideoEncoder.from_pretrained(cfg.encoder, torch_dtype=torch.float32).to(device)
+    encoder.check_clip(cfg.data.num_frames)  # before the dataset is read
     cfg = replace(
         cfg, projector=replace(cfg.projector, in_dim=encoder.width)
     )  # resolved: recorded in the run
@@ -286,6 +288,7 @@ def _save_checkpoint(out_dir: Path, done: int, heads: Stage1Heads, cfg: Stage1Co
         },
         training_state(optimizer, scheduler),
         limit=cfg.checkpoint_limit,
+        config=to_dict(cfg),
     )
 
 
@@ -331,13 +334,14 @@ def train_stage1(
     _announce(parts)
     optimizer = torch.optim.AdamW(parts.heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg))
+    inputs = {"flow": parts.flow_source.digest} if isinstance(parts.flow_source, Cache) else None
+    ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg), inputs)
     start_step = _resume(ckpt, parts.heads, optimizer, scheduler)
     heads, optimizer, params = prepare_training(
         accelerator, parts.heads, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
     )
     prep = _features(parts, device, progress, fresh=ckpt is None)
-    log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to)
+    log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to, inputs)
 
     t0 = time.time()
     seen = 0  # clips this process trained on in this launch: its share of every global batch

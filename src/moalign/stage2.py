@@ -12,6 +12,7 @@ the text encoder is in memory. Outputs: pytorch_lora_weights.safetensors (LoRA, 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -559,11 +560,19 @@ def train_stage2(
     latents, targets, ids = _open_caches(cfg, latents, targets_cache)
     logger.info(_describe(cfg, latents, given, transformer is not None))
     transformer = _trainable_transformer(spec, cfg, transformer)
+    data = latents.fingerprint.get("data") or {}
+    if all(k in data for k in ("num_frames", "height", "width")):  # e.g. CogVideoX 1.5 trains on 8k+5 frames
+        spec.check_geometry(
+            data["num_frames"], data["height"], data["width"], what=f"stage 2 on the latents in {latents.root}",
+            transformer_config=unwrap(transformer).config, training=True,
+        )  # fmt: skip
     aligner, grid = _build_aligner(spec, cfg, transformer, latents, targets, ids)
     model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
     optimizer, scheduler = _optimizer(model, cfg)
-    ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg))
+    # what the run trains on, by content: a resume onto other caches at the same paths is refused
+    inputs = {"latents": latents.digest, "targets": targets.digest if targets is not None else None}
+    ckpt = resume_checkpoint(out_dir, resume, to_dict(cfg), inputs)
     start_step = _resume_weights(ckpt, model, optimizer, scheduler)
     model, optimizer, params = prepare_training(
         accelerator, model, optimizer, micro_batch=micro, grad_clip=cfg.grad_clip
@@ -573,7 +582,7 @@ def train_stage2(
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     start_step = _resume_sharded(accelerator, ckpt, sharded, scheduler, start_step, cfg.validate_every)
     device = accelerator.device
-    log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to)
+    log = open_run(accelerator, out_dir, to_dict(cfg), command, launch, start_step, cfg.report_to, inputs)
     data = _Batches(latents, targets, ids, cfg.align.teacher_key, cfg, micro, device)
     save = _Checkpointer(
         accelerator, out_dir, cfg, spec, {"stage2": to_dict(cfg), "token_grid": list(grid)}, trainable
@@ -651,6 +660,9 @@ class _Checkpointer:
         full = full_state_dict(acc, model)  # every process joins; None except on the main one
         partial = out_dir / f".checkpoint-{done}.partial"
         if sharded:
+            if acc.is_main_process:  # a killed run's (perhaps of another process count): no stray rank files
+                shutil.rmtree(partial, ignore_errors=True)
+            acc.wait_for_everyone()
             acc.save_state(str(partial / ACCELERATE_STATE))  # every process writes its shard
             acc.wait_for_everyone()  # all shards are on disk before the folder is renamed
         if acc.is_main_process:
@@ -664,6 +676,7 @@ class _Checkpointer:
                 },
                 training_state(None if sharded else optimizer, scheduler),
                 limit=self.cfg.checkpoint_limit,
+                config=to_dict(self.cfg),
                 partial=partial if sharded else None,
                 extra=lambda folder: self.save_loadable(model, folder, full, sharded),
             )

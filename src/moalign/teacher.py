@@ -25,28 +25,24 @@ from moalign.encoder import VideoEncoder
 from moalign.errors import MoalignError
 from moalign.run import console
 from moalign.run.checkpoint import load_module_file
-from moalign.run.digest import content_digest
+from moalign.run.digest import model_digest
 from moalign.run.serialize import to_dict
 
 logger = console.get_logger(__name__)
 
 TARGETS_KIND = "teacher_targets"
 
-# the files of a transformers model folder that decide its outputs (not a pretrain-encoder's run_config.json)
-_MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-
 
 def encoder_digest(path: str | None, model: Any = None) -> str | None:
-    """sha256 (16 hex digits) of an encoder's content: its folder's config.json and weights files.
+    """sha256 (16 hex digits) of an encoder's content: its folder's config.json and weights files
+    (`moalign.run.digest.model_digest`).
 
     A hub id (no local folder) is pinned by the commit transformers loaded (``model.config._commit_hash``)
     when `model` is given; None when neither is known. So a targets cache resumed after the encoder's weights
     changed at the same path is refused (`compute_targets`'s fingerprint holds it).
     """
-    folder = Path(path).expanduser() if path else None
-    if folder is not None and folder.is_dir():
-        files = sorted({f for pattern in _MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
-        return content_digest(files) if files else None
+    if path and Path(path).expanduser().is_dir():
+        return model_digest(path)
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     return f"hub:{commit}" if commit else None
 
@@ -143,6 +139,13 @@ def compute_targets(
     dataset = VideoClipDataset(data_dir, data_cfg, load_flow=False)
     encoder = VideoEncoder.from_pretrained(teacher.encoder, torch_dtype=torch.float32).to(device)
     projector = teacher.projector.to(device)
+    if encoder.width != projector.cfg.in_dim:  # the encoder at that path changed since stage 1
+        raise MoalignError(
+            f"the stage-1 run {teacher_run} was trained on {projector.cfg.in_dim}-wide encoder tokens, but the "
+            f"encoder at {teacher.encoder.path} now gives {encoder.width}-wide ones: it is not the encoder stage 1 "
+            "used. Put that encoder back at the path, or train stage 1 again on this one"
+        )
+    encoder.check_clip(data_cfg.num_frames, flag="the teacher's --num-frames")
     fingerprint = {
         "teacher_sha256": file_digest(teacher.source),
         "encoder": to_dict(teacher.encoder),

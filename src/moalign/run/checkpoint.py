@@ -107,6 +107,7 @@ def write_run_config(
     launch: dict[str, Any] | None = None,
     name: str = "config.json",
     resumed_at: int | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> None:
     """Write RUN/config.json (`name`; an encoder folder, whose config.json is the model's, uses run_config.json):
     the resolved config plus version, git commit, the command that made the run and the launch it runs under
@@ -118,6 +119,8 @@ def write_run_config(
             record's ``"resumed"`` list and, when this config differs from the one on disk (only fields in
             RESUMABLE_CHANGES can: `check_resume_config`), appends ``{"step": N, "changes": {key: [old, new]}}``
             (dotted keys), so the folder says which settings held from which step.
+        inputs: what the run trains from, by content (e.g. stage 2's {"latents": Cache.digest, "targets": ...}),
+            recorded as ``"inputs"``; `check_resume_inputs` refuses a resume onto other ones.
     """
     record = {
         "command": command,
@@ -127,6 +130,8 @@ def write_run_config(
     }
     if launch is not None:
         record["launch"] = launch
+    if inputs is not None:
+        record["inputs"] = inputs
     if resumed_at:
         old = _read_run_record(run_dir / name)
         history = list(old.get("resumed") or [])
@@ -473,6 +478,26 @@ def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
         raise MoalignError(
             f"cannot resume {run_dir}: it was started with other settings (run folder -> this command):\n"
             f"  {listing}\nRe-run with the run's settings (see {path}), or choose a new --out."
+        )
+
+
+def check_resume_inputs(run_dir: Path, inputs: dict[str, Any] | None) -> None:
+    """Refuse to resume a run on other inputs than it was started on (RUN/config.json's "inputs", by content:
+    e.g. a targets cache of another teacher, or latents of other clips, at the same path); a run folder from
+    before inputs were recorded is not checked.
+
+    Raises:
+        MoalignError: naming each input that changed.
+    """
+    old = _read_run_record(Path(run_dir) / "config.json").get("inputs")
+    if not inputs or not isinstance(old, dict):
+        return
+    changed = [f"{k}: {old.get(k)} -> {v}" for k, v in inputs.items() if k in old and old.get(k) != v]
+    if changed:
+        raise MoalignError(
+            f"cannot resume {run_dir}: it was trained on other inputs (run folder -> this command, by content):\n  "
+            + "\n  ".join(changed)
+            + "\nPass the caches the run was started with (see its config.json: command), or choose a new --out."
         )
 
 

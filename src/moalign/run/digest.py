@@ -86,3 +86,39 @@ def tensors_digest(tensors: dict, length: int = 16) -> str:
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:length]
+
+
+# the files of a transformers / diffusers model folder that decide its outputs (not e.g. a run record)
+MODEL_FILES = (
+    "config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json",
+)  # fmt: skip
+
+
+def model_digest(model: str | os.PathLike | None, subfolders: tuple[str, ...] = ("",)) -> str | None:
+    """sha256 (16 hex digits) of a model's content: the config and weights files (`MODEL_FILES`) of a local
+    folder's `subfolders` ("" is the folder itself; e.g. ("vae", "text_encoder") of a diffusers pipeline).
+
+    A hub id is pinned by the commit of its snapshot in the local Hub cache ("hub:COMMIT"); None when `model` is
+    neither a folder nor a cached hub id (nothing to pin: the path or id alone then identifies it).
+    """
+    if model is None:
+        return None
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        files = sorted(
+            {
+                f
+                for sub in subfolders
+                for pattern in MODEL_FILES
+                for f in (folder / sub).glob(pattern)
+                if f.is_file()
+            }
+        )
+        return content_digest(files) if files else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(str(model), local_files_only=True)
+    except Exception:  # not cached, not a hub id, offline: nothing to pin
+        return None
+    return f"hub:{Path(snapshot).name}"

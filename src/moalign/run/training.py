@@ -31,7 +31,13 @@ from torch import nn
 from moalign.errors import Interrupted, MoalignError
 from moalign.run import console
 from moalign.run.atomic import json_safe, write_failure, write_json
-from moalign.run.checkpoint import check_resume_config, resolve_resume, write_run_config
+from moalign.run.checkpoint import (
+    check_resume_config,
+    check_resume_inputs,
+    remove_temporaries,
+    resolve_resume,
+    write_run_config,
+)
 from moalign.run.lock import FolderLock, hold_folder
 
 logger = console.get_logger(__name__)
@@ -310,12 +316,16 @@ def format_parameter_counts(counts: dict[str, tuple[int, int]]) -> str:
     return "; ".join(f"{k}: {t:,} trainable, {f:,} frozen" for k, (t, f) in counts.items())
 
 
-def resume_checkpoint(run_dir: Path, resume: str | None, config: dict[str, Any]) -> Path | None:
-    """The checkpoint-N folder a run continues from (None: a fresh start), after checking that the run folder
-    was started with the same settings (`check_resume_config`)."""
-    ckpt = resolve_resume(run_dir, resume)
+def resume_checkpoint(
+    run_dir: Path, resume: str | None, config: dict[str, Any], inputs: dict[str, Any] | None = None
+) -> Path | None:
+    """The checkpoint-N folder a run continues from (None: a fresh start), verified and of this run
+    (`resolve_resume`), after checking that the run folder was started with the same settings
+    (`check_resume_config`) and inputs (`check_resume_inputs`)."""
+    ckpt = resolve_resume(run_dir, resume, config)
     if ckpt is not None:
         check_resume_config(run_dir, config)
+        check_resume_inputs(run_dir, inputs)
     return ckpt
 
 
@@ -327,6 +337,7 @@ def open_run(
     launch: dict[str, Any] | None,
     start_step: int,
     report_to: str = "none",
+    inputs: dict[str, Any] | None = None,
 ) -> RunLogger:
     """Create the run folder and its RUN/config.json on the main process; the run's logger, continuing after
     `start_step` (what a killed run logged later is dropped), with `config` as the wandb run's config.
@@ -336,7 +347,10 @@ def open_run(
     lock = None
     if accelerator.is_main_process:
         lock = hold_run_folder(run_dir)
-        write_run_config(run_dir, config, command, launch=launch)
+        remove_temporaries(run_dir)  # hidden leftovers of writes a killed run left
+        write_run_config(
+            run_dir, config, command, launch=launch, resumed_at=start_step or None, inputs=inputs
+        )
     log = RunLogger(
         run_dir,
         enabled=accelerator.is_main_process,
