@@ -445,3 +445,26 @@ def test_validation_geometry_is_checked_before_any_model_loads(caches, tmp_path,
     assert "validation_frames=16 is not 4k+1 for cogvideox: use 13 or 17" in err, err
     assert "height 72 is not a multiple of 16 for cogvideox: use 64 or 80" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_onto_another_teachers_targets_is_refused(caches, tmp_path):
+    """The run records its caches by content (RUN/config.json "inputs"): the same folder resumed on the targets
+    of another teacher would mix two teachers."""
+    from moalign.data.cache import Cache
+    from moalign.data.cache_writer import CacheWriter
+
+    theirs = Cache(caches / "targets")
+    other = CacheWriter(
+        tmp_path / "other", theirs.kind, {**theirs.fingerprint, "teacher_sha256": "another"}, N, 4
+    )
+    for s in other.shards_todo():
+        other.write_shard(s, {i: theirs[i] for i in other.items_of(s)})
+    other.finalize()
+    cfg, run = _cfg(lora_rank=2), tmp_path / "run"
+    with interrupted_at_call("moalign.stage2.stage2_loss", 3), pytest.raises(KeyboardInterrupt):
+        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
+    recorded = json.loads((run / "config.json").read_text())["inputs"]
+    assert recorded == {"latents": Cache(caches / "latents").digest, "targets": theirs.digest}
+    with pytest.raises(MoalignError, match=r"(?s)trained on other inputs.*targets: "):
+        train_stage2(caches / "latents", run, cfg, tmp_path / "other", resume="latest", progress=False)
+    train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)  # its own
