@@ -255,3 +255,21 @@ def test_a_cache_restarted_by_another_rank_meanwhile_is_joined(tmp_path, monkeyp
     second = cw.CacheWriter(tmp_path, "latents", fewer, num_items=3, shard_size=2)
     assert len(calls) == 2 and second.shards_todo() == [1] and old.num_items == 4
     assert json.loads((tmp_path / "cache.json").read_text())["fingerprint"] == fewer
+
+
+def test_cache_files_follow_the_umask(tmp_path):
+    """safetensors creates its files 0600: caches on a shared cluster's group folder were unreadable by the
+    group. Every atomic write applies the umask."""
+    import os
+
+    from moalign.data.cache_writer import CacheWriter
+
+    old = os.umask(0o002)
+    try:
+        w = CacheWriter(tmp_path / "c", "flow", {"x": 1}, 2, shard_size=2)
+        w.write_shard(0, {0: {"t": torch.zeros(2)}, 1: {"t": torch.ones(2)}})
+        w.finalize()
+    finally:
+        os.umask(old)
+    for name in ("shard-00000.safetensors", "manifest.json", "cache.json"):
+        assert (tmp_path / "c" / name).stat().st_mode & 0o777 == 0o664, name
