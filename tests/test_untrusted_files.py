@@ -16,9 +16,8 @@ a cache shard, the converter's input), a diffusers transformer's ``diffusion_pyt
 `load_transformer`) and RAFT weights (``--raft-weights``). A control test checks that the payload does run when
 unpickled unsafely, so the absence of the marker means something.
 
-`test_refusal_is_one_plain_line` checks the refusal reads as one plain line. Where moalign puts the text of
-torch.load's UnpicklingError into its message (several lines, with terminal escape codes) that case is marked
-xfail(strict=True): no code runs there, the message is only hard to read; the mark goes when the message is fixed.
+`test_refusal_is_one_plain_line` checks each refusal reads as one plain line: torch.load's six-line
+UnpicklingError with terminal escape codes is cut to its "WeightsUnpickler error:" line (`moalign.errors.one_line`).
 """
 
 from __future__ import annotations
@@ -449,44 +448,16 @@ def _raft(tmp_path, marker, capsys) -> str:
     return _message(lambda: _load_state_dict(path))
 
 
-_TORCH_TEXT = (
-    "the message embeds str(err) of torch.load's UnpicklingError, which is several lines long (and holds "
-    "terminal bold escape codes)"
-)
-
-
 @pytest.mark.parametrize(
     "refusal",
     [
-        pytest.param(
-            _convert_pth,
-            id="convert-videomaev2-pth",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="convert_videomaev2.load_official_checkpoint keeps the first line of torch.load's "
-                "UnpicklingError, which holds terminal bold escape codes (\\x1b[1m ... \\x1b[0m)",
-            ),
-        ),
+        pytest.param(_convert_pth, id="convert-videomaev2-pth"),
         pytest.param(_convert_safetensors, id="convert-videomaev2-safetensors"),
-        pytest.param(
-            _stage1_encoder,
-            id="stage1-encoder",
-            marks=pytest.mark.xfail(
-                strict=True, reason=f"encoder.VideoEncoder.from_pretrained: {_TORCH_TEXT}"
-            ),
-        ),
-        pytest.param(
-            _training_state,
-            id="training-state",
-            marks=pytest.mark.xfail(strict=True, reason=f"run.checkpoint.load_training_state: {_TORCH_TEXT}"),
-        ),
+        pytest.param(_stage1_encoder, id="stage1-encoder"),
+        pytest.param(_training_state, id="training-state"),
         pytest.param(_module_file, id="module-file"),
         pytest.param(_transformer, id="transformer"),
-        pytest.param(
-            _raft,
-            id="raft-weights",
-            marks=pytest.mark.xfail(strict=True, reason=f"data.flow._load_state_dict: {_TORCH_TEXT}"),
-        ),
+        pytest.param(_raft, id="raft-weights"),
     ],
 )
 def test_refusal_is_one_plain_line(refusal, tmp_path, marker, capsys):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from moalign.encoder import sinusoid_table
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, one_line
 from moalign.run.atomic import atomic_path
 
 # Official model names -> attention heads (VideoMAEv2 models/modeling_{finetune,pretrain}.py).
@@ -93,8 +93,8 @@ def load_official_checkpoint(
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
         raise MoalignError(
-            f"cannot load {path} safely (torch.load with weights_only=True): {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}. Expected {_EXPECTED}. If the file holds other "
+            f"cannot load {path} safely (torch.load with weights_only=True): "
+            f"{one_line(err)}. Expected {_EXPECTED}. If the file holds other "
             "Python objects (optimizer classes, numpy values), re-save only the weights where you trust it: "
             "torch.save(torch.load(p, weights_only=False)['model'], 'weights.pth')."
         ) from err

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moalign.backbones.spec import nearest_values
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, one_line
 from moalign.tokens import tokens_to_grid
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ class VideoEncoder(nn.Module):
         except Exception as err:  # hub/network/format errors come in many types
             where = "a local folder" if path.exists() else "a hub id (no local folder has that name)"
             raise MoalignError(
-                f"cannot load a VideoMAE encoder from {cfg.path!r} as {where}: {type(err).__name__}: {err}. "
+                f"cannot load a VideoMAE encoder from {cfg.path!r} as {where}: {one_line(err)}. "
                 f"{_HOW_TO_MAKE}"
             ) from err
         if info.get("missing_keys"):

@@ -82,3 +82,20 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+def one_line(err: BaseException) -> str:
+    """A library's error as one plain line for a MoalignError: ``TypeName: the line that says what failed``.
+
+    torch's refusal of an unsafe pickle (``torch.load(weights_only=True)``) runs to six lines with terminal bold
+    codes; its ``WeightsUnpickler error:`` line says what was refused, so that line is kept. Otherwise the first
+    non-empty line. Terminal escape codes are removed.
+    """
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    picked = next(
+        (line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else ""
+    )
+    return f"{type(err).__name__}: {picked}" if picked else type(err).__name__

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from moalign.data.cache import file_digest
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, one_line
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
@@ -272,7 +272,7 @@ class RAFTFlow(FlowEstimator):
         except RuntimeError as err:
             other = "small" if model == "large" else "large"
             raise MoalignError(
-                f"{weights} does not hold torchvision raft_{model} weights ({str(err).splitlines()[0]}). "
+                f"{weights} does not hold torchvision raft_{model} weights ({one_line(err)}). "
                 f"Check the file, or pass the raft model option {other!r} if these are raft_{other} weights."
             ) from err
         self.model_name: str = model
@@ -335,7 +335,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise MoalignError(
-            f"cannot read RAFT weights {path}: {type(err).__name__}: {err}. Pass a torchvision RAFT state dict "
+            f"cannot read RAFT weights {path}: {one_line(err)}. Pass a torchvision RAFT state dict "
             "(.pth or .safetensors)."
         ) from err
     for key in ("model", "state_dict"):

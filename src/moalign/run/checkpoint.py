@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moalign import __version__
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, one_line
 from moalign.run import console
 from moalign.run.atomic import atomic_path, save_safetensors, write_json
 from moalign.run.digest import file_sha256
@@ -327,7 +327,7 @@ def verify_checkpoint(ckpt: Path, config: dict[str, Any] | None = None) -> bool:
         record = json.loads(path.read_text())
         files = dict(record["files"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DamagedCheckpoint(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+        raise DamagedCheckpoint(f"{path} is unreadable ({one_line(err)})") from err
     for name, entry in files.items():
         file = ckpt / name
         if not file.is_file():
@@ -565,7 +565,7 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
         return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise MoalignError(
-            f"cannot read {ckpt / 'training_state.pt'}: {err}. Delete this checkpoint folder."
+            f"cannot read {ckpt / 'training_state.pt'}: {one_line(err)}. Delete this checkpoint folder."
         ) from err
 
 
