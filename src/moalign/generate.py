@@ -249,9 +249,6 @@ def generate(
     import torch
     from PIL import Image
 
-    from moalign.backbones import get_backbone
-    from moalign.backbones.spec import parse_dtype
-
     if not prompts:
         raise MoalignError("no prompts to generate: the prompts file is empty")
     if cpu_offload and not str(device).startswith("cuda"):
@@ -259,34 +256,11 @@ def generate(
             f"--cpu-offload keeps models on the CPU and moves each to the GPU when it runs: it needs a CUDA device "
             f"(--device cuda), not {device}"
         )
-    dtype = auto_dtype(dtype, device)
-    torch_dtype = parse_dtype(dtype)
     geometry = (num_frames, height, width)
-    if pipeline is None:
-        known, transformer_config, vae_config = folder_geometry_configs(model, backbone, base)
-        if known is not None:  # before the load: a wrong geometry costs no minutes of loading
-            get_backbone(known).check_geometry(
-                *geometry, what="generate", transformer_config=transformer_config, vae_config=vae_config
-            )
-        pipeline, spec = load_pipeline(model, backbone, base, torch_dtype=torch_dtype)
-    else:
-        spec = get_backbone(backbone or family(type(pipeline).__name__))
-        dtype = str(pipeline.transformer.dtype).removeprefix("torch.")  # what it runs in, for messages
-    spec.check_geometry(  # the loaded parts' own configs (a hub id's are known only now)
-        *geometry,
-        what="generate",
-        transformer_config=pipeline.transformer.config,
-        vae_config=pipeline.vae.config,
-    )
-    # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
-    text_length = spec.text_length(pipeline.transformer.config)
-    if cpu_offload:
-        pipeline.enable_model_cpu_offload(device=device)
-    else:
-        pipeline.to(device)
-    if vae_tiling:
-        pipeline.vae.enable_tiling()
-    pipeline.set_progress_bar_config(disable=not progress)
+    pipeline, dtype, text_length = _ready_pipeline(
+        model, pipeline, geometry, backbone=backbone, base=base, device=device, dtype=dtype,
+        vae_tiling=vae_tiling, cpu_offload=cpu_offload, progress=progress,
+    )  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, videos = [], []
@@ -321,6 +295,48 @@ def generate(
     with atomic_path(out_dir / "contact_sheet.png") as tmp:
         Image.fromarray(contact_sheet(videos)).save(tmp, format="PNG")
     return rows
+
+
+def _ready_pipeline(
+    model, pipeline, geometry, *, backbone, base, device, dtype, vae_tiling, cpu_offload, progress
+) -> tuple[Any, str, int]:
+    """`generate`'s set-up: the pipeline loaded (unless given) in `dtype`, the geometry checked against the
+    family (before loading when the folder names it, and with the loaded parts' configs), placed on `device`.
+
+    Returns:
+        (pipeline, the dtype it runs in, the prompt length to pad to).
+    """
+    from moalign.backbones import get_backbone
+    from moalign.backbones.spec import parse_dtype
+
+    dtype = auto_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype)
+    if pipeline is None:
+        known, transformer_config, vae_config = folder_geometry_configs(model, backbone, base)
+        if known is not None:  # before the load: a wrong geometry costs no minutes of loading
+            get_backbone(known).check_geometry(
+                *geometry, what="generate", transformer_config=transformer_config, vae_config=vae_config
+            )
+        pipeline, spec = load_pipeline(model, backbone, base, torch_dtype=torch_dtype)
+    else:
+        spec = get_backbone(backbone or family(type(pipeline).__name__))
+        dtype = str(pipeline.transformer.dtype).removeprefix("torch.")  # what it runs in, for messages
+    spec.check_geometry(  # the loaded parts' own configs (a hub id's are known only now)
+        *geometry,
+        what="generate",
+        transformer_config=pipeline.transformer.config,
+        vae_config=pipeline.vae.config,
+    )
+    # prompts padded as in training (`moalign latents`): CogVideoX without RoPE needs max_text_seq_length
+    text_length = spec.text_length(pipeline.transformer.config)
+    if cpu_offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
+    pipeline.set_progress_bar_config(disable=not progress)
+    return pipeline, dtype, text_length
 
 
 def _finite_latents(index: int, prompt: str, dtype: str):

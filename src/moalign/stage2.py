@@ -545,11 +545,7 @@ def train_stage2(
     cfg = from_latents_cache(cfg, latents, transformer is not None)
     cfg = _absolute_paths(cfg)  # the run records where its base is, whatever the working directory
     spec = get_backbone(cfg.backbone)
-    if cfg.validate_every and cfg.validation_prompts:  # before any model loads: the videos must be decodable
-        spec.check_geometry(
-            cfg.validation_frames, *cfg.validation_size, flags=("--set validation_frames=", "height", "width"),
-            what="stage 2's validation videos (--set validation_size=HEIGHT,WIDTH)",
-        )  # fmt: skip
+    _check_geometry(spec, cfg, latents)  # before any model loads
     if cfg.model and cfg.model != RANDOM_MODEL:
         spec.use_pipeline_scheduler(cfg.model)  # train on the noise schedule the pipeline samples with
     # micro: clips per process and micro-batch
@@ -560,12 +556,7 @@ def train_stage2(
     latents, targets, ids = _open_caches(cfg, latents, targets_cache)
     logger.info(_describe(cfg, latents, given, transformer is not None))
     transformer = _trainable_transformer(spec, cfg, transformer)
-    data = latents.fingerprint.get("data") or {}
-    if all(k in data for k in ("num_frames", "height", "width")):  # e.g. CogVideoX 1.5 trains on 8k+5 frames
-        spec.check_geometry(
-            data["num_frames"], data["height"], data["width"], what=f"stage 2 on the latents in {latents.root}",
-            transformer_config=unwrap(transformer).config, training=True,
-        )  # fmt: skip
+    _check_geometry(spec, cfg, latents, transformer)
     aligner, grid = _build_aligner(spec, cfg, transformer, latents, targets, ids)
     model = Stage2Model(spec, transformer, aligner, input_dtype=deepspeed_dtype(accelerator))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # names survive every wrapper
@@ -595,19 +586,8 @@ def train_stage2(
     bar = console.progress(range(start_step, cfg.steps), enabled=progress, desc=f"stage2 ({cfg.align.mode})")
     with StopOnSignal("stage2") as stop:
         for step in bar:
-            sums: dict[str, float] = {}
-            for lat, emb, teacher, gen in data.micro_batches(
-                step, accelerator.process_index, accelerator.num_processes
-            ):
-                seen += len(lat)
-                # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        parts = model(lat, emb, teacher, gen)
-                    check_finite(step, parts)
-                    accelerator.backward(parts.total)
-                for k, v in parts.scalars().items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            sums, clips = _backward(accelerator, model, data, step)
+            seen += clips
             # the last micro-batch synchronised the gradients: one optimizer step per global batch
             optimizer_step(accelerator, optimizer, scheduler, params, cfg.grad_clip, step=step)
             done = step + 1
@@ -626,6 +606,48 @@ def train_stage2(
 
     seen_all = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # every process joins
     return save.finish(model, log, latents, launch, sharded, seen_all, len(ids), time.time() - t0)
+
+
+def _check_geometry(
+    spec, cfg: Stage2Config, latents: Cache, transformer: torch.nn.Module | None = None
+) -> None:
+    """Before any model loads (`transformer` None): the validation videos' geometry, when validating. With the
+    loaded transformer: the cache's clips against its training geometry (e.g. CogVideoX 1.5 trains on 8k+5
+    frames). Raises MoalignError naming the nearest valid values (`BackboneSpec.check_geometry`)."""
+    if transformer is None:
+        if cfg.validate_every and cfg.validation_prompts:
+            spec.check_geometry(
+                cfg.validation_frames, *cfg.validation_size, flags=("--set validation_frames=", "height", "width"),
+                what="stage 2's validation videos (--set validation_size=HEIGHT,WIDTH)",
+            )  # fmt: skip
+        return
+    data = latents.fingerprint.get("data") or {}
+    if all(k in data for k in ("num_frames", "height", "width")):
+        spec.check_geometry(
+            data["num_frames"], data["height"], data["width"], what=f"stage 2 on the latents in {latents.root}",
+            transformer_config=unwrap(transformer).config, training=True,
+        )  # fmt: skip
+
+
+def _backward(accelerator, model, data: _Batches, step: int) -> tuple[dict[str, float], int]:
+    """Forward and backward of this process's share of step `step`'s global batch, micro-batch by micro-batch;
+    (loss parts averaged over the micro-batches, clips seen). Stops at a non-finite loss."""
+    sums: dict[str, float] = {}
+    seen = 0
+    accum = data.cfg.gradient_accumulation_steps
+    for lat, emb, teacher, gen in data.micro_batches(
+        step, accelerator.process_index, accelerator.num_processes
+    ):
+        seen += len(lat)
+        # no gradient all-reduce until the last micro-batch; accelerate scales the loss by 1/accum
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                parts = model(lat, emb, teacher, gen)
+            check_finite(step, parts)
+            accelerator.backward(parts.total)
+        for k, v in parts.scalars().items():
+            sums[k] = sums.get(k, 0.0) + v / accum
+    return sums, seen
 
 
 @dataclass
