@@ -299,3 +299,26 @@ def test_targets_cache_refuses_a_resume_after_the_encoder_changed(stage1_run, pl
     tiny_videomae(frames=8, depth=2, seed=1).save_pretrained(encoder)  # other weights, same path and config
     with pytest.raises(MoalignError, match=r"(?s)built with different settings.*encoder_sha256"):
         compute_targets(data, teacher, out, **writer_args)
+
+
+def test_targets_refuse_an_encoder_of_another_width_before_any_work(stage1_run, playground, tmp_path):
+    """The encoder at the teacher's path replaced by one of another width: a shape traceback in `targets` before;
+    now one line naming both widths, nothing written."""
+    import shutil
+
+    from conftest import tiny_videomae
+
+    from moalign.run.checkpoint import load_module_file, save_module
+    from moalign.teacher import compute_targets
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(stage1_run.cfg.encoder.path, encoder)
+    state, config = load_module_file(stage1_run.folder / "motion_projector.safetensors", "motion_projector")
+    config["stage1"]["encoder"]["path"] = str(encoder)
+    teacher = tmp_path / "motion_projector.safetensors"
+    save_module(teacher, state, "motion_projector", config)
+    wide = tiny_videomae(frames=8, depth=2, width=48)
+    wide.save_pretrained(encoder)
+    with pytest.raises(MoalignError, match=r"trained on 32-wide encoder tokens, but the encoder at .* 48-wide"):
+        compute_targets(playground(2), teacher, tmp_path / "targets", shard_size=1, progress=False)
+    assert not (tmp_path / "targets").exists()

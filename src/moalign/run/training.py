@@ -476,7 +476,8 @@ class StopOnSignal:
         """Raise `Interrupted` saying where the run stopped and how to continue it."""
         name = signal.Signals(self.signum or signal.SIGTERM).name
         kept = (
-            f"{checkpoint} holds it: run the same command with --resume latest to continue"
+            f"{checkpoint} holds it: run the same command with --resume latest to continue (`moalign demo` and "
+            "`moalign study` continue when run again as they were)"
             if checkpoint is not None
             else "nothing was saved"
         )
