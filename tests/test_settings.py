@@ -111,3 +111,35 @@ def test_a_finite_gradient_is_clipped_and_applied():
         accelerator, optimizer, scheduler, model.parameters(), grad_clip=0.0
     ) == pytest.approx(30)
     assert float(before - model.weight.detach()) == pytest.approx(3.0, rel=1e-4)  # no clip: lr x 30
+
+
+def test_the_non_finite_advice_works_when_followed(stage2_caches, tmp_path, monkeypatch, capsys):
+    """A non-finite loss advises a lower --lr and --resume latest: doing exactly that continues the run (the
+    advice and the resume rules agree), and RUN/config.json records the change and its step."""
+    import json
+
+    import moalign.stage2 as stage2_mod
+
+    caches, run = stage2_caches(8), tmp_path / "run"
+    argv = ["stage2", "--latents", str(caches / "latents"), "--targets", str(caches / "targets"), "--out", str(run),
+            "--layers", "1", "--steps", "4", "--set", "batch_size=2", "--set", "align.projector.hidden_dim=8",
+            "--checkpoint-every", "2", "--set", "report_to=none", "--model", "tiny-random", "--quiet"]  # fmt: skip
+    real, calls = stage2_mod.stage2_loss, []
+
+    def overflow_at_step_3(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            parts["total"] = parts["total"] * float("inf")
+        return parts
+
+    monkeypatch.setattr(stage2_mod, "stage2_loss", overflow_at_step_3)
+    assert main([*argv, "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 2" in err and "--lr" in err and "--resume latest" in err
+    assert (run / "checkpoint-2").is_dir() and not (run / "metrics.json").exists()
+    monkeypatch.setattr(stage2_mod, "stage2_loss", real)
+    assert main([*argv, "--lr", "1e-4", "--resume", "latest"]) == 0  # what the message advised
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["lr"] == 1e-4
+    assert record["resumed"] == [{"step": 2, "changes": {"lr": [1e-3, 1e-4]}}]
