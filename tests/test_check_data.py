@@ -69,6 +69,7 @@ def test_every_problem_counted_and_named(messy, tmp_path):
         "empty_caption": ["wide.mp4"],
         "small": ["tiny.mp4"],
         "crop": ["wide.mp4"],
+        "duplicate_row": [],
         "duplicate_path": [],
         "duplicate_content": ["good_copy.mp4"],  # the second copy is counted
     }
@@ -82,7 +83,12 @@ def test_every_problem_counted_and_named(messy, tmp_path):
         "count": 2,
         "by_kind": {"missing": 0, "unreadable": 1, "frame_rate": 0, "too_short": 1},
     }
-    assert len(report["run_stops"]) == 2  # the missing caption, and bad videos without --skip-bad-videos
+    # the missing caption, the empty one, and bad videos without --skip-bad-videos
+    assert len(report["run_stops"]) == 3
+    assert "empty or null caption" in report["run_stops"][1]
+    assert "--set data.allow_empty_captions=true" in report["run_stops"][1]
+    allowed = check_dataset(messy, replace(CFG, allow_empty_captions=True), sample=0)
+    assert len(allowed["run_stops"]) == 2 and allowed["counts"]["empty_caption"] == 1  # still counted
     by_name = {Path(c["video"]).name: c for c in report["clips"]}
     assert by_name["wide.mp4"]["problems"] == ["empty_caption", "crop"]
     assert (by_name["wide.mp4"]["width"], by_name["wide.mp4"]["height"]) == (96, 32)
@@ -107,6 +113,7 @@ def test_every_problem_counted_and_named(messy, tmp_path):
 )
 def test_dropped_count_equals_what_skip_bad_videos_drops(messy, cfg):
     (messy / "nocap.txt").write_text("now captioned")  # a real run needs every caption
+    (messy / "wide.txt").write_text("now captioned too")
     (messy / "gone.txt").write_text("its video is missing")  # not listed: sidecars start from videos
     report = check_dataset(messy, replace(cfg, skip_bad_videos=True), sample=0)
     dataset = VideoClipDataset(messy, replace(cfg, skip_bad_videos=True))
@@ -119,7 +126,7 @@ def test_dropped_count_equals_what_skip_bad_videos_drops(messy, cfg):
 def test_missing_file_and_duplicate_path_in_a_manifest(tmp_path):
     make_video(tmp_path / "a.mp4")
     make_video(tmp_path / "b.mp4", seed=5)
-    rows = [("a.mp4", "A"), ("gone.mp4", "G"), ("a.mp4", "A again"), ("b.mp4", "B")]
+    rows = [("a.mp4", "A"), ("gone.mp4", "G"), ("a.mp4", "A again"), ("b.mp4", "B"), ("a.mp4", "A")]
     (tmp_path / "metadata.jsonl").write_text(
         "".join(json.dumps({"video": v, "caption": c}) + "\n" for v, c in rows)
     )
@@ -128,9 +135,15 @@ def test_missing_file_and_duplicate_path_in_a_manifest(tmp_path):
     )
     report = check_dataset(tmp_path, replace(CFG, skip_bad_videos=True), sample=0)
     assert names(report, "missing") == ["gone.mp4"]
-    assert [p["index"] for p in report["problems"]["duplicate_path"]] == [2, 4]
+    # another caption for a listed video; the same row again (trained twice) is a kind of its own
+    assert [p["index"] for p in report["problems"]["duplicate_path"]] == [2, 5]
     assert "clip 0" in report["problems"]["duplicate_path"][0]["detail"]
-    assert report["problems"]["missing_caption"][0]["index"] == 4
+    (repeat,) = report["problems"]["duplicate_row"]
+    assert (
+        repeat["index"] == 4
+        and f"repeats clip 0 ({tmp_path.resolve() / 'metadata.jsonl'}:1)" in repeat["detail"]
+    )
+    assert report["problems"]["missing_caption"][0]["index"] == 5
     assert report["columns"] == ["video", "caption"]
     assert "caption-column" not in report["run_stops"][0]  # one row lacks it: the file has the column
     assert report["counts"]["duplicate_content"] == 0  # the same path is not also a content duplicate
@@ -170,7 +183,12 @@ def test_cli_check_data_prints_every_problem_and_exits_1_when_a_run_would_stop(m
     for name in ("bad", "short", "nocap"):
         for f in messy.glob(f"{name}.*"):
             f.unlink()
-    assert main(argv) == 0  # only warnings left (small, crop, duplicates, empty caption)
+    assert main(argv) == 1  # the empty caption still stops a run
+    assert (
+        main([*argv, "--set", "data.allow_empty_captions=true"]) == 0
+    )  # only warnings left (small, crop, ...)
+    (messy / "wide.txt").write_text("a wide clip")
+    assert main(argv) == 0
 
 
 def test_no_caption_column_names_the_columns_and_the_flag(tmp_path):

@@ -66,9 +66,13 @@ def test_config_validation_says_how_to_fix(kwargs, needle):
         DataConfig(**kwargs)
 
 
-def test_config_accepts_4k_plus_1():
-    for n in (1, 5, 17, 49, 81):
+def test_config_accepts_4k_plus_1_from_5():
+    for n in (5, 9, 17, 49, 81):
         assert DataConfig(num_frames=n).num_frames == n
+    # 1 frame is 4k+1 but gives stage 1's encoder nothing (frame 0 is dropped): refused, naming the fewest
+    for n in (1, 2, 3, -3):
+        with pytest.raises(ValueError, match=r"Use --num-frames 5\b"):
+            DataConfig(num_frames=n)
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -204,7 +208,7 @@ def test_empty_manifest(tmp_path):
 def test_no_manifest_lists_what_was_looked_for(tmp_path):
     with pytest.raises(
         MoalignError,
-        match=r"no dataset manifest.*metadata\.jsonl, metadata\.csv, prompts\.txt \+ videos\.txt",
+        match=r"no dataset manifest.*metadata\.jsonl, metadata\.csv, metadata\.json, prompts\.txt \+ videos\.txt",
     ):
         read_manifest(tmp_path)
     with pytest.raises(MoalignError, match="dataset folder not found"):
@@ -245,7 +249,8 @@ def test_sample_indices_errors():
         sample_indices(10, 8.0, DataConfig(num_frames=17), video="clip.mp4")
     msg = str(info.value)
     assert "clip.mp4 has 10 frames at 8 fps" in msg and "needs 17" in msg
-    assert "--num-frames 9" in msg and "--fps" in msg and "--skip-bad-videos" in msg
+    assert "--num-frames 9" in msg and "--skip-bad-videos" in msg
+    assert "--fps" not in msg  # at the native rate no --fps shortens the window (a higher one repeats frames)
     with pytest.raises(MoalignError, match=r"needs 9\b"):
         sample_indices(8, 16.0, DataConfig(num_frames=5, fps=8.0))
     with pytest.raises(MoalignError, match="frames would repeat"):
@@ -486,7 +491,9 @@ def test_skipped_videos_are_not_told_to_pass_skip_bad_videos(tmp_path, capsys):
     for clip in ds.dropped:  # each reason still names the file and its own fix, and ends there
         assert "--skip-bad-videos" not in clip["reason"] and clip["reason"].endswith(".")
         assert clip["video"] in clip["reason"]
-    assert "--num-frames 1" in ds.dropped[0]["reason"] and "re-encode" in ds.dropped[1]["reason"]
+    # 4 frames: no clip of 5 or more fits, so the reason offers no --num-frames (never 1)
+    assert "--num-frames" not in ds.dropped[0]["reason"] and "re-encode" in ds.dropped[1]["reason"]
+    assert ds.dropped[0]["reason"].endswith("Remove it from the dataset.")
     with pytest.raises(MoalignError) as info:  # every video bad: the error quotes a reason, without the hint
         VideoClipDataset(tmp_path, skipping, records=read_manifest(tmp_path)[:1])
     assert "all 1 videos" in str(info.value) and "--skip-bad-videos" not in str(info.value)
@@ -500,7 +507,7 @@ def test_skipped_videos_are_not_told_to_pass_skip_bad_videos(tmp_path, capsys):
         sample_indices(100, 8.0, DataConfig(num_frames=5, fps=16.0))  # above the native rate
     with pytest.raises(MoalignError) as info:
         sample_indices(100, 8.0, DataConfig(num_frames=5, fps=16.0, skip_bad_videos=True))
-    assert "--skip-bad-videos" not in str(info.value) and str(info.value).endswith("native rate.")
+    assert "--skip-bad-videos" not in str(info.value) and str(info.value).endswith("the preset's rate).")
 
 
 def test_explicit_records(tmp_path):

@@ -370,7 +370,10 @@ def test_cache_manifest_lists_clips_dropped_at_construction(tmp_path):
     assert dropped["reason"].startswith(f"cannot decode video {broken}") and "re-encode" in dropped["reason"]
     assert manifest["skipped"] == {} and manifest["skipped_clips"] == {}  # skipped: decoded badly later
     for name in ("resumed", "two"):
-        assert json.loads((tmp_path / name / "manifest.json").read_text()) == manifest, name
+        other = json.loads((tmp_path / name / "manifest.json").read_text())
+        # each shard records the process that wrote it ("process": "0/2"), so shard bytes (and their sha256)
+        # differ between a one-process and a two-process build; everything else is the same
+        assert {**other, "shard_sha256": None} == {**manifest, "shard_sha256": None}, name
     # the fingerprint does not hold the drops, and the cache reads as before
     assert "dropped" not in (tmp_path / "one" / "cache.json").read_text()
     cache = Cache(tmp_path / "one", "test", fp)
@@ -407,7 +410,9 @@ def test_a_build_stopped_at_a_bad_clip_reruns_with_skip_bad_videos(tmp_path, cap
 
     with pytest.raises(MoalignError, match="--skip-bad-videos"):
         build(strict)
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["cache.json", "dropped_clips.json"]
+    # (a hidden lock file aside)
+    left = sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.startswith("."))
+    assert left == ["cache.json", "dropped_clips.json"]
     capsys.readouterr()
     build(replace(strict, skip_bad_videos=True))
     assert "[cache] " in capsys.readouterr().out

@@ -115,3 +115,109 @@ def test_repeated_encodes_are_identical(tmp_path):
         write_video(tmp_path / "x.mp4", frames)
         seen.add((tmp_path / "x.mp4").read_bytes())
     assert len(seen) == 1
+
+
+# ------------------------------------------------------------------------ display matrix (phone rotation)
+
+
+def write_turned(
+    path, stored: np.ndarray, degrees: float, hflip: bool = False, vflip: bool = False, fps: float = 8.0
+) -> None:
+    """An H.264 mp4 of `stored` (uint8 RGB (T, H, W, 3), as the sensor wrote them) whose container says to show
+    them turned `degrees` counterclockwise (PyAV's sign: -90 is a phone's portrait clip, the old `rotate=90`
+    tag) and then mirrored: the display matrix a phone writes, in the mp4 `tkhd` box. Untagged BT.601, as
+    PyAV converts, so any decoder gets the same colours."""
+    import av
+
+    t, h, w, _ = stored.shape
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"  # no chroma blur across block edges
+        stream.options = {"crf": "0"}
+        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for frame in stored:
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            ):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def portrait_moving_down(t: int = 9, h: int = 48, w: int = 32, step: int = 2) -> np.ndarray:
+    """Upright portrait frames (T, H, W, 3), H > W: a smooth texture moving down `step` px per frame."""
+    from conftest import texture
+
+    base = texture(h + step * t, w, seed=3, blur=2.0)
+    return np.stack([base[step * (t - i) : step * (t - i) + h] for i in range(t)])
+
+
+# (degrees counterclockwise, hflip, vflip) -> how the shown frame comes from the stored one (numpy, by hand)
+ORIENTATIONS = {
+    (0, False, False): lambda f: f,
+    (-90, False, False): lambda f: np.rot90(f, -1),  # a phone's portrait clip: turn clockwise
+    (90, False, False): lambda f: np.rot90(f, 1),
+    (180, False, False): lambda f: f[::-1, ::-1],
+    (0, True, False): lambda f: f[:, ::-1],
+    (0, False, True): lambda f: f[::-1],
+    (-90, True, False): lambda f: np.rot90(f, -1)[:, ::-1],  # mirrored after the turn
+    (90, True, False): lambda f: np.rot90(f, 1)[:, ::-1],
+}
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTATIONS), ids=lambda o: f"{o[0]}{'h' * o[1]}{'v' * o[2]}")
+def test_read_video_shows_frames_as_the_display_matrix_says(tmp_path, orientation):
+    stored = _clip(7, t=3, h=32, w=48)  # landscape as stored
+    write_turned(tmp_path / "a.mp4", stored, *orientation)
+    frames, _ = read_video(tmp_path / "a.mp4")
+    want = np.stack([ORIENTATIONS[orientation](f) for f in stored])
+    assert frames.shape == want.shape and frames.flags["C_CONTIGUOUS"]
+    assert np.abs(frames.astype(int) - want).mean() < 3.0
+
+
+def test_portrait_phone_clip_reads_upright_and_moves_down(tmp_path):
+    """A portrait clip stored landscape with rotation 90: portrait frames, the texture moving down (+y)."""
+    import av
+
+    from moalign.data.flow import build_flow_estimator
+
+    upright = portrait_moving_down()  # (9, 48, 32, 3), moving down 2 px/frame
+    stored = np.rot90(upright, 1, axes=(1, 2))  # (9, 32, 48, 3): what the phone's sensor wrote
+    write_turned(tmp_path / "phone.mp4", stored, -90)
+    with av.open(str(tmp_path / "phone.mp4")) as container:  # the file says so, read back by PyAV itself
+        frame = next(container.decode(container.streams.video[0]))
+        assert (frame.width, frame.height) == (48, 32) and frame.rotation == -90
+    frames, fps = read_video(tmp_path / "phone.mp4")
+    assert frames.shape == (9, 48, 32, 3) and fps == pytest.approx(8.0)
+    assert np.abs(frames.astype(int) - upright).mean() < 3.0
+    flow = build_flow_estimator("dis").pair(frames[3], frames[4])[8:-8, 8:-8]  # (H, W, 2) as (dx, dy)
+    assert np.median(flow[..., 1]) == pytest.approx(2.0, abs=0.3)  # down, not sideways
+    assert abs(np.median(flow[..., 0])) < 0.3
+
+
+@pytest.mark.parametrize("degrees", [-90, 90, 180])
+def test_turns_agree_with_opencv(tmp_path, degrees):
+    """OpenCV's own FFmpeg build applies the turn too (CAP_PROP_ORIENTATION_AUTO): the same frames."""
+    import cv2
+
+    grey = np.repeat(_clip(2, t=3, h=32, w=48)[..., :1], 3, axis=-1)  # greys: no YUV matrix question
+    write_turned(tmp_path / "a.mp4", grey, degrees)
+    frames, _ = read_video(tmp_path / "a.mp4")
+    cap = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+    theirs = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        theirs.append(bgr[..., ::-1])
+    cap.release()
+    assert np.stack(theirs).shape == frames.shape
+    assert np.abs(np.stack(theirs).astype(int) - frames).mean() < 2.0
+
+
+def test_a_turn_that_is_not_a_quarter_is_refused_naming_the_file(tmp_path):
+    write_turned(tmp_path / "tilted.mp4", _clip(t=2), 30)
+    with pytest.raises(
+        MoalignError, match=r"tilted\.mp4: the file says to show its frames turned 30\.0 degrees"
+    ):
+        read_video(tmp_path / "tilted.mp4")

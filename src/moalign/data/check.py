@@ -8,12 +8,18 @@ sheet. The problems, in report order (`PROBLEMS`):
 - missing, unreadable, frame_rate, too_short: what a run with ``skip_bad_videos`` drops (and, without it,
   stops at);
 - missing_caption (a sidecar video without its .txt, a row without a caption column: a run stops on it) and
-  empty_caption (trains as the empty prompt);
+  empty_caption (empty, blank or null: a run stops on it too, unless ``data.allow_empty_captions``, when it
+  trains as the empty prompt);
 - small: the video is smaller than data.height x data.width in either side, so it is enlarged;
 - crop: the centre crop (`moalign/data/geometry.py`) drops more than `MAX_CROP_LOSS` = 30% of the resized
   frame, e.g. a 16:9 video cut to a square clip loses 44%, a 4:3 one cut to 3:2 loses 11%;
-- duplicate_path (a video listed again) and duplicate_content (the same bytes as another file: sha256 of
-  the files whose byte sizes collide). Each copy after the first is counted; the first is named.
+- duplicate_row (the same video and caption listed again: that example is trained twice; a run keeps it and
+  warns), duplicate_path (a video listed again with another caption) and duplicate_content (the same bytes
+  as another file: sha256 of the files whose byte sizes collide). Each copy after the first is counted; the
+  first is named.
+
+Sizes are the shown ones: a video whose display matrix turns it (a phone's portrait clip) is reported, cropped
+and sampled upright (`moalign.data.video_io.frame_rgb`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ import numpy as np
 
 from moalign.data.dataset import DROP_KINDS, drop_reason
 from moalign.data.geometry import cover_geometry, resize_center_crop
-from moalign.data.manifest import CAPTION_COLUMNS, ClipRecord, Manifest, open_manifest
+from moalign.data.manifest import (
+    CAPTION_COLUMNS,
+    ClipRecord,
+    Manifest,
+    duplicate_rows,
+    empty_captions,
+    open_manifest,
+    where,
+)
 from moalign.data.sampling import DataConfig, read_clip
 from moalign.errors import MoalignError
 from moalign.run.atomic import atomic_path, write_json
@@ -44,10 +58,11 @@ PROBLEMS = {
     "frame_rate": "frame rate unusable at data.fps",
     "too_short": "too short for the clip window",
     "missing_caption": "no caption",
-    "empty_caption": "empty caption",
+    "empty_caption": "empty or null caption",
     "small": "smaller than the clip size (enlarged)",
     "crop": "centre crop drops more than 30% of the frame",
-    "duplicate_path": "video listed more than once",
+    "duplicate_row": "row repeated (same video and caption: trained twice)",
+    "duplicate_path": "video listed again with another caption",
     "duplicate_content": "same bytes as another video",
 }
 
@@ -97,10 +112,11 @@ def check_dataset(
                 drops;
             run_stops: reasons a run with data_cfg as given stops (missing captions: when no clip has one
                 because the metadata file has no caption column, its columns and the --caption-column fix;
-                any would-drop video when skip_bad_videos is off), [] when it runs;
+                empty or null captions unless data_cfg.allow_empty_captions; any would-drop video when
+                skip_bad_videos is off), [] when it runs;
             clips: per clip {"index", "video", "caption", "frames", "fps", "height", "width", "problems"}
-                (frames, fps, height, width from the header; 0 where the header has none; None where the
-                file could not be opened);
+                (frames and fps from the header, 0 where it has none; height and width as the video is shown,
+                i.e. turned by its display matrix; None where the file could not be opened);
             sheet_errors: [{"video", "detail"}] sampled clips that failed to decode past the probe;
             report, contact_sheet: the files written (None when not written).
 
@@ -126,7 +142,8 @@ def check_dataset(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         probed = list(pool.map(probe, records))
 
-    clips = _clip_problems(records, probed, set(manifest.missing_captions), data_cfg, note)
+    empty = {r.index for r in empty_captions(records, manifest.missing_captions)}
+    clips = _clip_problems(records, probed, set(manifest.missing_captions), empty, data_cfg, note)
     _duplicates(records, note)
     by_index = {c["index"]: c for c in clips}
     for kind, rows in problems.items():
@@ -159,7 +176,9 @@ def check_dataset(
     return report
 
 
-def _clip_problems(records, probed, missing_captions: set[int], data_cfg: DataConfig, note) -> list[dict]:
+def _clip_problems(
+    records, probed, missing_captions: set[int], empty: set[int], data_cfg: DataConfig, note
+) -> list[dict]:
     """Per clip: the header facts, each problem `note`d (drops, captions, size, crop); problems filled later."""
     clips = []
     target = (data_cfg.height, data_cfg.width)
@@ -168,8 +187,8 @@ def _clip_problems(records, probed, missing_captions: set[int], data_cfg: DataCo
             note(dropped[0], r, dropped[1])
         if r.index in missing_captions:
             note("missing_caption", r, f"no caption for {r.video} ({r.source})")
-        elif not r.caption.strip():
-            note("empty_caption", r, f"empty caption ({r.source})")
+        elif r.index in empty:
+            note("empty_caption", r, f"empty or null caption ({where(r)})")
         if dropped is None and header is not None and header["height"] > 0 and header["width"] > 0:
             h, w = header["height"], header["width"]
             if h < target[0] or w < target[1]:
@@ -179,13 +198,13 @@ def _clip_problems(records, probed, missing_captions: set[int], data_cfg: DataCo
             loss = crop_loss((h, w), target)
             if loss > MAX_CROP_LOSS:
                 note("crop", r, f"{w}x{h} cut to {target[1]}x{target[0]} drops {loss:.0%} of the frame")
-        empty = {"frames": None, "fps": None, "height": None, "width": None}
+        unknown = {"frames": None, "fps": None, "height": None, "width": None}
         clips.append(
             {
                 "index": r.index,
                 "video": str(r.video),
                 "caption": r.caption,
-                **(header or empty),
+                **(header or unknown),
                 "problems": [],
             }
         )
@@ -216,7 +235,7 @@ def _run_stops(
     problems: dict[str, list[dict]], n_drop: int, data_cfg: DataConfig, no_column: str | None = None
 ) -> list[str]:
     """Why a run with `data_cfg` as given stops (missing captions, or `no_column`: a manifest without a
-    caption column; a bad video without skip_bad_videos)."""
+    caption column; empty captions unless allowed; a bad video without skip_bad_videos)."""
     run_stops = []
     if no_column is not None:
         run_stops.append(no_column)
@@ -224,6 +243,13 @@ def _run_stops(
         run_stops.append(
             f"{len(problems['missing_caption'])} clip(s) have no caption: reading the manifest fails (first: "
             f"{problems['missing_caption'][0]['video']}). Add the captions or remove those videos."
+        )
+    if problems["empty_caption"] and not data_cfg.allow_empty_captions:
+        first = problems["empty_caption"][0]
+        run_stops.append(
+            f"{len(problems['empty_caption'])} clip(s) have an empty or null caption (first: {first['video']}, "
+            f"{first['detail']}): the dataset refuses them. Write their captions (or remove those rows), or pass "
+            "--set data.allow_empty_captions=true to train them as the empty prompt."
         )
     if n_drop and not data_cfg.skip_bad_videos:
         first = next(problems[k][0] for k in DROP_KINDS if problems[k])
@@ -305,8 +331,11 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def _header(path: Path) -> dict | None:
-    """Frames, fps and size from the container header (nothing decoded); None when it cannot be opened."""
+    """Frames and fps from the container header, and the size as shown (the first frame decoded, turned by its
+    display matrix); None when the file cannot be opened. Header sizes where no frame decodes."""
     import av
+
+    from moalign.data.video_io import display_size
 
     try:
         with av.open(str(path)) as container:
@@ -315,12 +344,19 @@ def _header(path: Path) -> dict | None:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             ctx = stream.codec_context
-            return {
+            header = {
                 "frames": int(stream.frames or 0),
                 "fps": float(rate) if rate else 0.0,
                 "height": int(ctx.height or 0),
                 "width": int(ctx.width or 0),
             }
+            try:
+                first = next(container.decode(stream), None)
+                if first is not None:
+                    header["height"], header["width"] = display_size(first, path)
+            except Exception:  # undecodable or turned by an odd angle: drop_reason has named it
+                pass
+            return header
     except Exception:  # a missing or corrupt file: drop_reason has already named it
         return None
 
@@ -334,13 +370,19 @@ def _file_hash(path: Path) -> str:
 
 
 def _duplicates(records: list[ClipRecord], note: Any) -> None:
-    """Report videos listed again (same path) and different files with the same bytes."""
+    """Report rows repeated whole (same video and caption), videos listed again with another caption, and
+    different files with the same bytes."""
+    repeats = duplicate_rows(records)
+    repeated = {id(r) for r, _ in repeats}
+    for r, first in repeats:
+        note("duplicate_row", r, f"repeats clip {first.index} ({where(first)}): same video and caption")
     first_of: dict[Path, ClipRecord] = {}
     by_size: dict[int, list[ClipRecord]] = {}
     for r in records:
         if r.video in first_of:
-            f = first_of[r.video]
-            note("duplicate_path", r, f"also listed as clip {f.index} ({f.source})")
+            if id(r) not in repeated:
+                f = first_of[r.video]
+                note("duplicate_path", r, f"also listed as clip {f.index} ({where(f)}) with another caption")
             continue
         first_of[r.video] = r
         if r.video.is_file():

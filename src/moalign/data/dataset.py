@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from moalign.data.geometry import resize_center_crop, transform_flow, transform_valid
-from moalign.data.manifest import ClipRecord, read_manifest
+from moalign.data.manifest import ClipRecord, duplicate_rows, empty_captions, read_manifest, where
 from moalign.data.sampling import (
     _SKIP_HINT,
+    NATIVE_FPS_FIX,
     DataConfig,
     _offsets,
     _probe,
@@ -131,6 +132,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
         flow: float32 tensor (T-1, H, W, 2), forward flow t -> t+1 in target pixels, when the record has a
             flow file and load_flow is True; flow_valid: bool tensor (T-1, H, W) when the file has `valid`.
 
+    Captions: a clip whose caption is empty, blank or null stops construction with an error naming the rows,
+    unless cfg.allow_empty_captions (then they are counted in the log and train as the empty prompt). A row
+    that repeats an earlier one (same video and caption) is kept, as the manifest says, and counted in a
+    warning: it weighs double (docs/data.md says why it is not dropped).
+
     With cfg.skip_bad_videos, every video is probed at construction (header frame count and rate, first
     frame decoded) and missing, unreadable or too-short ones are dropped and listed in `skipped` as
     (video path, reason), and in `dropped` as one dict per clip, in manifest order: "video" (absolute path),
@@ -164,6 +170,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         records = list(records)
         if not records:
             raise MoalignError(f"no clips to load from {root}: the record list is empty.")
+        _check_captions(records, cfg)
+        _warn_duplicates(records)
         if load_flow:
             self._check_flow_records(records)
         if cfg.skip_bad_videos:
@@ -253,10 +261,49 @@ class VideoClipDataset(torch.utils.data.Dataset):
         return item
 
 
+def _shown(records: list[ClipRecord], limit: int = 5) -> str:
+    """'SOURCE (video name); ...' for the first `limit` records, and how many more."""
+    shown = "; ".join(f"{where(r)} ({r.video.name})" for r in records[:limit])
+    return shown + (f" and {len(records) - limit} more" if len(records) > limit else "")
+
+
+def _check_captions(records: list[ClipRecord], cfg: DataConfig) -> None:
+    """Stop on empty / blank / null captions unless cfg.allow_empty_captions (then count them in the log)."""
+    empty = empty_captions(records)
+    if not empty:
+        return
+    if cfg.allow_empty_captions:
+        logger.warning(
+            f"[data] {len(empty)} of {len(records)} clips have an empty or null caption and train as the empty "
+            f"prompt (data.allow_empty_captions): {_shown(empty, 3)}"
+        )
+        return
+    raise MoalignError(
+        f"{len(empty)} of {len(records)} clips have an empty or null caption: {_shown(empty)}. They would train "
+        "as the empty prompt (unconditional). Write their captions into the manifest (or remove those rows); "
+        "to train them unconditionally on purpose, pass --set data.allow_empty_captions=true. "
+        "`moalign check-data` lists them all."
+    )
+
+
+def _warn_duplicates(records: list[ClipRecord]) -> None:
+    """Count rows that repeat an earlier row (same video and caption): kept, as the manifest says."""
+    repeats = duplicate_rows(records)
+    if not repeats:
+        return
+    row, first = repeats[0]
+    logger.warning(
+        f"[data] {len(repeats)} of {len(records)} rows repeat an earlier row (same video and caption), so those "
+        f"clips are trained more often than the others; kept, as the manifest lists them. First: {where(row)} "
+        f"repeats {where(first)} ({row.video.name}). Remove the repeated rows to train each clip once; "
+        "`moalign check-data` lists them all."
+    )
+
+
 def _flow_needs_native(flow: Path, native_fps: float, cfg: DataConfig) -> str:
     return (
         f"{flow}: exact ground-truth flow is between consecutive native frames, but fps={cfg.fps:g} "
-        f"subsamples this {native_fps:g} fps video (every {native_fps / cfg.fps:.3g} frames). Leave --fps "
-        "unset (native rate, fps=None), or compute flow on the sampled frames with a flow method such as dis "
-        "(load the dataset with load_flow=False)."
+        f"subsamples this {native_fps:g} fps video (every {native_fps / cfg.fps:.3g} frames). Pass "
+        f"{NATIVE_FPS_FIX}, or use flow computed on the sampled frames: a dis flow cache (`moalign flow "
+        "--method dis`, `moalign precompute --flow dis`), given to stage 1 as --flow-cache."
     )

@@ -4,7 +4,8 @@ A dataset is a folder. Its clip list is found in this order; the first layout th
 
 1. ``metadata.jsonl``: one JSON object a line (the format the playground writes; also the Hugging Face
    videofolder / imagefolder convention, whose video column is ``file_name``);
-2. ``metadata.csv``: the same columns, with a header row;
+2. ``metadata.csv``: the same columns, with a header row; then ``metadata.json``: a JSON array of such
+   objects (finetrainers' and many datasets' .json file);
 3. text files, line-aligned: captions from ``prompts.txt``, ``prompt.txt``, ``captions.txt`` or
    ``caption.txt``, video paths from ``videos.txt`` or ``video.txt`` (the CogVideo / finetrainers /
    diffusers convention; the first name present is read, the others are listed in a warning);
@@ -19,6 +20,12 @@ first of caption, prompt, text, title; an optional ``flow`` column names a groun
 ``caption_column`` / ``video_column`` (DataConfig fields, `--set data.caption_column=...`) name the exact
 column instead; in layout 3 they may name the text files (``caption_column="prompt.txt"``, as finetrainers'
 ``--caption_column prompt.txt``). A caption is taken whole: never split on commas.
+
+Each file is read as its format defines it, with that format's own reader, so every valid file reads as
+it means: CSV by the csv module (quoted fields may hold commas, quotes and line breaks), JSON and JSON Lines
+by the json module (JSON Lines split on line feeds only: a caption may hold U+2028 and the like), text files
+by lines (LF, CRLF or CR); a UTF-8 byte-order mark is allowed everywhere. `empty_captions` and
+`duplicate_rows` find the rows a dataset (`moalign.data.dataset`) and `moalign check-data` report.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ class NoManifestError(MoalignError):
 
 
 LOOKED_FOR = (
-    "metadata.jsonl, metadata.csv, prompts.txt + videos.txt (or prompt.txt / captions.txt / caption.txt + "
+    "metadata.jsonl, metadata.csv, metadata.json, prompts.txt + videos.txt (or prompt.txt / captions.txt / caption.txt + "
     "video.txt), the same in a train/ subfolder, and videos (" + ", ".join(VIDEO_SUFFIXES) + ") with a "
     "same-stem .txt caption beside each"
 )
@@ -84,8 +91,8 @@ class ClipRecord:
         caption: the text prompt.
         flow: ground-truth flow safetensors (playground manifests have it), else None.
         extra: the rest of the row (e.g. the playground's 'states', 'motion', 'fps').
-        source: where the row came from ("/data/metadata.jsonl:3", or a sidecar caption file), for error
-            messages.
+        source: where the row came from ("/data/metadata.jsonl:3", "/data/metadata.json[2]" (0-based item),
+            or a sidecar caption file), for error messages.
     """
 
     index: int
@@ -102,14 +109,14 @@ class Manifest:
 
     Args:
         records: one ClipRecord per clip, in manifest order (see `read_manifest`).
-        layout: which layout was read, for messages: "metadata.jsonl", "metadata.csv",
+        layout: which layout was read, for messages: "metadata.jsonl", "metadata.csv", "metadata.json",
             "prompts.txt + videos.txt" (the file names found), or "sidecar .txt captions".
         path: the manifest file read (layouts 1-3) or the folder searched (layout 5).
         split: "train" when the folder's train/ split was read (layout 4), else None.
         missing_captions: indices (into `records`) of clips with no caption at all: a sidecar video without
             its .txt, or a row without a caption column. Always empty unless `open_manifest` was called with
             ``missing_captions_ok=True`` (otherwise they are errors); such records hold caption "".
-        columns: the column names of a metadata.jsonl / metadata.csv (the csv header; the keys of every jsonl
+        columns: the column names of a metadata.jsonl / .csv / .json (the csv header; the keys of every json
             row, in order of first appearance), for messages; () for the other layouts.
     """
 
@@ -126,12 +133,13 @@ def read_manifest(
 ) -> list[ClipRecord]:
     """Read the clip list of a dataset folder.
 
-    Tries the layouts of this module's docstring in order: ``metadata.jsonl``, ``metadata.csv``, caption +
+    Tries the layouts of this module's docstring in order: ``metadata.jsonl``, ``metadata.csv``,
+    ``metadata.json``, caption +
     video text files, the same in ``ROOT/train/``, then videos with same-stem ``.txt`` captions. Relative
     paths are relative to the manifest's folder.
 
     Args:
-        root: the dataset folder, or the path of a ``.jsonl`` / ``.csv`` manifest itself.
+        root: the dataset folder, or the path of a ``.jsonl`` / ``.csv`` / ``.json`` manifest itself.
         caption_column: the exact column holding the caption (jsonl / csv), or the caption file's name
             relative to `root` (text-file layout, e.g. "prompt.txt"). None: the first of caption, prompt,
             text, title (jsonl / csv) or of the caption file names.
@@ -180,12 +188,11 @@ def open_manifest(
     )
     root = Path(root).expanduser()
     if root.is_file():
-        if root.suffix == ".jsonl":
-            return _manifest(_read_jsonl(root.resolve(), cols), "metadata.jsonl", root.resolve())
-        if root.suffix == ".csv":
-            return _manifest(_read_csv(root.resolve(), cols), "metadata.csv", root.resolve())
+        name = f"metadata{root.suffix.lower()}"
+        if name in METADATA_FILES:
+            return _manifest(METADATA_FILES[name](root.resolve(), cols), name, root.resolve())
         raise MoalignError(
-            f"{root} is not a dataset folder or a .jsonl/.csv manifest. Pass the folder that holds the "
+            f"{root} is not a dataset folder or a .jsonl/.csv/.json manifest. Pass the folder that holds the "
             "manifest (metadata.jsonl, metadata.csv, prompts.txt + videos.txt, ...) or the videos."
         )
     if not root.is_dir():
@@ -256,12 +263,9 @@ def _manifest_in(folder: Path, cols: _Columns) -> Manifest | None:
     """Layouts 1-3 in one folder; None when none of them is there."""
     if cols.names_files:
         return _named_text_files(folder, cols)
-    if (folder / "metadata.jsonl").is_file():
-        return _manifest(
-            _read_jsonl(folder / "metadata.jsonl", cols), "metadata.jsonl", folder / "metadata.jsonl"
-        )
-    if (folder / "metadata.csv").is_file():
-        return _manifest(_read_csv(folder / "metadata.csv", cols), "metadata.csv", folder / "metadata.csv")
+    for name, read in METADATA_FILES.items():
+        if (folder / name).is_file():
+            return _manifest(read(folder / name, cols), name, folder / name)
     captions = [folder / n for n in CAPTION_FILES if (folder / n).is_file()]
     videos = [folder / n for n in VIDEO_FILES if (folder / n).is_file()]
     if captions and videos:
@@ -374,9 +378,11 @@ def _read_sidecar(root: Path, cols: _Columns) -> Manifest:
     return Manifest(records, "sidecar .txt captions", root, None, tuple(missing))
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, newline: str | None = None) -> str:
+    """The file's text (a UTF-8 byte-order mark dropped); newline=None turns CRLF and CR into LF, "" keeps them."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as err:
         raise MoalignError(f"{path} is not UTF-8 text ({err}). Re-save it as UTF-8.") from err
 
@@ -445,7 +451,9 @@ def _read_jsonl(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int]
     records: list[ClipRecord] = []
     missing: list[int] = []
     columns: dict[str, None] = {}  # an ordered set
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # JSON Lines ends lines with \n (a \r before it is JSON whitespace): str.splitlines would also cut at
+    # U+2028, U+0085, \x1c..., which JSON strings may hold as they are
+    for lineno, line in enumerate(_read_text(path, newline="").split("\n"), start=1):
         if not line.strip():
             continue
         source = f"{path}:{lineno}"
@@ -467,9 +475,55 @@ def _read_jsonl(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int]
     return records, missing, list(columns)
 
 
+def _read_json(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int], list[str]]:
+    """A .json manifest: one JSON array of row objects (sources name the item: ``metadata.json[3]``)."""
+    try:
+        rows = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise MoalignError(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). A .json manifest is one "
+            'JSON array of objects, [{"video": ..., "caption": ...}, ...]; fix the file.'
+        ) from err
+    if not isinstance(rows, list):
+        raise MoalignError(
+            f"{path}: expected a JSON array of objects [{{...}}, ...], got a {type(rows).__name__}. Write the "
+            "rows as one array (or one object a line in a metadata.jsonl)."
+        )
+    records: list[ClipRecord] = []
+    missing: list[int] = []
+    columns: dict[str, None] = {}
+    for i, row in enumerate(rows):
+        source = f"{path}[{i}]"
+        if not isinstance(row, dict):
+            raise MoalignError(f"{source}: expected a JSON object {{...}}, got {type(row).__name__}. Fix it.")
+        columns.update(dict.fromkeys(map(str, row)))
+        records.append(_record(row, len(records), source, path.parent, cols, missing))
+    if not records:
+        raise _empty(path)
+    return records, missing, list(columns)
+
+
+def _csv_rows(path: Path):
+    """(first line, last line, fields) of each non-blank CSV record, read by the csv module (quoted fields
+    may hold commas, quotes and line breaks; LF or CRLF; a UTF-8 byte-order mark is dropped)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the csv module's own rule
+            reader = csv.reader(f)
+            end = 0
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if row:  # a blank line is a record of no fields: not a row
+                    yield start, end, row
+    except UnicodeDecodeError as err:
+        raise MoalignError(f"{path} is not UTF-8 text ({err}). Re-save it as UTF-8.") from err
+    except csv.Error as err:
+        raise MoalignError(f"{path}: not readable as CSV ({err}). Fix the file.") from err
+
+
 def _read_csv(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int], list[str]]:
-    reader = csv.DictReader(_read_text(path).splitlines())
-    header = reader.fieldnames or []
+    rows = _csv_rows(path)
+    first = next(rows, None)
+    header = first[2] if first is not None else []
     if not header:
         raise _empty(path)
     checks = [(VIDEO_COLUMNS, cols.video, "video")]
@@ -490,31 +544,43 @@ def _read_csv(path: Path, cols: _Columns) -> tuple[list[ClipRecord], list[int], 
             )
     records: list[ClipRecord] = []
     missing: list[int] = []
-    for row in reader:
-        source = f"{path}:{reader.line_num}"
-        if None in row:
+    for start, end, fields in rows:
+        source = f"{path}:{start}" if start == end else f"{path}:{start}-{end}"
+        if len(fields) > len(header):
             raise MoalignError(
-                f"{source}: the row has more fields than the header ({len(header)}). Quote fields that "
-                'contain commas, e.g. "a red ball, then a blue one".'
+                f"{source}: the row has more fields than the header ({len(fields)} > {len(header)}). Quote "
+                'fields that contain commas, e.g. "a red ball, then a blue one".'
             )
-        if any(v is None for v in row.values()):
+        if len(fields) < len(header):
             raise MoalignError(
-                f"{source}: the row has fewer fields than the header ({len(header)}). Fix the row."
+                f"{source}: the row has fewer fields than the header ({len(fields)} < {len(header)}). Fix "
+                "the row."
             )
+        row = dict(zip(header, fields, strict=True))
         records.append(_record(row, len(records), source, path.parent, cols, missing))
     if not records:
         raise _empty(path)
     return records, missing, list(header)
 
 
-def _read_txt_pair(prompts: Path, videos: Path) -> list[ClipRecord]:
-    def lines(p: Path) -> list[str]:
-        out = _read_text(p).splitlines()
-        while out and not out[-1].strip():
-            out.pop()
-        return out
+def text_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark dropped), as text tools count them: ends LF, CRLF or
+    CR, a last line end closing the last line; never cut at other characters, as str.splitlines would at
+    U+2028, U+0085, form feeds... (a prompts file read with it keeps one prompt per line).
 
-    captions, paths = lines(prompts), lines(videos)
+    Raises:
+        MoalignError: the file is not UTF-8.
+    """
+    text = _read_text(Path(path))  # newline=None: CRLF and CR are LF here
+    return text.removesuffix("\n").split("\n") if text else []
+
+
+def _read_txt_pair(prompts: Path, videos: Path) -> list[ClipRecord]:
+    captions, paths = text_lines(prompts), text_lines(videos)
+    while paths and not paths[-1].strip():  # blank lines after the last video
+        paths.pop()
+    while len(captions) > len(paths) and not captions[-1].strip():  # ... and after the last caption
+        captions.pop()
     if len(captions) != len(paths):
         raise MoalignError(
             f"{prompts} has {len(captions)} lines but {videos} has {len(paths)}: they must be line-aligned "
@@ -534,3 +600,36 @@ def _read_txt_pair(prompts: Path, videos: Path) -> list[ClipRecord]:
             ClipRecord(i, _resolve(videos.parent, video.strip()), caption.strip(), None, {}, source)
         )
     return records
+
+
+# layouts 1-2: the metadata files looked for, in order, and their readers
+METADATA_FILES = {"metadata.jsonl": _read_jsonl, "metadata.csv": _read_csv, "metadata.json": _read_json}
+
+
+# ------------------------------------------------------------------------------- rows a dataset reports
+
+
+def empty_captions(records: list[ClipRecord], missing: tuple[int, ...] | set[int] = ()) -> list[ClipRecord]:
+    """The records whose caption is empty or blank (a null caption reads as ""), in manifest order; the
+    indices in `missing` (`Manifest.missing_captions`: no caption at all) are left out."""
+    skip = set(missing)
+    return [r for i, r in enumerate(records) if i not in skip and not r.caption.strip()]
+
+
+def duplicate_rows(records: list[ClipRecord]) -> list[tuple[ClipRecord, ClipRecord]]:
+    """(row, the first row it repeats) for each record with the same video and caption as an earlier one,
+    in manifest order: the same training example listed again (it weighs double)."""
+    first: dict[tuple[Path, str], ClipRecord] = {}
+    out = []
+    for r in records:
+        key = (r.video, r.caption)
+        if key in first:
+            out.append((r, first[key]))
+        else:
+            first[key] = r
+    return out
+
+
+def where(record: ClipRecord) -> str:
+    """Where a record came from, for messages: its source (file:line), else its row number."""
+    return record.source or f"row {record.index}"

@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ class DataConfig:
     """How clips are cut from videos.
 
     Args:
-        num_frames: frames per clip; must be 4k+1 (what the CogVideoX / Wan VAEs accept).
+        num_frames: frames per clip; must be 4k+1 (what the CogVideoX / Wan VAEs accept) and at least
+            `MIN_FRAMES` = 5 (stage 1's encoder drops frame 0 and needs whole tubelets of 2 from the rest).
         height, width: clip size after resize + centre crop; multiples of 16.
         fps: sample the window at this frame rate (nearest frames, fractional strides allowed);
             None takes consecutive frames at the video's native rate.
@@ -35,6 +36,11 @@ class DataConfig:
         caption_column, video_column: the exact manifest column holding the caption / video path (or, for
             the text-file layout, the file name, e.g. "prompt.txt"); None: the usual names
             (`moalign/data/manifest.py`). They choose which rows are read, not how a clip is cut.
+        allow_empty_captions: False: a manifest row whose caption is empty, blank or null stops the dataset
+            with an error naming the rows (`moalign.data.dataset.VideoClipDataset`); True: such clips are
+            kept, counted in the log, and train as the empty prompt (unconditional), e.g. for
+            classifier-free-guidance dropout done in the data. Like the columns, it decides which rows are
+            accepted, not how a clip is cut.
 
     Raises:
         ValueError: a field is out of range (the message says which value to use instead).
@@ -48,14 +54,22 @@ class DataConfig:
     skip_bad_videos: bool = False
     caption_column: str | None = None
     video_column: str | None = None
+    allow_empty_captions: bool = False
 
     def __post_init__(self) -> None:
         n = self.num_frames
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or (n - 1) % 4:
-            lo = max(1, (int(n) - 1) // 4 * 4 + 1) if isinstance(n, int | float) and n >= 1 else 1
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or (n - 1) % 4:
+            lo = (int(n) - 1) // 4 * 4 + 1 if isinstance(n, int | float) and math.isfinite(n) else 0
+            use = f"{lo} or {lo + 4}" if lo >= MIN_FRAMES else str(MIN_FRAMES)
             raise ValueError(
                 f"num_frames={n!r} is not of the form 4k+1, which the video VAEs need. "
-                f"Use --num-frames {lo} or {lo + 4} (e.g. 17, 49 or 81)."
+                f"Use --num-frames {use} (e.g. 17, 49 or 81)."
+            )
+        if n < MIN_FRAMES:
+            raise ValueError(
+                f"num_frames={n!r} is too few: stage 1's encoder drops frame 0 and needs whole tubelets of 2 "
+                f"frames from the rest, so a clip has at least {MIN_FRAMES} frames. Use --num-frames "
+                f"{MIN_FRAMES} (or more: 9, 17, 49, ...)."
             )
         for name in ("height", "width"):
             v = getattr(self, name)
@@ -81,6 +95,11 @@ class DataConfig:
                     f"{name}={v!r} is not a column name. Pass the manifest column's name "
                     f"(--set data.{name}=NAME), or leave it unset (None) for the usual names."
                 )
+        if not isinstance(self.allow_empty_captions, bool):
+            raise ValueError(
+                f"allow_empty_captions={self.allow_empty_captions!r} is not True or False "
+                "(--set data.allow_empty_captions=true)."
+            )
 
     def describe(self) -> str:
         """'17 frames at 64x64, native fps': the clip geometry, as the commands print it."""
@@ -89,6 +108,11 @@ class DataConfig:
 
 
 WINDOWS = ("start", "center")
+# the fewest frames a clip may have: 4k+1 for the VAEs, and stage 1's encoder drops frame 0 and fills tubelets
+# of 2 frames with the rest (`moalign/encoder.py`), so 1 frame gives it nothing
+MIN_FRAMES = 5
+# how a run asks for the native frame rate: `--fps` takes numbers only, and leaving it out keeps the preset's
+NATIVE_FPS_FIX = "--set data.fps=None (the native rate; leaving --fps out keeps the preset's rate)"
 # the DataConfig fields that decide which frames of a video a clip holds (its size aside): caches of the same
 # clips agree on them (stage 2 pairs latents and teacher targets only then)
 CLIP_FRAME_FIELDS = ("num_frames", "fps", "window")
@@ -112,7 +136,8 @@ def _offsets(native_fps: float, cfg: DataConfig, video: Any = None) -> np.ndarra
     if not (native_fps > 0 and math.isfinite(native_fps)):
         raise MoalignError(
             f"{where}the video has no usable frame rate ({native_fps!r}), so it cannot be sampled at "
-            f"fps={cfg.fps:g}. Leave --fps unset (native rate) or re-encode it with a frame rate."
+            f"fps={cfg.fps:g}. Take consecutive frames with {NATIVE_FPS_FIX}, or re-encode it with a frame "
+            f"rate{_or_skip(cfg.skip_bad_videos)}."
         )
     stride = native_fps / cfg.fps
     # nearest frame, ties rounded up; the epsilon keeps k * stride = x.4999999 from flipping
@@ -120,7 +145,7 @@ def _offsets(native_fps: float, cfg: DataConfig, video: Any = None) -> np.ndarra
     if n > 1 and np.any(np.diff(offsets) == 0):
         raise MoalignError(
             f"{where}fps={cfg.fps:g} is above the video's native {native_fps:g} fps: frames would repeat. "
-            f"Use --fps {native_fps:g} or lower, or leave --fps unset for the native rate"
+            f"Use --fps {_fps_text(native_fps)} or lower, or {NATIVE_FPS_FIX}"
             f"{_or_skip(cfg.skip_bad_videos)}."
         )
     return offsets
@@ -161,24 +186,77 @@ def sample_indices(
 
 
 def _too_short(video: Any, num_available: int, native_fps: float, cfg: DataConfig, span: int) -> str:
+    """The too-short error: what the clip needs, and only changes that make this video fit (each checked)."""
     name = video if video is not None else "the video"
     if cfg.fps is None:
         how = "at the native rate"
     else:
         how = f"sampled at {cfg.fps:g} fps (every {native_fps / cfg.fps:.3g} frames)"
-    fits = [k for k in range(cfg.num_frames, 0, -4) if _span(native_fps, cfg, k) <= num_available]
-    lower = f"--num-frames {fits[0]}" if fits else "a lower --num-frames (4k+1)"
-    fps_hint = " or a lower --fps" if cfg.fps is not None else " or a lower --fps (subsampling in time)"
+    fixes = []
+    fewer = next(
+        (
+            k
+            for k in range(cfg.num_frames - 4, MIN_FRAMES - 1, -4)
+            if _fits(num_available, native_fps, cfg, k)
+        ),
+        None,
+    )
+    if fewer is not None:
+        fixes.append(f"--num-frames {fewer} (the most 4k+1 frames that fit)")
+    faster = _fitting_fps(num_available, native_fps, cfg)
+    if faster is not None:
+        fixes.append(
+            f"--fps {faster} (a higher rate spans less of the video; the native {native_fps:g} fps is the most)"
+        )
+    if cfg.skip_bad_videos:
+        fix = f"Use {' or '.join(fixes)}, or remove it." if fixes else "Remove it from the dataset."
+    elif fixes:
+        fix = f"Use {' or '.join(fixes)}, remove it from the dataset, {_SKIP_HINT}."
+    else:
+        fix = f"Remove it from the dataset, {_SKIP_HINT}."
     return (
         f"{name} has {num_available} frames at {native_fps:g} fps, but a clip of {cfg.num_frames} frames "
-        f"{how} needs {span}. Use {lower}{fps_hint}{_or_skip(cfg.skip_bad_videos)}."
+        f"{how} needs {span}. {fix}"
     )
 
 
-def _span(native_fps: float, cfg: DataConfig, n: int) -> int:
-    if cfg.fps is None:
-        return n
-    return int(math.floor((n - 1) * native_fps / cfg.fps + 0.5 + 1e-9)) + 1
+def _fits(num_available: int, native_fps: float, cfg: DataConfig, num_frames: int | None = None,
+          fps: float | None = None) -> bool:  # fmt: skip
+    """Whether `cfg` with `num_frames` / `fps` changed cuts a window from a video of `num_available` frames."""
+    changed = replace(
+        cfg,
+        num_frames=cfg.num_frames if num_frames is None else num_frames,
+        fps=cfg.fps if fps is None else fps,
+    )
+    try:
+        return int(_offsets(native_fps, changed)[-1]) + 1 <= num_available
+    except MoalignError:  # frames would repeat
+        return False
+
+
+def _fitting_fps(num_available: int, native_fps: float, cfg: DataConfig) -> str | None:
+    """The lowest --fps (on a 0.1 grid, at most the native rate) at which the window fits, as typed; None when
+    no rate fits (the video is shorter than num_frames) or the rate is not being chosen (cfg.fps is None)."""
+    if (
+        cfg.fps is None
+        or not (native_fps > 0 and math.isfinite(native_fps))
+        or num_available < cfg.num_frames
+    ):
+        return None
+    # the window spans floor((n - 1) * native / fps + 0.5) + 1 frames: the lowest rate with a span that fits
+    lowest = native_fps * (cfg.num_frames - 1) / max(num_available - 0.5, 1.0)
+    fps = max(math.ceil(lowest * 10) / 10, cfg.fps)
+    while fps < native_fps:
+        if _fits(num_available, native_fps, cfg, fps=fps):
+            return f"{fps:g}"
+        fps = round(fps + 0.1, 1)
+    native = _fps_text(native_fps)
+    return native if _fits(num_available, native_fps, cfg, fps=float(native)) else None
+
+
+def _fps_text(fps: float) -> str:
+    """A frame rate as a user types it, at most 3 decimals, rounded down (so at most `fps`)."""
+    return f"{math.floor(fps * 1000 + 1e-6) / 1000:g}"
 
 
 @contextlib.contextmanager
@@ -219,13 +297,18 @@ def _probe(path: Path, skip_bad_videos: bool = False) -> tuple[int, float]:
     the header has no count. `skip_bad_videos`: the errors are skip reasons (no --skip-bad-videos hint)."""
     import av
 
+    from moalign.data.video_io import display_orientation
+
     skip = skip_bad_videos
     _check_file(path, skip)
     with _decode_errors(path, skip), av.open(str(path)) as container:
         stream, count, fps = _open_stream(container, path, skip)
         frames = container.decode(stream)
-        if next(frames, None) is None:
+        first = next(frames, None)
+        if first is None:
             raise MoalignError(f"{path} decoded to zero frames. Re-encode it or remove it{_or_skip(skip)}.")
+        # a turn moalign cannot apply is found here, not mid-run
+        display_orientation(first, path, _or_skip(skip))
         if count <= 0:
             count = 1 + sum(1 for _ in frames)
     return count, fps
@@ -235,13 +318,16 @@ def _take(path: Path, indices: np.ndarray, skip_bad_videos: bool) -> tuple[dict[
     """Decode up to the last wanted frame; return the wanted frames and how many frames were seen."""
     import av
 
+    from moalign.data.video_io import frame_rgb
+
     wanted, last, kept, seen = set(indices.tolist()), int(indices[-1]), {}, 0
+    hint = _or_skip(skip_bad_videos)
     with av.open(str(path)) as container:
         stream, _, _ = _open_stream(container, path, skip_bad_videos)
         for i, frame in enumerate(container.decode(stream)):
             seen = i + 1
             if i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24")
+                kept[i] = frame_rgb(frame, path, hint)  # shown upright, in the file's own YUV matrix
             if i >= last:
                 break
     return kept, seen
@@ -258,7 +344,8 @@ def read_clip(path: str | os.PathLike, cfg: DataConfig) -> tuple[np.ndarray, np.
         cfg: the data config (num_frames, fps, window).
 
     Returns:
-        frames: uint8 (num_frames, H, W, 3) RGB at the video's own size.
+        frames: uint8 (num_frames, H, W, 3) RGB at the video's own size, as it is shown (`frame_rgb`: turned
+            as the file's display matrix says, e.g. portrait for a phone's portrait clip).
         indices: int64 (num_frames,) frame indices of the window.
         fps: the video's native frame rate (0.0 when the file has none).
 

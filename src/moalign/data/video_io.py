@@ -1,7 +1,11 @@
 """Reading and writing video files with PyAV (no system ffmpeg needed).
 
-Frames are always uint8 RGB arrays of shape (T, H, W, 3). Files we write are BT.709, limited range, and
-say so in the stream (H.264 VUI and the mp4 `colr` box), so players need not guess.
+Frames are always uint8 RGB arrays of shape (T, H, W, 3), upright: as players, ffmpeg and OpenCV show them.
+A phone's portrait clip is usually stored as landscape frames plus a display matrix (the mp4 `tkhd` matrix,
+what ffprobe shows as "rotation of -90.00 degrees" and older tools as the tag ``rotate=90``); `frame_rgb`
+applies it (quarter turns and mirrors), so every decode path of moalign (`read_video`,
+`moalign.data.sampling.read_clip`, the probes) sees the frames the right way up. Files we write are BT.709,
+limited range, and say so in the stream (H.264 VUI and the mp4 `colr` box), so players need not guess.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
     Returns:
         frames: uint8 array (T, H, W, 3), RGB, converted with the YUV matrix and range the file is tagged
-            with (BT.601 when untagged, as swscale assumes).
+            with (BT.601 when untagged, as swscale assumes), and turned / mirrored as the file's display
+            matrix says (`frame_rgb`): (H, W) is the displayed size, e.g. portrait for a phone's portrait clip.
         fps: the stream's average frame rate (frames per second).
 
     Raises:
@@ -42,7 +47,8 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
-            frames = [_to_rgb(frame) for frame in container.decode(stream)]
+            hint = ", or pass --skip-bad-videos to skip such files (they are counted)"
+            frames = [frame_rgb(frame, path, hint) for frame in container.decode(stream)]
     except MoalignError:
         raise
     except Exception as err:  # PyAV raises many error types for corrupt data
@@ -59,6 +65,108 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     if fps <= 0:
         fps = 8.0
     return np.stack(frames), fps
+
+
+def frame_rgb(frame, video: str | os.PathLike | None = None, hint: str = "") -> np.ndarray:
+    """One decoded PyAV frame as it is meant to be shown: uint8 RGB (H, W, 3).
+
+    Converted with the YUV matrix and range the frame is tagged with, then turned and mirrored as its
+    display matrix says (`display_orientation`), as ffmpeg's autorotate and OpenCV do. Every decode path of
+    moalign goes through here, so all of them agree on the frames of a video.
+
+    Args:
+        frame: an `av.VideoFrame` from `container.decode(stream)`.
+        video, hint: the file, and the end of the fix (e.g. ", or pass --skip-bad-videos ..."), for the
+            error message only.
+
+    Raises:
+        MoalignError: the display matrix turns the picture by an angle that is not a quarter turn.
+    """
+    return orient(_to_rgb(frame), display_orientation(frame, video, hint))
+
+
+def display_size(frame, video: str | os.PathLike | None = None, hint: str = "") -> tuple[int, int]:
+    """(height, width) of a decoded frame as shown, i.e. of `frame_rgb(frame)`, without converting it."""
+    a, b, c, d = display_orientation(frame, video, hint)
+    return (frame.width, frame.height) if a == 0 else (frame.height, frame.width)
+
+
+# What `display_orientation` returns for a frame shown as stored.
+UPRIGHT = (1, 0, 0, 1)
+
+
+def display_orientation(
+    frame, video: str | os.PathLike | None = None, hint: str = ""
+) -> tuple[int, int, int, int]:
+    """The display matrix of a decoded frame, reduced to its turn and mirror: (a, b, c, d), each -1, 0 or 1.
+
+    FFmpeg attaches the container's matrix (mp4/mov `tkhd`, and H.264/HEVC display-orientation messages) to
+    every decoded frame as DISPLAYMATRIX side data: 3x3 int32, 16.16 fixed point, mapping a stored pixel
+    (x, y) to the shown one (a x + c y + tx, b x + d y + ty) (libavutil/display.h). A portrait phone clip
+    ("rotate=90", 90 degrees clockwise) has (a, b, c, d) = (0, 1, -1, 0). `UPRIGHT` = (1, 0, 0, 1) when the
+    frame has no matrix (or the installed PyAV exposes none). `video` and `hint` (the end of the fix) are for
+    the error message only.
+
+    Raises:
+        MoalignError: the matrix turns the picture by an angle that is not a multiple of 90 degrees
+            (moalign does not resample a picture by an arbitrary angle).
+    """
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return UPRIGHT
+    m = np.array([matrix[0], matrix[1], matrix[3], matrix[4]], dtype=np.float64)  # a, b, c, d
+    if not m.any():
+        return UPRIGHT  # a degenerate matrix says nothing usable: shown as stored
+    m /= np.abs(m).max()
+    a, b, c, d = (int(v) for v in np.round(m))
+    turned = a == d == 0 and abs(b) == abs(c) == 1
+    if not (turned or (b == c == 0 and abs(a) == abs(d) == 1)) or np.abs(m - (a, b, c, d)).max() > 0.02:
+        angle = float(np.degrees(np.arctan2(m[1], m[0])))  # > 0: clockwise (y points down)
+        turn = f"{abs(angle):.1f} degrees {'clockwise' if angle > 0 else 'counterclockwise'}"
+        where = f"{video}: " if video is not None else ""
+        raise MoalignError(
+            f"{where}the file says to show its frames turned {turn}, not a multiple of 90 degrees, "
+            "which moalign does not apply. Re-encode the video upright (ffmpeg applies the turn when it "
+            f"re-encodes: ffmpeg -i IN.mp4 OUT.mp4), or remove it from the dataset{hint}."
+        )
+    return a, b, c, d
+
+
+def _display_matrix(frame) -> np.ndarray | None:
+    """The frame's DISPLAYMATRIX side data as 9 int32, or None when it has none."""
+    try:
+        for side in frame.side_data:
+            kind = getattr(side.type, "name", str(side.type))
+            if str(kind).upper().endswith("DISPLAYMATRIX"):
+                data = bytes(side)
+                return np.frombuffer(data, dtype=np.int32) if len(data) == 36 else None
+    except (AttributeError, TypeError):  # a PyAV without frame side data: shown as stored
+        return None
+    return None
+
+
+def orient(image: np.ndarray, orientation: tuple[int, int, int, int]) -> np.ndarray:
+    """Turn / mirror an image (H, W, ...) as a `display_orientation` says; the same array when upright.
+
+    out[y', x'] = image[y, x] with x' = a x + c y and y' = b x + d y (up to a shift into the frame):
+    (0, 1, -1, 0) is 90 degrees clockwise, (-1, 0, 0, -1) a half turn, (-1, 0, 0, 1) a left-right mirror.
+    """
+    a, b, c, d = orientation
+    if (a, b, c, d) == UPRIGHT:
+        return image
+    if a == 0:  # x' comes from y and y' from x: transpose first
+        out = image.swapaxes(0, 1)
+        if c < 0:
+            out = out[:, ::-1]
+        if b < 0:
+            out = out[::-1]
+    else:
+        out = image
+        if a < 0:
+            out = out[:, ::-1]
+        if d < 0:
+            out = out[::-1]
+    return np.ascontiguousarray(out)
 
 
 # swscale's names for the YUV matrices PyAV can be told about, by AVColorSpace value (libavutil/pixfmt.h).
