@@ -14,6 +14,7 @@ import torch
 from moalign.errors import MoalignError
 from moalign.motion_projector import MotionProjector, MotionProjectorConfig
 from moalign.run.checkpoint import (
+    RESUMABLE_CHANGES,
     check_resume_config,
     config_fingerprint,
     list_checkpoints,
@@ -246,3 +247,14 @@ def test_a_lower_learning_rate_takes_effect_on_resume(tmp_path):
     _, opt3, sched3 = parts(1e-3)  # the same LR: the state is loaded as it was
     restore_training_state(tmp_path / "checkpoint-4", opt3, sched3)
     assert opt3.param_groups[0]["lr"] == at_4
+
+
+def test_a_checkpoint_from_before_a_new_setting_still_belongs_to_its_run(tmp_path):
+    """A setting added by a newer moalign (absent from the checkpoint's recorded config) is no difference: the
+    run ran with its default behaviour. A changed setting the checkpoint knows still is."""
+    old_config = {k: v for k, v in CONFIG.items() if k != "lora_rank"}
+    ckpt = _ckpt(tmp_path, 10, config=old_config)
+    assert resolve_resume(tmp_path, str(ckpt), CONFIG) == ckpt
+    changed = {**CONFIG, next(k for k in old_config if k not in RESUMABLE_CHANGES): "something else"}
+    with pytest.raises(MoalignError, match="other settings"):
+        resolve_resume(tmp_path, str(ckpt), changed)

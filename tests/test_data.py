@@ -436,9 +436,8 @@ def test_missing_video_file_error_names_the_file(tmp_path):
 def test_corrupt_video_error_names_the_file_and_fix(tmp_path):
     (tmp_path / "x.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
     write_jsonl(tmp_path / "metadata.jsonl", [{"video": "x.mp4", "caption": "A"}])
-    ds = VideoClipDataset(tmp_path, DataConfig(num_frames=5, height=32, width=32))
-    with pytest.raises(MoalignError) as info:
-        ds[0]
+    with pytest.raises(MoalignError) as info:  # every video is probed at construction, before any work
+        VideoClipDataset(tmp_path, DataConfig(num_frames=5, height=32, width=32))
     msg = str(info.value)
     assert str(tmp_path.resolve() / "x.mp4") in msg and "re-encode" in msg and "--skip-bad-videos" in msg
 
@@ -446,9 +445,8 @@ def test_corrupt_video_error_names_the_file_and_fix(tmp_path):
 def test_too_short_video_error(tmp_path):
     make_video(tmp_path / "short.mp4", t=6)
     write_jsonl(tmp_path / "metadata.jsonl", [{"video": "short.mp4", "caption": "A"}])
-    ds = VideoClipDataset(tmp_path, DataConfig(num_frames=9, height=32, width=32))
     with pytest.raises(MoalignError) as info:
-        ds[0]
+        VideoClipDataset(tmp_path, DataConfig(num_frames=9, height=32, width=32))
     msg = str(info.value)
     assert "short.mp4 has 6 frames at 8 fps" in msg and "needs 9" in msg and "--num-frames 5" in msg
 

@@ -375,8 +375,11 @@ def auto_dtype(dtype: str, device: str) -> str:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Non-empty lines of a prompts file."""
+    """Non-empty lines of a prompts file (UTF-8, a byte-order mark dropped, lines ended by LF, CRLF or CR only:
+    `moalign.data.manifest.text_lines`)."""
+    from moalign.data.manifest import text_lines
+
     p = Path(path)
     if not p.is_file():
         raise MoalignError(f"prompts file not found: {p}")
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in text_lines(p) if line.strip()]

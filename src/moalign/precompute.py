@@ -129,7 +129,8 @@ def precompute(
     if teacher is not None:
         jobs.append(
             ("targets", lambda path: compute_targets(
-                data_dir, teacher, path, raw=raw, skip_bad_videos=data.skip_bad_videos, device=share.device,
+                data_dir, teacher, path, raw=raw, skip_bad_videos=data.skip_bad_videos, allow_empty_captions=data.allow_empty_captions,
+                device=share.device,
                 caption_column=data.caption_column, video_column=data.video_column, **common,
             ))
         )  # fmt: skip

@@ -97,6 +97,7 @@ def compute_targets(
     shard_size: int = 64,
     overwrite: bool = False,
     skip_bad_videos: bool = False,
+    allow_empty_captions: bool = False,
     caption_column: str | None = None,
     video_column: str | None = None,
     progress: bool = True,
@@ -129,6 +130,7 @@ def compute_targets(
     data_cfg = replace(
         teacher.data,
         skip_bad_videos=skip_bad_videos,
+        allow_empty_captions=allow_empty_captions,
         caption_column=caption_column,
         video_column=video_column,
     )

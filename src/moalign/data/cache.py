@@ -317,7 +317,9 @@ def _data_config(dataset: Any) -> dict[str, Any]:
     """The dataset's DataConfig as a dict, minus fields that do not change any clip's content."""
     cfg = dataset.cfg
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
-    d.pop("skip_bad_videos", None)  # decides whether bad clips raise or are skipped, not what a clip holds
+    # decide whether bad clips or empty captions raise or are kept going, not what a clip holds
+    for name in ("skip_bad_videos", "allow_empty_captions"):
+        d.pop(name, None)
     for name in ("caption_column", "video_column"):  # which column is read: the manifest hash pins the clips
         d.pop(name, None)
     return json.loads(json.dumps(d, default=str))

@@ -11,6 +11,7 @@ aligned with the frames they were computed from.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -185,6 +186,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                     f"{len(missing)} of {len(records)} video files not found: {shown}{more}. Fix the paths "
                     f"in the manifest, {_SKIP_HINT}."
                 )
+            self._refuse_bad(records)
         self.records = records
 
     def _check_flow_records(self, records: list[ClipRecord]) -> None:
@@ -201,10 +203,33 @@ class VideoClipDataset(torch.utils.data.Dataset):
             if isinstance(native, int | float) and native > 0 and not is_consecutive(float(native), self.cfg):
                 raise MoalignError(_flow_needs_native(r.flow, float(native), self.cfg))
 
-    def _drop_bad(self, records: list[ClipRecord]) -> list[ClipRecord]:
+    def _probe_all(self, records: list[ClipRecord]) -> list[tuple[str, str] | None]:
+        """`drop_reason` of every record (a header probe each, 8 threads)."""
         workers = min(8, os.cpu_count() or 1, len(records))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = list(pool.map(lambda r: drop_reason(r.video, self.cfg), records))
+            return list(pool.map(lambda r: drop_reason(r.video, self.cfg), records))
+
+    def _refuse_bad(self, records: list[ClipRecord]) -> None:
+        """Without skip_bad_videos: every video is probed before any work, and the unusable ones stop the
+        dataset at once, all of them named. (Found mid-build, one would stop a cache after finished shards,
+        and the advised re-run with --skip-bad-videos, which indexes fewer clips, could not continue it.)"""
+        bad = [
+            (r, drop) for r, drop in zip(records, self._probe_all(records), strict=True) if drop is not None
+        ]
+        if not bad:
+            return
+        if len(bad) == 1:
+            raise MoalignError(bad[0][1][1])
+        kinds = Counter(kind for _, (kind, _) in bad)
+        shown = "; ".join(f"{r.video} ({r.source or f'row {r.index}'}: {kind})" for r, (kind, _) in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise MoalignError(
+            f"{len(bad)} of {len(records)} videos cannot be used ({', '.join(f'{n} {k}' for k, n in kinds.items())}"
+            f"): {shown}{more}. The first: {bad[0][1][1]} `moalign check-data` lists them all"
+        )
+
+    def _drop_bad(self, records: list[ClipRecord]) -> list[ClipRecord]:
+        found = self._probe_all(records)
         kept = []
         for r, drop in zip(records, found, strict=True):
             if drop is None:

@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from moalign.data.manifest import text_lines
 from moalign.errors import MoalignError
 from moalign.playground.captions import BallClaim, parse_caption
 from moalign.playground.tracking import Track, estimate_floor_y, track_balls
@@ -350,7 +351,7 @@ def judge_folder(videos_dir: str | os.PathLike, out: str | os.PathLike | None = 
             '"video" (path relative to the folder) and "caption".'
         )
     rows = []
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
+    for n, line in enumerate(text_lines(manifest), 1):
         if not line.strip():
             continue
         try:

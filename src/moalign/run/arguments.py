@@ -89,7 +89,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     bind(g, "--width", "data.width", type=int, help="width after resize + centre crop (divisible by 16)")
     bind(
         g, "--fps", "data.fps", type=float,
-        help="sample the window at this frame rate (default: the preset's; none: the video's native rate)",
+        help="sample the window at this frame rate (default: the preset's; the video's native rate: --set data.fps=None)",
     )  # fmt: skip
     bind(
         g, "--skip-bad-videos", "data.skip_bad_videos", action="store_true",

@@ -346,8 +346,11 @@ def verify_checkpoint(ckpt: Path, config: dict[str, Any] | None = None) -> bool:
                 f"{file} has sha256 {digest[:16]}..., {CHECKPOINT_MANIFEST} says {str(entry.get('sha256'))[:16]}..."
             )
     theirs = record.get("config_fingerprint")
-    if config is not None and theirs is not None and theirs != config_fingerprint(config):
-        diffs = diff_fingerprints(record.get("config") or {}, _fixed(config))
+    recorded = record.get("config")
+    # settings added by a newer moalign than the checkpoint's are no difference (`_known_to`)
+    mine = _known_to(recorded, _fixed(config)) if isinstance(recorded, dict) and config is not None else None
+    if config is not None and theirs is not None and theirs != config_fingerprint(mine or config):
+        diffs = diff_fingerprints(recorded or {}, mine or _fixed(config))
         listing = "\n  ".join(diffs) or "(the configs differ in a field that is not listed)"
         raise MoalignError(
             f"{ckpt} was written by a run with other settings (config fingerprint {theirs}, this run's "
@@ -456,6 +459,14 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 
 
+def _known_to(old: Any, new: Any) -> Any:
+    """`new` without the (nested) fields `old` lacks: settings a newer moalign added after the run was started,
+    which that run ran with at their default behaviour, are no difference to refuse a resume for."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    return {k: _known_to(old[k], v) for k, v in new.items() if k in old}
+
+
 def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
     """Refuse to resume a run with other settings than it was started with (RUN/config.json), listing them.
 
@@ -471,7 +482,7 @@ def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
     old = {
         k: v for k, v in json.loads(path.read_text()).get("config", {}).items() if k not in RESUMABLE_CHANGES
     }
-    new = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    new = _known_to(old, {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})
     diffs = diff_fingerprints(old, new)
     if diffs:
         listing = "\n  ".join(diffs)
