@@ -183,7 +183,9 @@ def test_out_may_be_a_file_or_a_folder(tmp_path):
     assert not list(tmp_path.glob("loras/.*"))  # no temporary left behind
     # a folder that does not exist yet is a folder (ComfyUI/models/loras), not a file of that name
     made = export_lora(run, out=tmp_path / "ComfyUI" / "models" / "loras")
-    assert made == tmp_path / "ComfyUI" / "models" / "loras" / "my-run_comfy_lora.safetensors" and made.is_file()
+    assert (
+        made == tmp_path / "ComfyUI" / "models" / "loras" / "my-run_comfy_lora.safetensors" and made.is_file()
+    )
     (tmp_path / "plain").write_text("x")
     with pytest.raises(MoalignError, match="existing file without the .safetensors suffix"):
         export_lora(run, out=tmp_path / "plain")

@@ -319,6 +319,8 @@ def test_targets_refuse_an_encoder_of_another_width_before_any_work(stage1_run, 
     save_module(teacher, state, "motion_projector", config)
     wide = tiny_videomae(frames=8, depth=2, width=48)
     wide.save_pretrained(encoder)
-    with pytest.raises(MoalignError, match=r"trained on 32-wide encoder tokens, but the encoder at .* 48-wide"):
+    with pytest.raises(
+        MoalignError, match=r"trained on 32-wide encoder tokens, but the encoder at .* 48-wide"
+    ):
         compute_targets(playground(2), teacher, tmp_path / "targets", shard_size=1, progress=False)
     assert not (tmp_path / "targets").exists()
