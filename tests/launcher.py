@@ -48,3 +48,25 @@ def run_moalign(
                str(REPO / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(free_port()), *script]  # fmt: skip
     return subprocess.run(cmd, env={**ENV, **(env or {})}, cwd=REPO, capture_output=True, text=True)
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`done`, after asserting it exited 0 (the output's tails shown when it did not)."""
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def stage2_weights(run: Path) -> dict:
+    """A finished full fine-tune's weights: the transformer's and P_zeta's (prefixed "aligner.")."""
+    from safetensors.torch import load_file
+
+    return {
+        **load_file(run / "transformer" / "diffusion_pytorch_model.safetensors"),
+        **{f"aligner.{k}": v for k, v in load_file(run / "align_projector.safetensors").items()},
+    }
+
+
+def max_gap(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts of the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

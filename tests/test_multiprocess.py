@@ -11,8 +11,7 @@ import json
 
 import pytest
 import torch
-from launcher import run_moalign
-from safetensors.torch import load_file
+from launcher import max_gap, ok, run_moalign, stage2_weights
 
 N = 8
 STEPS = 3
@@ -41,38 +40,21 @@ def _args(caches, out, *extra):
             *extra]  # fmt: skip
 
 
-def _weights(run):
-    return {
-        **load_file(run / "transformer" / "diffusion_pytorch_model.safetensors"),
-        **{f"aligner.{k}": v for k, v in load_file(run / "align_projector.safetensors").items()},
-    }
-
-
-def _gap(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def _ok(done):
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
-
-
 @pytest.fixture(scope="module")
 def one_process(caches, tmp_path_factory):
     """One process with the global batch of 4, and one with a batch of 2 (what each of two processes would
     train alone, were the launch ignored)."""
     root = tmp_path_factory.mktemp("one")
-    _ok(run_moalign(_args(caches, root / "whole")))
-    _ok(run_moalign(_args(caches, root / "half", "--set", "batch_size=2")))
-    return _weights(root / "whole"), _weights(root / "half")
+    ok(run_moalign(_args(caches, root / "whole")))
+    ok(run_moalign(_args(caches, root / "half", "--set", "batch_size=2")))
+    return stage2_weights(root / "whole"), stage2_weights(root / "half")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_two_processes_train_like_one_and_resume_exactly(engine, caches, one_process, tmp_path):
     accum = ["--set", "gradient_accumulation_steps=2"] if engine in ACCUMULATING else []
-    whole = _ok(run_moalign(_args(caches, tmp_path / "whole", *accum), engine))
+    whole = ok(run_moalign(_args(caches, tmp_path / "whole", *accum), engine))
     launch = json.loads((tmp_path / "whole" / "config.json").read_text())["launch"]
     assert launch["num_processes"] == 2 and launch["engine"] == ENGINES[engine], launch
     assert launch["per_process_batch"] == 2 and launch["micro_batch"] == (1 if accum else 2)
@@ -80,8 +62,8 @@ def test_two_processes_train_like_one_and_resume_exactly(engine, caches, one_pro
     assert metrics["clips_per_process"] == [2 * STEPS, 2 * STEPS]  # each process its half of every batch
 
     reference, half = one_process
-    trained = _weights(tmp_path / "whole")
-    gap, half_gap = _gap(trained, reference), _gap(half, reference)
+    trained = stage2_weights(tmp_path / "whole")
+    gap, half_gap = max_gap(trained, reference), max_gap(half, reference)
     assert gap < EQUAL and half_gap > 10 * EQUAL, (gap, half_gap)
     logged = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(STEPS))
@@ -94,9 +76,9 @@ def test_two_processes_train_like_one_and_resume_exactly(engine, caches, one_pro
     assert killed.returncode != 0 and (run / "checkpoint-2").is_dir() and not (run / "metrics.json").exists()
     if engine != "ddp":  # DeepSpeed / FSDP: the sharded optimizer state is in the checkpoint
         assert (run / "checkpoint-2" / "accelerate_state").is_dir()
-    again = _ok(run_moalign(_args(caches, run, *accum), engine))
+    again = ok(run_moalign(_args(caches, run, *accum), engine))
     assert "resumed from" in again.stdout
-    resumed = _weights(run)
+    resumed = stage2_weights(run)
     assert all(torch.equal(resumed[k], trained[k]) for k in trained)
 
 
@@ -112,7 +94,7 @@ def test_the_papers_preset_runs_under_each_sharded_engine(engine, caches, tiny_c
             str(caches / "latents"), "--targets", str(caches / "targets"), "--out", str(tmp_path / "run"),
             "--layers", "2", "--steps", "2", "--set", "batch_size=2", "--set", "align.projector.hidden_dim=16",
             "--set", "checkpoint_every=1", "--set", "warmup_steps=1", "--set", "lr=1e-3", "--quiet"]  # fmt: skip
-    _ok(run_moalign(argv, engine))
+    ok(run_moalign(argv, engine))
     launch = json.loads((tmp_path / "run" / "config.json").read_text())["launch"]
     assert launch["engine"] == ENGINES[engine] and launch["mixed_precision"] == "bf16"
     assert (tmp_path / "run" / "checkpoint-1" / "accelerate_state").is_dir()

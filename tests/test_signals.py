@@ -9,8 +9,7 @@ build) the command stops with one line and 143, and its finished shards are kept
 import json
 
 import pytest
-from launcher import run_moalign
-from safetensors.torch import load_file
+from launcher import max_gap, ok, run_moalign, stage2_weights
 
 N = 8
 STEPS = 4
@@ -29,28 +28,11 @@ def _stage2(caches, out, *extra):
             "--quiet", *extra]  # fmt: skip
 
 
-def _weights(run):
-    return {
-        **load_file(run / "transformer" / "diffusion_pytorch_model.safetensors"),
-        **load_file(run / "align_projector.safetensors"),
-    }
-
-
-def _gap(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def _ok(done):
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(caches, tmp_path_factory):
     run = tmp_path_factory.mktemp("signals") / "whole"
-    _ok(run_moalign(_stage2(caches, run)))
-    return _weights(run)
+    ok(run_moalign(_stage2(caches, run)))
+    return stage2_weights(run)
 
 
 @pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
@@ -68,9 +50,9 @@ def test_stage2_stops_at_the_step_boundary_with_a_checkpoint(name, code, caches,
     assert not (run / "metrics.json").exists()
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [0, 1]
 
-    again = _ok(run_moalign(_stage2(caches, run)))
+    again = ok(run_moalign(_stage2(caches, run)))
     assert "resumed from" in again.stdout
-    assert _gap(_weights(run), uninterrupted) < 1e-6
+    assert max_gap(stage2_weights(run), uninterrupted) < 1e-6
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == list(range(STEPS))
 
 
@@ -89,10 +71,10 @@ def test_two_processes_stop_together_when_one_gets_sigterm(caches, uninterrupted
     assert stopped.stderr.count(f"stopped by SIGTERM after step 2 of {STEPS}") == 2, stopped.stderr[-3000:]
     assert "src/moalign" not in stopped.stderr  # no traceback through moalign's code
     assert (run / "checkpoint-2" / "training_state.pt").is_file() and not (run / "checkpoint-3").exists()
-    _ok(run_moalign(_stage2(caches, run), "ddp"))
+    ok(run_moalign(_stage2(caches, run), "ddp"))
     launch = json.loads((run / "config.json").read_text())["launch"]
     assert launch["num_processes"] == 2
-    assert _gap(_weights(run), uninterrupted) < 1e-4  # two processes add in another order
+    assert max_gap(stage2_weights(run), uninterrupted) < 1e-4  # two processes add in another order
 
 
 def test_sigterm_during_a_cache_build_keeps_finished_shards(playground, tmp_path):
@@ -104,5 +86,5 @@ def test_sigterm_during_a_cache_build_keeps_finished_shards(playground, tmp_path
     assert "stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
     assert (tmp_path / "flow" / "shard-00000.safetensors").is_file()
     assert not list((tmp_path / "flow").glob(".*.tmp"))  # the interrupted write left nothing behind
-    _ok(run_moalign(argv))
+    ok(run_moalign(argv))
     assert json.loads((tmp_path / "flow" / "manifest.json").read_text())["complete"]

@@ -76,6 +76,19 @@ def write_torch(path: pathlib.Path, obj) -> pathlib.Path:
     return path
 
 
+def _crafted_model_folder(model, folder, weights_name: str, marker):
+    """`model` saved with save_pretrained into `folder`, its safetensors replaced by a pickled `weights_name`
+    holding the real tensors plus both payloads."""
+    model.save_pretrained(folder)
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    state = dict(model.state_dict())
+    state["evil_touch"] = TouchPayload(marker)
+    state["evil_shell"] = ShellPayload(marker)
+    write_torch(folder / weights_name, state)
+    return folder
+
+
 def write_pickle(path: pathlib.Path, obj) -> pathlib.Path:
     """A plain `pickle.dump` (the legacy, non-zip torch format is the same thing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,15 +180,9 @@ def test_convert_videomaev2_refuses_pickle_named_safetensors(tmp_path, marker, c
 def crafted_encoder(tmp_path, marker) -> pathlib.Path:
     """A valid tiny VideoMAE folder (config.json) whose weights are a crafted pytorch_model.bin (no safetensors):
     the real tensor names, plus the payloads."""
-    folder = tmp_path / "encoder"
-    model = tiny_videomae(frames=8, depth=2)
-    model.save_pretrained(folder)
-    for f in folder.glob("*.safetensors*"):
-        f.unlink()
-    state = dict(model.state_dict())
-    state["evil_touch"] = TouchPayload(marker)
-    state["evil_shell"] = ShellPayload(marker)
-    write_torch(folder / "pytorch_model.bin", state)
+    folder = _crafted_model_folder(
+        tiny_videomae(frames=8, depth=2), tmp_path / "encoder", "pytorch_model.bin", marker
+    )
     assert json.loads((folder / "config.json").read_text())["model_type"] == "videomae"
     return folder
 
@@ -319,15 +326,9 @@ def test_load_transformer_refuses_crafted_bin(tmp_path, marker):
     folder's transformer/)."""
     from moalign.backbones import get_backbone
 
-    model = tiny_transformer("cogvideox")
-    folder = tmp_path / "transformer"
-    model.save_pretrained(folder)
-    for f in folder.glob("*.safetensors*"):
-        f.unlink()
-    state = dict(model.state_dict())
-    state["evil_touch"] = TouchPayload(marker)
-    state["evil_shell"] = ShellPayload(marker)
-    write_torch(folder / "diffusion_pytorch_model.bin", state)
+    folder = _crafted_model_folder(
+        tiny_transformer("cogvideox"), tmp_path / "transformer", "diffusion_pytorch_model.bin", marker
+    )
     spec = get_backbone("cogvideox")
     with pytest.raises(MoalignError, match="cannot load the CogVideoXTransformer3DModel") as info:
         spec.load_transformer(str(folder))
