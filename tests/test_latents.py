@@ -96,7 +96,9 @@ def test_latents_takes_the_family_from_the_pipeline_folder(playground, tmp_path,
     assert (recorded["validation_frames"], recorded["validation_size"]) == (9, [32, 32])  # the cache's clips
 
 
-def test_stage2_takes_backbone_model_and_geometry_from_the_latents_cache(playground, tmp_path, capsys):
+def test_stage2_takes_backbone_model_and_geometry_from_the_latents_cache(
+    playground, tmp_path, capsys, monkeypatch
+):
     """Stage 2 without --backbone or --model trains the pipeline the latents cache was made with (its family,
     its transformer: not a random one), validates at the cache's geometry, and says so; a contradicting
     --backbone, a cache made in memory, and model-loading failures are one-line errors."""
@@ -136,7 +138,12 @@ def test_stage2_takes_backbone_model_and_geometry_from_the_latents_cache(playgro
     assert (
         "is a cogvideox pipeline but the latents cache says wan" in err and len(err.strip().splitlines()) == 1
     )
-    # a model that does not load: one line naming it and the fix, no traceback
+    # a model that does not load: one line naming it and the fix, no traceback (offline: the Hub is not tried,
+    # which on a machine without the Hub costs 23 s of retries)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for model, what in ((str(tmp_path / "nothing"), "neither a diffusers pipeline"),
                         ("nobody/no-such-model", "cannot load the WanTransformer3DModel from nobody/no-such-model")):  # fmt: skip
         assert main([*argv, "--out", str(tmp_path / "r3"), "--model", model]) == 2
