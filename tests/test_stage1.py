@@ -152,3 +152,31 @@ def test_json_files_hold_no_nan():
     still = [[0.0, 0.0]] * 4  # a target without variance: R^2 undefined
     assert math.isnan(r2_score(still, [[0.1, 0.0]] * 4))
     assert r2_score([[0.0], [1.0]], [[0.0], [1.0]]) == 1.0
+
+
+def test_sigterm_stops_stage1_at_the_step_boundary_with_a_checkpoint(stage1_run, tmp_path):
+    """SIGTERM arriving in step 2 (stage1_run checkpoints every 3): step 2 finishes, checkpoint-2 is written,
+    Interrupted says so (the CLI exits 143), and the resumed run ends with the uninterrupted weights."""
+    import os
+    import signal
+
+    from run_cli import die_at_call
+
+    from moalign.errors import Interrupted
+
+    data, cfg, cut = stage1_run.data, stage1_run.cfg, tmp_path / "cut"
+    before = signal.getsignal(signal.SIGTERM)
+    restore = die_at_call("moalign.stage1.flow_loss", 2, lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        with pytest.raises(Interrupted, match="stopped by SIGTERM after step 2 of 6") as info:
+            stage1_mod.train_stage1(data, cut, cfg, progress=False)
+    finally:
+        restore()
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is gone with the run
+    assert (cut / "checkpoint-2").is_dir() and not (cut / "metrics.json").exists()
+    stage1_mod.train_stage1(data, cut, cfg, resume="latest", progress=False)
+    for name in ("motion_projector.safetensors", "flow_decoder.safetensors"):
+        a, b = load_file(stage1_run.folder / name), load_file(cut / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
