@@ -143,6 +143,7 @@ def test_missing_file_and_duplicate_path_in_a_manifest(tmp_path):
         repeat["index"] == 4
         and f"repeats clip 0 ({tmp_path.resolve() / 'metadata.jsonl'}:1)" in repeat["detail"]
     )
+    assert repeat["detail"].startswith(f"{tmp_path.resolve() / 'metadata.jsonl'}:5 repeats")  # the line to delete
     assert report["problems"]["missing_caption"][0]["index"] == 5
     assert report["columns"] == ["video", "caption"]
     assert "caption-column" not in report["run_stops"][0]  # one row lacks it: the file has the column

@@ -76,7 +76,7 @@ def test_training_checkpoints_resume_and_limit(tmp_path):
     opt2 = torch.optim.AdamW(m.parameters())
     opt2.load_state_dict(state["optimizer"])
     assert resolve_resume(tmp_path / "empty", "latest") is None
-    with pytest.raises(MoalignError, match="not a checkpoint"):
+    with pytest.raises(MoalignError, match="there is no .*nowhere"):
         resolve_resume(tmp_path, str(tmp_path / "nowhere"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
 
@@ -127,14 +127,32 @@ def test_latest_skips_a_damaged_checkpoint_and_an_explicit_one_is_refused(tmp_pa
     assert resolve_resume(tmp_path, "latest", CONFIG) == tmp_path / "checkpoint-10"
     out = capsys.readouterr().out
     assert "skipping checkpoint-20" in out and "motion_projector.safetensors has sha256" in out
+    # moved aside: kept to inspect, not listed (nor hashed, nor pruned in place of good ones) again
+    assert "moved aside to checkpoint-20.damaged" in out
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-10"]
+    assert (tmp_path / "checkpoint-20.damaged" / "training_state.pt").is_file()
     with pytest.raises(
-        MoalignError, match=r"--resume .*checkpoint-20: the checkpoint is damaged.*motion_proj"
+        MoalignError, match=r"--resume .*checkpoint-20.damaged: the checkpoint is damaged.*motion_p"
     ):
-        resolve_resume(tmp_path, str(tmp_path / "checkpoint-20"), CONFIG)
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-20.damaged"), CONFIG)
     (tmp_path / "checkpoint-10" / "training_state.pt").write_bytes(b"cut")  # truncated: another size
-    with pytest.raises(MoalignError, match="no checkpoint of .* verifies.*checkpoint-20, checkpoint-10"):
+    with pytest.raises(
+        MoalignError, match="no checkpoint of .* verifies.*checkpoint-10.*start the run afresh"
+    ):
         resolve_resume(tmp_path, "latest", CONFIG)
     assert "training_state.pt is 3 bytes" in capsys.readouterr().out
+    assert resolve_resume(tmp_path, "latest", CONFIG) is None  # the same command again: a fresh start
+
+
+def test_resume_by_name_looks_in_the_run_folder(tmp_path, monkeypatch):
+    """`--resume checkpoint-N` (as the docs write it) from any working directory: the run folder's checkpoint."""
+    ckpt = _ckpt(tmp_path / "run", 10)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_resume(tmp_path / "run", "checkpoint-10", CONFIG) == ckpt
+    with pytest.raises(
+        MoalignError, match=r"--resume checkpoint-30: there is no .*run/checkpoint-30 \(a checkpoint-N"
+    ):
+        resolve_resume(tmp_path / "run", "checkpoint-30", CONFIG)
 
 
 def test_a_foreign_checkpoint_is_refused_naming_both(tmp_path):

@@ -36,6 +36,7 @@ def test_synth_past_the_file_size_limit_names_the_file(tmp_path):
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("moalign synth: error: could not write ") and str(out) in line, line
     assert "file size limit" in line and "MB are free there" in line and "run the same command again" in line
+    assert "ulimit -f unlimited" in line  # the fix for this cause, not "free space"
     assert "Traceback" not in done.stderr
     assert not [p for p in out.rglob(".*.tmp")]  # nothing half-written
 

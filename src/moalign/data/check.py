@@ -254,8 +254,8 @@ def _run_stops(
     if n_drop and not data_cfg.skip_bad_videos:
         first = next(problems[k][0] for k in DROP_KINDS if problems[k])
         run_stops.append(
-            f"{n_drop} video(s) are missing, unreadable or too short and skip_bad_videos is off: the run stops at "
-            f"the first of them (e.g. {first['video']}). Fix them, or pass --skip-bad-videos to drop them."
+            f"{n_drop} video(s) are missing, unreadable or too short and skip_bad_videos is off: the run stops "
+            f"before any work, naming them (e.g. {first['video']}). Fix them, or pass --skip-bad-videos to drop them."
         )
     return run_stops
 
@@ -325,9 +325,13 @@ def format_report(report: dict[str, Any], examples: int = 1) -> list[str]:
     return lines
 
 
-def _short(text: str, limit: int = 200) -> str:
+def _short(text: str, limit: int = 240) -> str:
+    """One line of at most `limit` characters; a longer one keeps its start and its end (where the fix is)."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " ... " + text[-(limit - head - 5) :]
 
 
 def _header(path: Path) -> dict | None:
@@ -375,7 +379,11 @@ def _duplicates(records: list[ClipRecord], note: Any) -> None:
     repeats = duplicate_rows(records)
     repeated = {id(r) for r, _ in repeats}
     for r, first in repeats:
-        note("duplicate_row", r, f"repeats clip {first.index} ({where(first)}): same video and caption")
+        note(
+            "duplicate_row",
+            r,
+            f"{where(r)} repeats clip {first.index} ({where(first)}): same video and caption",
+        )
     first_of: dict[Path, ClipRecord] = {}
     by_size: dict[int, list[ClipRecord]] = {}
     for r in records:

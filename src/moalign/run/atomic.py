@@ -79,8 +79,10 @@ def write_failure(
 
     text = str(err)
     code = getattr(err, "errno", None)
+    fix = "free space (or choose an --out on a larger disk)"
     if code == errno.EFBIG or any(t in text for t in _LIMIT_TEXT):
         why = "the file size limit of this shell (`ulimit -f`) was reached"
+        fix = "raise the limit (`ulimit -f unlimited`, or ask your scheduler for a larger file size limit)"
     elif code in _FULL or any(t in text for t in _FULL_TEXT):
         why = "the disk (or your quota) is full"
     elif isinstance(err, RuntimeError) and any(t in text for t in _WRITER_TEXT):
@@ -92,8 +94,8 @@ def write_failure(
     done = f"{_mb(written)} of it were written before it failed" if written else "nothing of it was written"
     where = f"; {_mb(free)} are free there" if free is not None else ""
     return MoalignError(
-        f"could not write {path}: {why}; {done}{where}. Nothing half-written was kept: free space (or choose "
-        "an --out on a larger disk) and run the same command again"
+        f"could not write {path}: {why}; {done}{where}. Nothing half-written was kept: {fix} and run the same "
+        "command again"
     )
 
 

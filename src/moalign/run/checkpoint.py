@@ -540,16 +540,30 @@ def resolve_resume(run_dir: Path, resume: str | None, config: dict[str, Any] | N
                 _verified(ckpt, config)
             except DamagedCheckpoint as err:
                 damaged.append(ckpt)
-                logger.warning(f"[resume] skipping {ckpt.name}: {err}; trying the one before it")
+                aside = _move_aside(ckpt)
+                moved = (
+                    f" (moved aside to {aside.name}: it is neither resumed nor counted again)"
+                    if aside
+                    else ""
+                )
+                logger.warning(f"[resume] skipping {ckpt.name}: {err}{moved}; trying the one before it")
                 continue
             return ckpt
         if damaged:
             raise MoalignError(
                 f"no checkpoint of {run_dir} verifies ({', '.join(p.name for p in damaged)}: see the warnings "
-                "above). Delete the damaged checkpoint folders to start again, or choose a new --out."
+                "above; each was moved aside to NAME.damaged). Run the same command again to start the run "
+                "afresh in this folder, or choose a new --out."
             )
         return None
     path = Path(resume)
+    if not path.exists() and re.fullmatch(r"checkpoint-\d+", resume):  # a name: the run folder's checkpoint
+        path = Path(run_dir) / resume
+    if not path.exists():
+        raise MoalignError(
+            f"--resume {resume}: there is no {path} (a checkpoint-N name is looked up in the run folder "
+            f"{run_dir}; else pass the folder's path, or --resume latest)"
+        )
     if not (path / "training_state.pt").is_file():
         raise MoalignError(f"--resume {resume}: {path} is not a checkpoint-N folder (no training_state.pt)")
     try:
@@ -560,6 +574,22 @@ def resolve_resume(run_dir: Path, resume: str | None, config: dict[str, Any] | N
             "latest, which takes the newest one that verifies)."
         ) from err
     return path
+
+
+def _move_aside(ckpt: Path) -> Path | None:
+    """Rename a damaged checkpoint-N to checkpoint-N.damaged (kept to inspect; `list_checkpoints` no longer
+    lists it, so it is not hashed again at every resume, and the checkpoint limit prunes good ones only); by the
+    launch's main process (RANK 0) only. None when it was not moved."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    aside = ckpt.with_name(f"{ckpt.name}.damaged")
+    try:
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(ckpt, aside)
+    except OSError:
+        return None
+    return aside
 
 
 def _verified(ckpt: Path, config: dict[str, Any] | None) -> None:
