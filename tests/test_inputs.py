@@ -504,3 +504,14 @@ def test_prompts_files_keep_one_prompt_per_line(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes("\ufeffa red ball\u2028falls\r\na blue ball\rrolls\n\n".encode())
     assert read_prompts(path) == ["a red ball\u2028falls", "a blue ball", "rolls"]
+
+
+def test_bad_videos_and_empty_captions_are_named_in_one_error(with_corrupt_clip):
+    """A bad video and an empty caption in one manifest: one error names both (not one per run)."""
+    rows = [{"video": f"{n}.mp4", "caption": "" if n == "c1" else n} for n in ["c0", "bad", "c1", "c2"]]
+    jsonl(with_corrupt_clip / "metadata.jsonl", rows)
+    with pytest.raises(MoalignError) as info:
+        VideoClipDataset(with_corrupt_clip, CFG)
+    msg = str(info.value)
+    assert "bad.mp4" in msg and "--skip-bad-videos" in msg
+    assert "Also: " in msg and "allow_empty_captions" in msg and "metadata.jsonl:3" in msg

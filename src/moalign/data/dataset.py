@@ -171,7 +171,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
         records = list(records)
         if not records:
             raise MoalignError(f"no clips to load from {root}: the record list is empty.")
-        _check_captions(records, cfg)
+        self._caption_error: MoalignError | None = None
+        try:
+            _check_captions(records, cfg)
+        except MoalignError as err:  # said together with any bad video below: one round trip, not two
+            self._caption_error = err
         _warn_duplicates(records)
         if load_flow:
             self._check_flow_records(records)
@@ -185,8 +189,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 raise MoalignError(
                     f"{len(missing)} of {len(records)} video files not found: {shown}{more}. Fix the paths "
                     f"in the manifest, {_SKIP_HINT}."
+                    + (f" Also: {self._caption_error}" if self._caption_error is not None else "")
                 )
             self._refuse_bad(records)
+        if self._caption_error is not None:
+            raise self._caption_error
         self.records = records
 
     def _check_flow_records(self, records: list[ClipRecord]) -> None:
@@ -218,14 +225,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
         ]
         if not bad:
             return
+        also = f" Also: {self._caption_error}" if self._caption_error is not None else ""
         if len(bad) == 1:
-            raise MoalignError(bad[0][1][1])
+            raise MoalignError(bad[0][1][1] + also)
         kinds = Counter(kind for _, (kind, _) in bad)
         shown = "; ".join(f"{r.video} ({r.source or f'row {r.index}'}: {kind})" for r, (kind, _) in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise MoalignError(
             f"{len(bad)} of {len(records)} videos cannot be used ({', '.join(f'{n} {k}' for k, n in kinds.items())}"
-            f"): {shown}{more}. The first: {bad[0][1][1]} `moalign check-data` lists them all"
+            f"): {shown}{more}. The first: {bad[0][1][1]} `moalign check-data` lists them all.{also}"
         )
 
     def _drop_bad(self, records: list[ClipRecord]) -> list[ClipRecord]:
