@@ -273,3 +273,23 @@ def test_cache_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("shard-00000.safetensors", "manifest.json", "cache.json"):
         assert (tmp_path / "c" / name).stat().st_mode & 0o777 == 0o664, name
+
+
+def test_model_folders_follow_the_umask(tmp_path):
+    """save_pretrained inside an atomically written folder (checkpoints' transformer/, the demo's pipelines,
+    encoder folders) made its safetensors 0600 under umask 022: every file now gets 0666 & ~umask."""
+    import os
+
+    from conftest import tiny_transformer
+
+    from moalign.run.checkpoint import save_transformer
+
+    old = os.umask(0o022)
+    try:
+        save_transformer(tiny_transformer("cogvideox"), tmp_path / "transformer")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "transformer").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
+    assert (tmp_path / "transformer").stat().st_mode & 0o777 == 0o755

@@ -94,3 +94,29 @@ def test_judge_command_on_playground_clips(tmp_path, capsys):
     assert main(["judge", "--videos", str(tmp_path / "v")]) == 0
     assert "SA 1.000" in capsys.readouterr().out and (tmp_path / "v" / "judge.json").is_file()
     assert main(["judge", "--videos", str(tmp_path / "missing")]) == 2
+
+
+def test_stage2_on_the_demos_caches_takes_the_demos_preset(tmp_path):
+    """Latents made with `moalign demo`'s base model (a folder of no preset's name) train with that preset's
+    recipe, as --help says, not the family's 2B recipe (bf16, batch 32)."""
+    import json
+
+    import torch
+
+    from moalign.cli import _cache_preset
+    from moalign.data.cache_writer import CacheWriter
+    from moalign.presets import get_preset
+
+    base = get_preset("tiny").demo.base
+    model = tmp_path / "runs" / "demo" / "base" / "init"
+    (model / "transformer").mkdir(parents=True)
+    config = {"num_layers": base.num_layers, "num_attention_heads": base.num_attention_heads,
+              "attention_head_dim": base.attention_head_dim, "patch_size": base.patch_size}  # fmt: skip
+    (model / "transformer" / "config.json").write_text(json.dumps(config))
+    w = CacheWriter(tmp_path / "latents", "latents", {"model": str(model), "backbone": "cogvideox"}, 1)
+    w.write_shard(0, {0: {"latents": torch.zeros(1)}})
+    w.finalize()
+    name, why = _cache_preset(str(tmp_path / "latents"))
+    assert name == "tiny" and "playground base model" in why
+    (model / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 30}))  # another model
+    assert _cache_preset(str(tmp_path / "latents"))[0] == "cogvideox-2b"

@@ -501,10 +501,39 @@ def _cache_preset(latents: str) -> tuple[str, str]:
         preset_model = fn().stage2.model
         if preset_model and Path(preset_model).name.lower() == Path(model).name.lower():
             return name, f"the latents cache's model {model} is this preset's"
+    base = _playground_base_preset(model)
+    if base is not None:
+        return (
+            base,
+            f"the latents cache's model {model} is the {base} preset's playground base model (moalign demo)",
+        )
     return FAMILY_PRESETS[family], (
         f"the {family} family's recipe: the latents cache's model {model} is none of the presets' (pass --preset "
         "to choose another)"
     )
+
+
+def _playground_base_preset(model: str) -> str | None:
+    """The preset whose playground base model (`moalign demo`'s OUT/base/init or base/pipeline) a pipeline folder
+    holds, by its transformer's size (layers, heads, head width, text width); None for any other model."""
+    import json
+
+    from moalign.presets import PRESETS
+
+    path = Path(model) / "transformer" / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    shape = tuple(
+        config.get(k) for k in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size")
+    )
+    for name, fn in PRESETS.items():
+        base = getattr(getattr(fn(), "demo", None), "base", None)
+        if base is not None and shape == (base.num_layers, base.num_attention_heads, base.attention_head_dim,
+                                          base.patch_size):  # fmt: skip
+            return name
+    return None
 
 
 def _add_export_lora_parser(sub) -> None:

@@ -32,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir():
+            _apply_umask(tmp)  # save_pretrained's safetensors files inside come out 0600 too
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -118,6 +119,18 @@ def _free(folder: Path) -> int | None:
 
 def _mb(n: int | None) -> str:
     return f"{(n or 0) / 1e6:.1f} MB"
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file under `folder` the permissions a new file gets here (0666 & ~umask) and every folder
+    0777 & ~umask (mkdtemp-like writers make theirs 0700, safetensors its files 0600): caches, checkpoints and
+    model folders on a shared cluster's group folder stay readable by the group the umask allows."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for p in folder.rglob("*"):
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:
