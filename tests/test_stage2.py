@@ -468,3 +468,25 @@ def test_a_resume_onto_another_teachers_targets_is_refused(caches, tmp_path):
     with pytest.raises(MoalignError, match=r"(?s)trained on other inputs.*targets: "):
         train_stage2(caches / "latents", run, cfg, tmp_path / "other", resume="latest", progress=False)
     train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)  # its own
+
+
+def test_other_settings_are_refused_with_the_runs_own_advice_finished_or_not(caches, tmp_path):
+    """A resume with other settings lists them and says to re-run with the run's settings (not that the run's
+    own checkpoint is foreign); a finished run asked again with other settings is refused too (was: "nothing
+    to do", exit 0)."""
+    cfg, run = _cfg(lora_rank=2), tmp_path / "run"
+    other = replace(cfg, align=replace(cfg.align, layers=(0,)))
+    with interrupted_at_call("moalign.stage2.stage2_loss", 3), pytest.raises(KeyboardInterrupt):
+        train_stage2(caches / "latents", run, cfg, caches / "targets", progress=False)
+    with pytest.raises(
+        MoalignError, match=r"(?s)cannot resume .*align.layers: \[1\] -> \[0\].*run's settings"
+    ) as e:
+        train_stage2(caches / "latents", run, other, caches / "targets", resume="latest", progress=False)
+    assert "foreign" not in str(e.value) and "not a checkpoint of this run" not in str(e.value)
+    train_stage2(
+        caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False
+    )  # finishes
+    with pytest.raises(MoalignError, match=r"(?s)align.layers: \[1\] -> \[0\]"):
+        train_stage2(caches / "latents", run, other, caches / "targets", resume="latest", progress=False)
+    again = train_stage2(caches / "latents", run, cfg, caches / "targets", resume="latest", progress=False)
+    assert again["steps"] == cfg.steps  # the same settings: nothing to do

@@ -323,7 +323,9 @@ def train_stage1(
             "stage 1 needs a frozen encoder: pass --encoder ENC (moalign pretrain-encoder or convert-videomaev2)"
         )
     _lock = hold_run_folder(out_dir, create=False)  # held while this run works: a folder in use stops at once
-    done_metrics = finished_run(out_dir, resume, "stage-1", cfg.steps)
+    done_metrics = finished_run(
+        out_dir, resume, "stage-1", cfg.steps, to_dict(cfg), resolved=("projector.in_dim",)
+    )
     if done_metrics is not None:
         return done_metrics
     accelerator, micro, launch = start_launch("stage1", cfg.mixed_precision, cfg.batch_size)

@@ -537,13 +537,13 @@ def train_stage2(
 
     out_dir = Path(out_dir)
     _lock = hold_run_folder(out_dir, create=False)  # held while this run works: a folder in use stops at once
-    done_metrics = finished_run(out_dir, resume, "stage-2", cfg.steps)
-    if done_metrics is not None:
-        return done_metrics
     given = cfg
     latents = Cache(latents_cache, kind=LATENTS_KIND)
     cfg = from_latents_cache(cfg, latents, transformer is not None)
     cfg = _absolute_paths(cfg)  # the run records where its base is, whatever the working directory
+    done_metrics = finished_run(out_dir, resume, "stage-2", cfg.steps, to_dict(cfg))
+    if done_metrics is not None:
+        return done_metrics
     spec = get_backbone(cfg.backbone)
     _check_geometry(spec, cfg, latents)  # before any model loads
     if cfg.model and cfg.model != RANDOM_MODEL:

@@ -393,7 +393,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def finished_run(
-    run_dir: Path, resume: str | None, stage: str, steps: int | None = None
+    run_dir: Path,
+    resume: str | None,
+    stage: str,
+    steps: int | None = None,
+    config: dict[str, Any] | None = None,
+    resolved: tuple[str, ...] = (),
 ) -> dict[str, Any] | None:
     """The metrics of a finished run in `run_dir` when `--resume latest` finds one (nothing left to do), else None.
 
@@ -402,6 +407,8 @@ def finished_run(
     after a kill, and after the end, safely. A finished run asked for more `steps` is extended from the
     checkpoint of its last step (every run checkpoints its last step); the change of LR schedule is stated.
     Fewer steps, or a run without that checkpoint, is an error naming the checkpoint to continue from.
+    With `config`, a finished run asked again with other settings is refused listing them (`check_resume_config`;
+    `resolved`: dotted fields the run resolves later, e.g. stage 1's projector.in_dim, not compared).
     """
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
@@ -418,6 +425,8 @@ def finished_run(
         )
     if resume != "latest":  # an explicit checkpoint-N: train again from there, as asked
         return None
+    if config is not None:  # "nothing to do" only for the same settings
+        check_resume_config(run_dir, config, ignore=resolved)
     metrics = json.loads(path.read_text())
     finished = metrics.get("steps")
     if steps is not None and finished != steps:
@@ -467,7 +476,7 @@ def _known_to(old: Any, new: Any) -> Any:
     return {k: _known_to(old[k], v) for k, v in new.items() if k in old}
 
 
-def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
+def check_resume_config(run_dir: Path, config: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
     """Refuse to resume a run with other settings than it was started with (RUN/config.json), listing them.
 
     Only the fields in RESUMABLE_CHANGES may differ (RUN/config.json records those changes and the step they
@@ -483,7 +492,7 @@ def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
         k: v for k, v in json.loads(path.read_text()).get("config", {}).items() if k not in RESUMABLE_CHANGES
     }
     new = _known_to(old, {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})
-    diffs = diff_fingerprints(old, new)
+    diffs = [d for d in diff_fingerprints(old, new) if d.split(":", 1)[0] not in ignore]
     if diffs:
         listing = "\n  ".join(diffs)
         raise MoalignError(

@@ -34,6 +34,7 @@ from moalign.run.atomic import json_safe, write_failure, write_json
 from moalign.run.checkpoint import (
     check_resume_config,
     check_resume_inputs,
+    list_checkpoints,
     remove_temporaries,
     resolve_resume,
     write_run_config,
@@ -322,6 +323,8 @@ def resume_checkpoint(
     """The checkpoint-N folder a run continues from (None: a fresh start), verified and of this run
     (`resolve_resume`), after checking that the run folder was started with the same settings
     (`check_resume_config`) and inputs (`check_resume_inputs`)."""
+    if resume is not None and list_checkpoints(run_dir):  # other settings: listed, before any checkpoint is
+        check_resume_config(run_dir, config)  # judged foreign to them
     ckpt = resolve_resume(run_dir, resume, config)
     if ckpt is not None:
         check_resume_config(run_dir, config)
