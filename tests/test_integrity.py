@@ -324,3 +324,23 @@ def test_targets_refuse_an_encoder_of_another_width_before_any_work(stage1_run, 
     ):
         compute_targets(playground(2), teacher, tmp_path / "targets", shard_size=1, progress=False)
     assert not (tmp_path / "targets").exists()
+
+
+def test_a_damaged_shard_names_the_kinds_own_command_for_a_copied_cache(tmp_path):
+    """A cache built inside another command (the demo) or copied elsewhere: the repair names the kind's own
+    command with --out this folder, which rebuilds only the missing shard."""
+    import shutil
+
+    from moalign.data.cache_writer import CacheWriter
+
+    w = CacheWriter(tmp_path / "built", "latents", {"x": 1}, 2, shard_size=1)
+    for s in w.shards_todo():
+        w.write_shard(s, {s: {"t": torch.full((4,), float(s))}})
+    w.finalize()
+    shutil.copytree(tmp_path / "built", tmp_path / "copy")
+    shard = tmp_path / "copy" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-4:] = b"\x00\x00\x00\x01"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(MoalignError, match=r"moalign latents \.\.\. --out .*copy"):
+        Cache(tmp_path / "copy")[1]

@@ -115,11 +115,27 @@ def _read_header(root: Path) -> dict | None:
         ) from err
 
 
-def _rebuild_hint(manifest: dict) -> str:
-    """How to repair a cache whose shard is damaged or gone: the command that built it, when recorded."""
+# the single-cache command that (re)builds a cache of each kind into any folder (--out)
+_BUILDERS = {"flow": "moalign flow", "teacher_targets": "moalign targets", "latents": "moalign latents"}
+
+
+def _rebuild_hint(manifest: dict, root: Path | None = None) -> str:
+    """How to repair a cache whose shard is damaged or gone: the command that built it, when recorded, or (for a
+    cache moved or copied elsewhere, or built inside another command such as `moalign demo`) the kind's own
+    command with the same settings and --out this folder."""
     command = manifest.get("command")
     how = f" ({command})" if command else ""
-    return f"re-run the command that built the cache{how}: it computes only the missing shards and rewrites {_MANIFEST}"
+    builder = _BUILDERS.get(str(manifest.get("kind")))
+    alt = (
+        f"; for a cache moved or copied here, or built by another command, `{builder} ... --out {root}` with the "
+        "settings it was built with does the same (other settings are refused, listed)"
+        if builder and root is not None
+        else ""
+    )
+    return (
+        f"re-run the command that built the cache{how}: it computes only the missing shards and rewrites "
+        f"{_MANIFEST}{alt}"
+    )
 
 
 def _check_header(root: Path, header: dict, kind: str | None, fingerprint: dict | None, fix: str) -> None:
@@ -195,7 +211,7 @@ class Cache:
         # sha256 and size of each shard (caches written before they were recorded: empty, unchecked)
         self.shard_sha256: dict[str, str] = dict(manifest.get("shard_sha256") or {})
         self.shard_bytes: dict[str, int] = dict(manifest.get("shard_bytes") or {})
-        self._rebuild = _rebuild_hint(manifest)
+        self._rebuild = _rebuild_hint(manifest, self.root)
         absent = [name for name in self.shard_files if not (self.root / name).is_file()]
         if absent:
             raise MoalignError(
