@@ -16,7 +16,7 @@ from moalign.run.lora import add_lora, save_lora
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
-def test_generate_writes_videos_manifest_and_sheet(family, tmp_path):
+def test_generate_writes_videos_manifest_and_sheet(family, tmp_path, capsys):
     pipe = tiny_pipeline(family)
     pipe.save_pretrained(tmp_path / "base")
     prompts = ["a red ball falls", "a blue ball rolls to the left"]
@@ -62,8 +62,9 @@ def test_generate_writes_videos_manifest_and_sheet(family, tmp_path):
     row = json.loads((tmp_path / "cli" / "metadata.jsonl").read_text())
     assert (row["num_frames"], row["height"], row["width"], row["model"]) == (9, 16, 32, str(run))
     assert read_video(tmp_path / "cli" / "video_00000.mp4")[0].shape == (9, 16, 32, 3)
-    assert main([*argv, "--out", str(tmp_path / "cli2"), "--height", "32"]) == 0  # a flag wins
+    assert main([*argv, "--out", str(tmp_path / "cli2"), "--height", "32"]) == 0  # a flag wins, and is said
     assert json.loads((tmp_path / "cli2" / "metadata.jsonl").read_text())["height"] == 32
+    assert "32x32 (the run's clips, --height as given)" in capsys.readouterr().out
 
 
 def test_contact_sheet_and_errors(tmp_path):

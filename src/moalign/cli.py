@@ -626,8 +626,13 @@ def _run_geometry(args: argparse.Namespace, cfg):
     if not frames or not size:
         return cfg, "the defaults"
     took = {"num_frames": frames, "height": size[0], "width": size[1]}
+    flagged = [k for k in took if k in args.named]
     took = {k: v for k, v in took.items() if k not in args.named}
-    return replace(cfg, **took), "the run's clips" if took else "the flags"
+    flags = ", ".join("--" + k.replace("_", "-") for k in flagged)
+    where = (
+        "the flags" if not took else f"the run's clips, {flags} as given" if flagged else "the run's clips"
+    )
+    return replace(cfg, **took), where
 
 
 def _add_judge_parser(sub) -> None:
