@@ -171,11 +171,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
         records = list(records)
         if not records:
             raise MoalignError(f"no clips to load from {root}: the record list is empty.")
-        self._caption_error: MoalignError | None = None
+        caption_error: MoalignError | None = None
         try:
             _check_captions(records, cfg)
         except MoalignError as err:  # said together with any bad video below: one round trip, not two
-            self._caption_error = err
+            caption_error = err
         _warn_duplicates(records)
         if load_flow:
             self._check_flow_records(records)
@@ -189,11 +189,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 raise MoalignError(
                     f"{len(missing)} of {len(records)} video files not found: {shown}{more}. Fix the paths "
                     f"in the manifest, {_SKIP_HINT}."
-                    + (f" Also: {self._caption_error}" if self._caption_error is not None else "")
+                    + (f" Also: {caption_error}" if caption_error is not None else "")
                 )
-            self._refuse_bad(records)
-        if self._caption_error is not None:
-            raise self._caption_error
+            self._refuse_bad(records, caption_error)
+        if caption_error is not None:
+            raise caption_error
         self.records = records
 
     def _check_flow_records(self, records: list[ClipRecord]) -> None:
@@ -216,7 +216,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda r: drop_reason(r.video, self.cfg), records))
 
-    def _refuse_bad(self, records: list[ClipRecord]) -> None:
+    def _refuse_bad(self, records: list[ClipRecord], caption_error: MoalignError | None = None) -> None:
         """Without skip_bad_videos: every video is probed before any work, and the unusable ones stop the
         dataset at once, all of them named. (Found mid-build, one would stop a cache after finished shards,
         and the advised re-run with --skip-bad-videos, which indexes fewer clips, could not continue it.)"""
@@ -225,7 +225,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         ]
         if not bad:
             return
-        also = f" Also: {self._caption_error}" if self._caption_error is not None else ""
+        also = f" Also: {caption_error}" if caption_error is not None else ""
         if len(bad) == 1:
             raise MoalignError(bad[0][1][1] + also)
         kinds = Counter(kind for _, (kind, _) in bad)

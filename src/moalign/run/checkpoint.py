@@ -488,10 +488,8 @@ def check_resume_config(run_dir: Path, config: dict[str, Any], ignore: tuple[str
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return
-    old = {
-        k: v for k, v in json.loads(path.read_text()).get("config", {}).items() if k not in RESUMABLE_CHANGES
-    }
-    new = _known_to(old, {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})
+    old = _fixed(json.loads(path.read_text()).get("config", {}))
+    new = _known_to(old, _fixed(config))
     diffs = [d for d in diff_fingerprints(old, new) if d.split(":", 1)[0] not in ignore]
     if diffs:
         listing = "\n  ".join(diffs)
@@ -589,7 +587,7 @@ def _move_aside(ckpt: Path) -> Path | None:
     """Rename a damaged checkpoint-N to checkpoint-N.damaged (kept to inspect; `list_checkpoints` no longer
     lists it, so it is not hashed again at every resume, and the checkpoint limit prunes good ones only); by the
     launch's main process (RANK 0) only. None when it was not moved."""
-    if os.environ.get("RANK", "0") != "0":
+    if not console.is_main_process():
         return None
     aside = ckpt.with_name(f"{ckpt.name}.damaged")
     try:

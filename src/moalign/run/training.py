@@ -323,11 +323,11 @@ def resume_checkpoint(
     """The checkpoint-N folder a run continues from (None: a fresh start), verified and of this run
     (`resolve_resume`), after checking that the run folder was started with the same settings
     (`check_resume_config`) and inputs (`check_resume_inputs`)."""
-    if resume is not None and list_checkpoints(run_dir):  # other settings: listed, before any checkpoint is
-        check_resume_config(run_dir, config)  # judged foreign to them
+    # other settings: listed, before any checkpoint is judged foreign to them
+    if resume is not None and (resume != "latest" or list_checkpoints(run_dir)):
+        check_resume_config(run_dir, config)
     ckpt = resolve_resume(run_dir, resume, config)
     if ckpt is not None:
-        check_resume_config(run_dir, config)
         check_resume_inputs(run_dir, inputs)
     return ckpt
 
@@ -374,7 +374,7 @@ def hold_run_folder(run_dir: Path, create: bool = True) -> FolderLock | None:
     Raises:
         MoalignError: another process holds the folder (the message names it).
     """
-    if os.environ.get("RANK", "0") != "0" or (not create and not Path(run_dir).is_dir()):
+    if not console.is_main_process() or (not create and not Path(run_dir).is_dir()):
         return None
     return hold_folder(run_dir, "a training run")
 
